@@ -1,0 +1,137 @@
+"""The ``checkstream`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from importlib.resources import files
+from pathlib import Path
+
+from extproc.config import LoadedConfig, load_config
+from extproc.yamlsource import ConfigError
+
+DEFAULT_CONFIG = "./checkstream.yaml"
+
+
+def demo_config_path() -> Path:
+    return Path(str(files("extproc") / "demo" / "checkstream.yaml"))
+
+
+def _load(path: str, *, require_secrets: bool = True) -> LoadedConfig | None:
+    try:
+        return load_config(path, require_secrets=require_secrets)
+    except ConfigError as exc:
+        print(f"checkstream: invalid configuration\n{exc}", file=sys.stderr)
+        return None
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from extproc.launcher import run_gateway
+
+    path = args.config or (str(demo_config_path()) if args.demo else DEFAULT_CONFIG)
+    loaded = _load(path)
+    if loaded is None:
+        return 1
+    extra: Callable[[], Awaitable[Callable[[], Awaitable[None]]]] | None = None
+    if args.demo:
+        from extproc.demo_upstream import start_demo_upstream
+
+        async def start_demo() -> Callable[[], Awaitable[None]]:
+            upstream = await start_demo_upstream(
+                "127.0.0.1", args.demo_port, args.demo_chunk_delay_ms
+            )
+            print(
+                f"checkstream: demo upstream on http://127.0.0.1:{upstream.port} "
+                f"(OpenAI and Anthropic compatible, {args.demo_chunk_delay_ms:g} ms per chunk)",
+                file=sys.stderr,
+                flush=True,
+            )
+            return upstream.close
+
+        extra = start_demo
+    return asyncio.run(run_gateway(loaded, extra_service=extra))
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from extproc.server import serve
+
+    loaded = _load(args.config)
+    if loaded is None:
+        return 1
+    port = args.port if args.port is not None else loaded.model.server.extproc_port
+    asyncio.run(serve(loaded, args.host, port, loaded.model.server.drain_timeout_s))
+    return 0
+
+
+def _cmd_envoy_render(args: argparse.Namespace) -> int:
+    from extproc.envoy_config import render_yaml
+
+    loaded = _load(args.config, require_secrets=False)
+    if loaded is None:
+        return 1
+    sys.stdout.write(render_yaml(loaded.model))
+    return 0
+
+
+def _cmd_config_check(args: argparse.Namespace) -> int:
+    loaded = _load(args.file, require_secrets=False)
+    if loaded is None:
+        return 1
+    for warning in loaded.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    tenants = loaded.model.tenants.configs
+    print(f"{args.file}: OK ({len(tenants)} tenants, {len(loaded.policies)} policy files)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="checkstream", description="Multi-tenant guardrail gateway for LLM traffic."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="start Envoy and extproc and supervise them")
+    run.add_argument("-c", "--config", help=f"config file (default {DEFAULT_CONFIG})")
+    run.add_argument(
+        "--demo",
+        action="store_true",
+        help="also start the built-in demo upstream; without -c, use the bundled demo config",
+    )
+    run.add_argument("--demo-port", type=int, default=9001, help="demo upstream port (9001)")
+    run.add_argument(
+        "--demo-chunk-delay-ms", type=float, default=40.0, help="demo delay per streamed chunk"
+    )
+    run.set_defaults(handler=_cmd_run)
+
+    serve = commands.add_parser("serve", help="run one extproc worker (run starts these)")
+    serve.add_argument("-c", "--config", default=DEFAULT_CONFIG)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, help="default: server.extproc_port")
+    serve.set_defaults(handler=_cmd_serve)
+
+    envoy = commands.add_parser("envoy", help="Envoy configuration")
+    envoy_commands = envoy.add_subparsers(dest="envoy_command", required=True)
+    render = envoy_commands.add_parser("render", help="print the Envoy bootstrap run uses")
+    render.add_argument("-c", "--config", default=DEFAULT_CONFIG)
+    render.set_defaults(handler=_cmd_envoy_render)
+
+    config = commands.add_parser("config", help="configuration files")
+    config_commands = config.add_subparsers(dest="config_command", required=True)
+    check = config_commands.add_parser("check", help="validate a config and its policy files")
+    check.add_argument("file")
+    check.set_defaults(handler=_cmd_config_check)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,370 @@
+"""The CheckStream configuration: typed model, loading and cross-checks.
+
+``checkstream.yaml`` plus one policy file per tenant (``../shared/design.md`` is the contract).
+Everything a user can get wrong is refused at start with the file, the line and the key path;
+nothing is re-validated per request. Key names are the public contract: keep them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
+
+import pydantic
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from extproc.policy import PolicyFile, load_policy_file
+from extproc.yamlsource import (
+    ConfigError,
+    KeyPath,
+    Problem,
+    YamlDocument,
+    load_yaml,
+    validation_problems,
+)
+
+PositiveInt = Annotated[int, Field(gt=0)]
+Port = Annotated[int, Field(ge=0, le=65535)]
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+# Tenant ids appear in URLs, headers and file paths (audit trails): keep them plain.
+TenantId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerConfig(Strict):
+    host: str = "0.0.0.0"
+    port: Port = 8080
+    admin_port: Port = 9090
+    extproc_port: Port = 50051
+    extproc_workers: Annotated[int, Field(ge=1, le=64)] = 1
+    # Envoy's own admin interface (readiness, draining); always bound to 127.0.0.1.
+    envoy_admin_port: Port = 9901
+    # How long SIGTERM waits for in-flight streams before stopping Envoy and extproc.
+    drain_timeout_s: Annotated[float, Field(ge=0, le=3600)] = 30.0
+    # Largest request body accepted (the prompt is buffered to classify it); more gets 413.
+    max_request_bytes: PositiveInt = 8 * 1024 * 1024
+
+
+class ResolutionStep(Strict):
+    """One way to find the tenant; a list of these is tried in order."""
+
+    header: Annotated[str, Field(min_length=1)] | None = None
+    path_prefix: Annotated[str, Field(min_length=2)] | None = None
+    api_key_mapping: bool | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ResolutionStep:
+        chosen = [
+            k for k in ("header", "path_prefix", "api_key_mapping") if getattr(self, k) is not None
+        ]
+        if len(chosen) != 1:
+            raise ValueError("each step names exactly one of header, path_prefix, api_key_mapping")
+        return self
+
+    @field_validator("path_prefix")
+    @classmethod
+    def _slashes(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not value.startswith("/"):
+            raise ValueError("must start with '/'")
+        return value if value.endswith("/") else value + "/"
+
+    @property
+    def method(self) -> str:
+        if self.header is not None:
+            return "header"
+        return "path_prefix" if self.path_prefix is not None else "api_key_mapping"
+
+
+class Thresholds(Strict):
+    safety: Fraction | None = None
+    chunk: Fraction | None = None
+
+
+class PhaseConfig(Strict):
+    enabled: bool | None = None
+    classifiers: list[str] | None = None
+
+
+class MidstreamConfig(PhaseConfig):
+    window_tokens: PositiveInt | None = None
+    holdback_tokens: PositiveInt | None = None
+
+
+class PipelineConfig(Strict):
+    ingress: PhaseConfig = PhaseConfig()
+    midstream: MidstreamConfig = MidstreamConfig()
+    egress: PhaseConfig = PhaseConfig()
+
+
+class RateLimitConfig(Strict):
+    requests_per_minute: PositiveInt | None = None
+    tokens_per_minute: PositiveInt | None = None
+    max_concurrent_requests: PositiveInt | None = None
+
+
+class BudgetConfig(Strict):
+    monthly_usd: Annotated[float, Field(gt=0)]
+
+
+class ManagedAuth(Strict):
+    type: Literal["bearer"] = "bearer"
+    token_env: Annotated[str, Field(min_length=1)]
+
+
+class AuditConfig(Strict):
+    enabled: bool = True
+    path: str | None = None
+    retention_days: PositiveInt = 90
+
+
+class TenantConfig(Strict):
+    backend_url: str
+    backend_timeout_ms: PositiveInt = 30000
+    streaming_format: Literal["openai", "anthropic"] = "openai"
+    headers: dict[str, str] = {}
+    policy_path: str | None = None
+    thresholds: Thresholds = Thresholds()
+    pipeline: PipelineConfig = PipelineConfig()
+    classifiers: list[str] = []
+    models: list[str] | None = None
+    rate_limit: RateLimitConfig = RateLimitConfig()
+    budget: BudgetConfig | None = None
+    # Forward the client's own provider key. Off by default: a key is never sent upstream
+    # unless the operator asked for it.
+    auth_passthrough: bool = False
+    auth: ManagedAuth | None = None
+    audit: AuditConfig = AuditConfig()
+    fail_mode: Literal["closed", "open"] = "closed"
+    suspended: bool = False
+
+    @field_validator("backend_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("expected an http:// or https:// URL with a host")
+        if parts.username or parts.password:
+            raise ValueError("must not carry credentials: use auth.token_env")
+        if parts.query or parts.fragment:
+            raise ValueError("must not have a query or fragment")
+        try:
+            parts.port  # noqa: B018 - raises on a malformed port
+        except ValueError:
+            raise ValueError("invalid port") from None
+        return value.rstrip("/")
+
+    @field_validator("headers")
+    @classmethod
+    def _plain_headers(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in value:
+            if not name or name.startswith(":") or any(c in name for c in " \t\r\n:"):
+                raise ValueError(f"invalid header name {name!r}")
+        return {name.lower(): v for name, v in value.items()}
+
+
+class TenantsConfig(Strict):
+    enabled: bool = True
+    resolution: list[ResolutionStep] = [
+        ResolutionStep(header="X-Tenant-ID"),
+        ResolutionStep(path_prefix="/tenant/"),
+        ResolutionStep(api_key_mapping=True),
+    ]
+    default_tenant: str | None = None
+    api_key_map: dict[str, str] = {}
+    configs: dict[TenantId, TenantConfig] = {}
+
+
+class KeywordClassifier(Strict):
+    type: Literal["keyword"]
+    terms: Annotated[list[str], Field(min_length=1)]
+
+
+class TopicClassifier(Strict):
+    type: Literal["topic"]
+    labels: Annotated[dict[str, list[str]], Field(min_length=1)]
+
+
+class RemoteClassifier(Strict):
+    type: Literal["remote"]
+    target: Annotated[str, Field(min_length=3)]
+    classifier: str
+    timeout_ms: PositiveInt = 200
+
+
+ClassifierInstance = Annotated[
+    KeywordClassifier | TopicClassifier | RemoteClassifier, Field(discriminator="type")
+]
+
+
+class LimitsConfig(Strict):
+    backend: Literal["memory", "redis"] = "memory"
+    url: str | None = None
+
+
+class UsageConfig(Strict):
+    path: str = "./checkstream-usage.db"
+
+
+class Price(Strict):
+    input: Annotated[float, Field(ge=0)]
+    output: Annotated[float, Field(ge=0)]
+
+
+class GlobalPipeline(Strict):
+    ingress: PhaseConfig = PhaseConfig(enabled=True, classifiers=[])
+    midstream: MidstreamConfig = MidstreamConfig(
+        enabled=True, classifiers=[], window_tokens=128, holdback_tokens=16
+    )
+    egress: PhaseConfig = PhaseConfig(enabled=True, classifiers=[])
+
+
+class CheckStreamConfig(Strict):
+    server: ServerConfig = ServerConfig()
+    tenants: TenantsConfig = TenantsConfig()
+    pipeline: GlobalPipeline = GlobalPipeline()
+    thresholds: Thresholds = Thresholds(safety=0.9, chunk=0.8)
+    classifiers: dict[str, ClassifierInstance] = {}
+    limits: LimitsConfig = LimitsConfig()
+    usage: UsageConfig = UsageConfig()
+    pricing: dict[str, Price] = {}
+
+
+@dataclass(frozen=True)
+class LoadedConfig:
+    """A validated config with its policies read, paths resolved and secrets looked up."""
+
+    path: Path
+    model: CheckStreamConfig
+    policies: dict[str, PolicyFile]  # tenant id -> its policy file
+    secrets: dict[str, str]  # tenant id -> managed backend key (never logged)
+    warnings: tuple[str, ...] = ()
+
+
+_API_KEY_MAP: KeyPath = ("tenants", "api_key_map")
+
+
+def load_config(path: str | Path, *, require_secrets: bool = True) -> LoadedConfig:
+    """Load and cross-check ``path``; raise ConfigError listing every problem found.
+
+    ``require_secrets``: a managed key whose environment variable is unset is an error when
+    serving, but only a warning for ``config check`` (CI pipelines rarely hold the secrets).
+    """
+    doc = load_yaml(Path(path))
+    data = doc.data if doc.data is not None else {}
+    if not isinstance(data, dict):
+        raise ConfigError([doc.problem((), "expected a mapping at the top level")])
+    try:
+        model = CheckStreamConfig.model_validate(data)
+    except pydantic.ValidationError as exc:
+        raise ConfigError(
+            validation_problems(doc, exc, CheckStreamConfig, redact=[_API_KEY_MAP])
+        ) from None
+    problems, warnings = _cross_check(doc, model)
+    policies: dict[str, PolicyFile] = {}
+    secrets: dict[str, str] = {}
+    base = doc.path.parent
+    for tenant_id, tenant in model.tenants.configs.items():
+        where: KeyPath = ("tenants", "configs", tenant_id)
+        if tenant.policy_path is not None:
+            try:
+                policies[tenant_id] = load_policy_file(base / tenant.policy_path)
+            except ConfigError as exc:
+                problems.extend(
+                    doc.problem((*where, "policy_path"), f"policy file {p}")
+                    if p.message == "file not found"
+                    else p
+                    for p in exc.problems
+                )
+        if tenant.auth is not None:
+            secret = os.environ.get(tenant.auth.token_env)
+            if secret:
+                secrets[tenant_id] = secret
+            else:
+                note = f"environment variable {tenant.auth.token_env} is not set"
+                if require_secrets:
+                    problems.append(doc.problem((*where, "auth", "token_env"), note))
+                else:
+                    warnings.append(str(doc.problem((*where, "auth", "token_env"), note)))
+    if problems:
+        raise ConfigError(sorted(problems, key=lambda p: (p.file, p.line or 0)))
+    return LoadedConfig(doc.path, model, policies, secrets, tuple(warnings))
+
+
+def _cross_check(doc: YamlDocument, model: CheckStreamConfig) -> tuple[list[Problem], list[str]]:
+    problems: list[Problem] = []
+    warnings: list[str] = []
+    tenants = model.tenants
+    known = tenants.configs
+    if tenants.default_tenant is not None and tenants.default_tenant not in known:
+        problems.append(
+            doc.problem(
+                ("tenants", "default_tenant"),
+                f"tenant '{tenants.default_tenant}' has no entry in tenants.configs",
+            )
+        )
+    if not tenants.enabled and tenants.default_tenant is None:
+        problems.append(
+            doc.problem(("tenants", "enabled"), "tenancy is disabled: set default_tenant")
+        )
+    for index, (key, tenant_id) in enumerate(tenants.api_key_map.items()):
+        if tenant_id not in known:
+            # The key itself is a credential: locate it by line, never print it.
+            line = doc.line_of((*_API_KEY_MAP, key))
+            problems.append(
+                Problem(
+                    str(doc.path),
+                    line,
+                    f"tenants.api_key_map[entry {index + 1}]",
+                    f"tenant '{tenant_id}' has no entry in tenants.configs",
+                )
+            )
+    kinds = [step.method for step in tenants.resolution]
+    for kind in set(kinds):
+        if kinds.count(kind) > 1:
+            problems.append(
+                doc.problem(("tenants", "resolution"), "each resolution method may appear once")
+            )
+    for tenant_id, tenant in known.items():
+        where: KeyPath = ("tenants", "configs", tenant_id)
+        if tenant.auth is not None and tenant.auth_passthrough:
+            problems.append(
+                doc.problem(
+                    (*where, "auth_passthrough"),
+                    "auth_passthrough and managed auth exclude each other: choose one",
+                )
+            )
+    if model.limits.backend == "redis" and not model.limits.url:
+        problems.append(doc.problem(("limits", "backend"), "backend redis needs limits.url"))
+    shared_counts = any(
+        t.rate_limit != RateLimitConfig() or t.budget is not None for t in known.values()
+    )
+    if model.server.extproc_workers > 1 and model.limits.backend == "memory" and shared_counts:
+        problems.append(
+            doc.problem(
+                ("server", "extproc_workers"),
+                "in-memory limits are exact only with one worker; use limits.backend: redis "
+                "or extproc_workers: 1 (otherwise each worker would grant the full limit)",
+            )
+        )
+    ports = model.server
+    used = [("port", ports.port), ("admin_port", ports.admin_port)]
+    used += [("envoy_admin_port", ports.envoy_admin_port)]
+    used += [("extproc_port", ports.extproc_port + i) for i in range(ports.extproc_workers)]
+    seen: dict[int, str] = {}
+    for name, number in used:
+        if number and number in seen:
+            problems.append(
+                doc.problem(
+                    ("server", name), f"port {number} is also used by server.{seen[number]}"
+                )
+            )
+        seen.setdefault(number, name)
+    return problems, warnings

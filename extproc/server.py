@@ -1,0 +1,87 @@
+"""The ext_proc gRPC service: one ``Process`` stream per HTTP request, mapped to an Exchange.
+
+This module holds the protocol loop and nothing else; decisions live in ``exchange.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
+from envoy.service.ext_proc.v3.external_processor_pb2 import (
+    ProcessingRequest,
+    ProcessingResponse,
+)
+
+from extproc.config import LoadedConfig
+from extproc.exchange import Exchange
+from extproc.runtime import Runtime
+
+log = logging.getLogger("checkstream.extproc")
+
+_Handler = Callable[[Exchange, ProcessingRequest], ProcessingResponse]
+_HANDLERS: dict[str, _Handler] = {
+    "request_headers": lambda ex, r: ex.on_request_headers(r.request_headers),
+    "request_body": lambda ex, r: ex.on_request_body(r.request_body),
+    "request_trailers": lambda ex, r: ex.on_request_trailers(r.request_trailers),
+    "response_headers": lambda ex, r: ex.on_response_headers(r.response_headers),
+    "response_body": lambda ex, r: ex.on_response_body(r.response_body),
+    "response_trailers": lambda ex, r: ex.on_response_trailers(r.response_trailers),
+}
+
+
+class ExternalProcessor(external_processor_pb2_grpc.ExternalProcessorServicer):  # type: ignore[misc]
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+
+    async def Process(
+        self, request_iterator: AsyncIterator[ProcessingRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[ProcessingResponse]:
+        exchange = Exchange(self.runtime)
+        handlers = _HANDLERS
+        async for request in request_iterator:
+            kind = request.WhichOneof("request")
+            handler = handlers.get(kind) if kind else None
+            if handler is None:
+                # A message this version does not know: answering nothing would stall the
+                # request until message_timeout, so fail it now and say why.
+                log.error("unsupported ext_proc message %r", kind)
+                await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"unsupported message {kind}")
+                return
+            yield handler(exchange, request)
+
+
+def build_server(runtime: Runtime, host: str, port: int) -> tuple[grpc.aio.Server, int]:
+    server = grpc.aio.server(
+        options=[
+            ("grpc.so_reuseport", 0),
+            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+            ("grpc.max_send_message_length", 64 * 1024 * 1024),
+        ]
+    )
+    external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(
+        ExternalProcessor(runtime), server
+    )
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot listen on {host}:{port} for extproc")
+    return server, bound
+
+
+async def serve(loaded: LoadedConfig, host: str, port: int, grace_s: float) -> None:
+    """Serve until SIGTERM/SIGINT, then finish in-flight streams (up to ``grace_s``)."""
+    runtime = Runtime.from_config(loaded)
+    server, bound = build_server(runtime, host, port)
+    await server.start()
+    print(f"extproc listening on {host}:{bound}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    runtime.draining = True
+    await server.stop(grace_s)

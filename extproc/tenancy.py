@@ -1,0 +1,131 @@
+"""Who is this request for? Tenant resolution exactly as design.md describes it.
+
+The configured methods are tried in order and the first that names a tenant wins; every
+later method that also names one must agree. So a key that maps to tenant A binds A: a
+header or path naming B is refused (403), it cannot borrow B's backend, budget or policy.
+
+Header and path-prefix resolution trust the caller's claim; put them only in front of
+callers you trust, and use ``api_key_mapping`` for everyone else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from extproc.backends import Backend, backend_from_url
+from extproc.config import CheckStreamConfig, TenantConfig
+from extproc.formats import FORMATS, WireFormat
+from extproc.formats import openai as openai_format
+
+
+@dataclass(frozen=True)
+class Tenant:
+    """A tenant's configuration compiled once per config load."""
+
+    id: str
+    config: TenantConfig
+    backend: Backend
+    format: WireFormat
+    #: Managed backend key (never logged), or None.
+    secret: str | None
+
+
+@dataclass(frozen=True)
+class Resolved:
+    tenant: Tenant
+    #: The request path with any tenant path prefix removed (query string kept).
+    path: str
+    #: The client's key is a CheckStream key from api_key_map: it must never go upstream.
+    key_is_ours: bool
+
+
+@dataclass(frozen=True)
+class Refused:
+    status: int
+    message: str
+    code: str
+    #: The error body's format: the tenant's if one was identified, else OpenAI's.
+    format: WireFormat
+
+
+def client_key(headers: Mapping[str, str]) -> str | None:
+    """The API key a client presented: ``Authorization: Bearer`` first, then ``x-api-key``."""
+    auth = headers.get("authorization")
+    if auth:
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            return token.strip()
+    key = headers.get("x-api-key")
+    return key.strip() or None if key else None
+
+
+class TenantResolver:
+    def __init__(self, config: CheckStreamConfig, secrets: Mapping[str, str]) -> None:
+        tenants = config.tenants
+        self.enabled = tenants.enabled
+        self.steps = tenants.resolution
+        self.default = tenants.default_tenant
+        self.key_map = dict(tenants.api_key_map)
+        self.uses_keys = any(step.api_key_mapping for step in self.steps)
+        self.tenants = {
+            tenant_id: Tenant(
+                tenant_id,
+                cfg,
+                backend_from_url(cfg.backend_url),
+                FORMATS[cfg.streaming_format],
+                secrets.get(tenant_id),
+            )
+            for tenant_id, cfg in tenants.configs.items()
+        }
+
+    def resolve(self, path: str, headers: Mapping[str, str]) -> Resolved | Refused:
+        """Resolve a request from its path and lower-cased headers."""
+        key = client_key(headers) if self.uses_keys else None
+        key_tenant = self.key_map.get(key) if key is not None else None
+        if not self.enabled:
+            return self._finish(self.default, path, key_tenant is not None)
+        named: str | None = None
+        for step in self.steps:
+            found: str | None = None
+            if step.header is not None:
+                found = headers.get(step.header.lower()) or None
+            elif step.path_prefix is not None:
+                if path.startswith(step.path_prefix):
+                    found, _, rest = path[len(step.path_prefix) :].partition("/")
+                    path = "/" + rest
+                    found = found or None
+            elif step.api_key_mapping:
+                found = key_tenant
+            if found is None:
+                continue
+            if named is None:
+                named = found
+            elif found != named:
+                return self._refuse(
+                    403,
+                    "the tenant named by this request does not match its API key or path",
+                    "tenant_mismatch",
+                    key_tenant,
+                )
+        if named is None:
+            if key is not None and key_tenant is None and self.default is None:
+                return self._refuse(401, "invalid API key", "invalid_api_key", None)
+            if self.default is None:
+                return self._refuse(
+                    403, "no tenant could be resolved for this request", "unknown_tenant", None
+                )
+            named = self.default
+        return self._finish(named, path, key_tenant is not None)
+
+    def _finish(self, tenant_id: str | None, path: str, key_is_ours: bool) -> Resolved | Refused:
+        tenant = self.tenants.get(tenant_id) if tenant_id is not None else None
+        if tenant is None:
+            return self._refuse(403, "unknown tenant", "unknown_tenant", None)
+        if tenant.config.suspended:
+            return self._refuse(403, "tenant is suspended", "tenant_suspended", tenant_id)
+        return Resolved(tenant, path, key_is_ours)
+
+    def _refuse(self, status: int, message: str, code: str, tenant_id: str | None) -> Refused:
+        tenant = self.tenants.get(tenant_id) if tenant_id is not None else None
+        return Refused(status, message, code, tenant.format if tenant else openai_format.FORMAT)
