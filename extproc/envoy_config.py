@@ -102,8 +102,15 @@ def render_bootstrap(config: CheckStreamConfig) -> dict[str, Any]:
     }
 
 
+class _PlainDumper(yaml.SafeDumper):
+    """No ``&id001`` anchors: the output is meant to be read."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
 def render_yaml(config: CheckStreamConfig) -> str:
-    return yaml.safe_dump(render_bootstrap(config), sort_keys=False, width=100)
+    return yaml.dump(render_bootstrap(config), Dumper=_PlainDumper, sort_keys=False, width=100)
 
 
 def _address(host: str, port: int) -> dict[str, Any]:

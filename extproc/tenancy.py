@@ -81,7 +81,9 @@ class TenantResolver:
 
     def resolve(self, path: str, headers: Mapping[str, str]) -> Resolved | Refused:
         """Resolve a request from its path and lower-cased headers."""
-        key = client_key(headers) if self.uses_keys else None
+        # A key from api_key_map is ours (never forwarded upstream) even when api_key_mapping
+        # is not a resolution step.
+        key = client_key(headers) if self.uses_keys or self.key_map else None
         key_tenant = self.key_map.get(key) if key is not None else None
         if not self.enabled:
             return self._finish(self.default, path, key_tenant is not None)
@@ -92,8 +94,9 @@ class TenantResolver:
                 found = headers.get(step.header.lower()) or None
             elif step.path_prefix is not None:
                 if path.startswith(step.path_prefix):
-                    found, _, rest = path[len(step.path_prefix) :].partition("/")
-                    path = "/" + rest
+                    segment, sep, query = path[len(step.path_prefix) :].partition("?")
+                    found, _, rest = segment.partition("/")
+                    path = "/" + rest + sep + query
                     found = found or None
             elif step.api_key_mapping:
                 found = key_tenant
@@ -109,7 +112,7 @@ class TenantResolver:
                     key_tenant,
                 )
         if named is None:
-            if key is not None and key_tenant is None and self.default is None:
+            if self.uses_keys and key is not None and key_tenant is None and self.default is None:
                 return self._refuse(401, "invalid API key", "invalid_api_key", None)
             if self.default is None:
                 return self._refuse(

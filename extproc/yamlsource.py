@@ -120,10 +120,17 @@ def validation_problems(
         loc: KeyPath = tuple(p for p in item["loc"] if isinstance(p, str | int))
         # Tagged unions add the tag as a pseudo key; it is not in the user's file.
         loc = tuple(p for p in loc if not (isinstance(p, str) and p.startswith("function-")))
+        # A mapping key that fails validation (a tenant id) gets a "[key]" pseudo element.
+        bad_key = bool(loc) and loc[-1] == "[key]"
+        loc = loc[:-1] if bad_key else loc
         shown = tuple("<key>" if i > 0 and loc[:i] in secret_maps else p for i, p in enumerate(loc))
+        message = _message(item, model, loc)
         problems.append(
             Problem(
-                str(doc.path), doc.line_of(loc), format_key_path(shown), _message(item, model, loc)
+                str(doc.path),
+                doc.line_of(loc),
+                format_key_path(shown),
+                f"invalid name: {message}" if bad_key else message,
             )
         )
     return sorted(problems, key=lambda p: p.line or 0)
