@@ -70,7 +70,12 @@ class RecordingUpstream:
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         self.received.append(
-            Received(request.method, request.path_qs, {k.lower(): v for k, v in request.headers.items()}, body)
+            Received(
+                request.method,
+                request.path_qs,
+                {k.lower(): v for k, v in request.headers.items()},
+                body,
+            )
         )
         sleep_ms = float(request.headers.get("x-test-sleep-ms", "0"))
         if sleep_ms:
@@ -225,9 +230,7 @@ def start_gateway(
 
 
 @contextmanager
-def running_gateway(
-    config_path: Path, env: dict[str, str] | None = None
-) -> Iterator[Gateway]:
+def running_gateway(config_path: Path, env: dict[str, str] | None = None) -> Iterator[Gateway]:
     gateway = start_gateway(config_path, env)
     try:
         yield gateway
@@ -259,6 +262,10 @@ def request(
         req.add_header("Content-Type", "application/json")
     try:
         with urllib.request.urlopen(req, timeout=timeout) as response:
-            return Reply(response.status, {k.lower(): v for k, v in response.headers.items()}, response.read())
+            return Reply(
+                response.status,
+                {k.lower(): v for k, v in response.headers.items()},
+                response.read(),
+            )
     except urllib.error.HTTPError as exc:
         return Reply(exc.code, {k.lower(): v for k, v in exc.headers.items()}, exc.read())

@@ -54,7 +54,7 @@ def gateway(
 ) -> Iterator[Gateway]:
     a, b = upstreams["a"].port, upstreams["b"].port
     config: dict[str, Any] = {
-        "server": {"host": "127.0.0.1", **gateway_ports()},
+        "server": {"host": "127.0.0.1", **gateway_ports(), "max_request_bytes": 65536},
         "tenants": {
             "resolution": [
                 {"header": "X-Tenant-ID"},
@@ -275,12 +275,30 @@ def test_malformed_json_gets_400_in_tenant_format(gateway: Gateway) -> None:
     assert reply.json()["error"]["code"] == "invalid_json"
 
 
+def test_oversized_body_gets_413_in_tenant_format(
+    gateway: Gateway, upstreams: dict[str, RecordingUpstream]
+) -> None:
+    before = len(upstreams["a"].received)
+    big = {**CHAT, "messages": [{"role": "user", "content": "x" * 200_000}]}
+    reply = request(
+        f"{gateway.url}/v1/chat/completions", big, {"Authorization": "Bearer sk-cs-gamma"}
+    )
+    assert reply.status == 413
+    assert reply.json()["error"]["code"] == "request_too_large"
+    assert len(upstreams["a"].received) == before
+
+
 # -- streaming -----------------------------------------------------------------------------
 def _stream(gateway: Gateway, headers: dict[str, str]) -> tuple[list[tuple[float, bytes]], float]:
     """Read a streamed answer as it arrives: (arrival time, bytes) per read, and the start."""
     conn = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=20)
     start = time.monotonic()
-    conn.request("POST", "/v1/chat/completions", body=b'{"model": "gpt-4o-mini", "stream": true}', headers=headers)
+    conn.request(
+        "POST",
+        "/v1/chat/completions",
+        body=b'{"model": "gpt-4o-mini", "stream": true}',
+        headers=headers,
+    )
     response = conn.getresponse()
     assert response.status == 200
     pieces = []
@@ -405,9 +423,7 @@ def test_default_tenant_takes_unresolved_requests(
         assert reply.status == 200
         assert reply.json()["upstream"] == "a"
         # An unknown key is not a tenant claim: the default tenant still serves it.
-        keyed = request(
-            f"{gw.url}/v1/chat/completions", CHAT, {"Authorization": "Bearer sk-own"}
-        )
+        keyed = request(f"{gw.url}/v1/chat/completions", CHAT, {"Authorization": "Bearer sk-own"})
         assert keyed.status == 200
     finally:
         assert gw.stop() == 0

