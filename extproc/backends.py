@@ -30,7 +30,10 @@ class Backend:
 
     @property
     def cluster_name(self) -> str:
-        return "backend_" + re.sub(r"[^A-Za-z0-9]+", "_", f"{self.scheme}_{self.host}_{self.port}")
+        # One character for one character, '-' kept: "my-host" and "my.host" must not share
+        # a cluster. No dots, which Envoy's stats tag extraction would misread.
+        host = re.sub(r"[^A-Za-z0-9-]", "_", self.host)
+        return f"backend_{self.scheme}_{host}_{self.port}"
 
     def upstream_path(self, client_path: str) -> str:
         """The path the backend receives for ``client_path`` (query string included).

@@ -82,7 +82,11 @@ def _cmd_config_check(args: argparse.Namespace) -> int:
     for warning in loaded.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     tenants = loaded.model.tenants.configs
-    print(f"{args.file}: OK ({len(tenants)} tenants, {len(loaded.policies)} policy files)")
+    policies = len(loaded.policies)
+    print(
+        f"{args.file}: OK ({len(tenants)} tenant{'s' * (len(tenants) != 1)}, "
+        f"{policies} policy file{'s' * (policies != 1)})"
+    )
     return 0
 
 

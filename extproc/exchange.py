@@ -109,7 +109,7 @@ class Exchange:
         models = plan.allowed_models
         if models is not None:
             model = payload.get("model") if isinstance(payload, dict) else None
-            if model not in models:
+            if not isinstance(model, str) or model not in models:
                 return error_response(
                     fmt,
                     403,

@@ -49,15 +49,18 @@ class Refused:
     format: WireFormat
 
 
-def client_key(headers: Mapping[str, str]) -> str | None:
-    """The API key a client presented: ``Authorization: Bearer`` first, then ``x-api-key``."""
+def client_keys(headers: Mapping[str, str]) -> list[str]:
+    """The API keys a client presented: ``Authorization: Bearer``, then ``x-api-key``."""
+    keys = []
     auth = headers.get("authorization")
     if auth:
         scheme, _, token = auth.partition(" ")
         if scheme.lower() == "bearer" and token.strip():
-            return token.strip()
-    key = headers.get("x-api-key")
-    return key.strip() or None if key else None
+            keys.append(token.strip())
+    key = (headers.get("x-api-key") or "").strip()
+    if key:
+        keys.append(key)
+    return keys
 
 
 class TenantResolver:
@@ -83,8 +86,18 @@ class TenantResolver:
         """Resolve a request from its path and lower-cased headers."""
         # A key from api_key_map is ours (never forwarded upstream) even when api_key_mapping
         # is not a resolution step.
-        key = client_key(headers) if self.uses_keys or self.key_map else None
-        key_tenant = self.key_map.get(key) if key is not None else None
+        keys = client_keys(headers) if self.uses_keys or self.key_map else []
+        # A client may send its CheckStream key in either header and something else in the
+        # other (SDKs set both): the key we know decides, two keys of two tenants conflict.
+        key_tenants = {self.key_map[k] for k in keys if k in self.key_map}
+        if len(key_tenants) > 1:
+            return self._refuse(
+                403,
+                "the API keys of this request belong to different tenants",
+                "tenant_mismatch",
+                None,
+            )
+        key_tenant = next(iter(key_tenants), None)
         if not self.enabled:
             return self._finish(self.default, path, key_tenant is not None)
         named: str | None = None
@@ -95,9 +108,10 @@ class TenantResolver:
             elif step.path_prefix is not None:
                 if path.startswith(step.path_prefix):
                     segment, sep, query = path[len(step.path_prefix) :].partition("?")
-                    found, _, rest = segment.partition("/")
-                    path = "/" + rest + sep + query
-                    found = found or None
+                    name, _, rest = segment.partition("/")
+                    if name:
+                        found = name
+                        path = "/" + rest + sep + query
             elif step.api_key_mapping:
                 found = key_tenant
             if found is None:
@@ -112,7 +126,7 @@ class TenantResolver:
                     key_tenant,
                 )
         if named is None:
-            if self.uses_keys and key is not None and key_tenant is None and self.default is None:
+            if self.uses_keys and keys and key_tenant is None and self.default is None:
                 return self._refuse(401, "invalid API key", "invalid_api_key", None)
             if self.default is None:
                 return self._refuse(
