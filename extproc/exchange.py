@@ -112,7 +112,7 @@ class Exchange:
             if not isinstance(model, str) or model not in models:
                 return error_response(
                     fmt,
-                    403,
+                    400,
                     f"model {model!r} is not enabled for this tenant",
                     "model_not_allowed",
                     "checkstream_model",

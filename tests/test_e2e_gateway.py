@@ -260,7 +260,7 @@ def test_model_outside_allowlist_never_reaches_backend(
         {**CHAT, "model": "gpt-4o"},
         {"Authorization": "Bearer sk-cs-gamma"},
     )
-    assert reply.status == 403
+    assert reply.status == 400
     assert reply.json()["error"]["code"] == "model_not_allowed"
     assert len(upstreams["a"].received) == before
 

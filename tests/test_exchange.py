@@ -178,26 +178,26 @@ def test_allowed_model_passes(runtime: Runtime) -> None:
 def test_disallowed_model_is_refused_in_openai_format(runtime: Runtime) -> None:
     exchange = _gated_exchange(runtime)
     status, headers, error = immediate(exchange.on_request_body(body(b'{"model": "gpt-4"}')))
-    assert status == 403
+    assert status == 400
     assert headers["content-type"] == "application/json"
     assert error["error"]["code"] == "model_not_allowed"
-    assert error["error"]["type"] == "permission_error"
+    assert error["error"]["type"] == "invalid_request_error"
     assert "'gpt-4'" in error["error"]["message"]
 
 
 def test_disallowed_model_is_refused_in_anthropic_format(runtime: Runtime) -> None:
     exchange = _gated_exchange(runtime, "claude")
     status, _, error = immediate(exchange.on_request_body(body(b'{"model": "claude-opus"}')))
-    assert status == 403
+    assert status == 400
     assert error["type"] == "error"
-    assert error["error"]["type"] == "permission_error"
+    assert error["error"]["type"] == "invalid_request_error"
     assert error["error"]["code"] == "model_not_allowed"
 
 
 def test_missing_model_is_refused(runtime: Runtime) -> None:
     exchange = _gated_exchange(runtime)
     status, _, error = immediate(exchange.on_request_body(body(b'{"messages": []}')))
-    assert (status, error["error"]["code"]) == (403, "model_not_allowed")
+    assert (status, error["error"]["code"]) == (400, "model_not_allowed")
 
 
 def test_body_in_several_chunks_is_judged_whole(runtime: Runtime) -> None:
@@ -205,7 +205,7 @@ def test_body_in_several_chunks_is_judged_whole(runtime: Runtime) -> None:
     first = exchange.on_request_body(body(b'{"model": "gpt-', end=False))
     assert first.WhichOneof("response") == "request_body"
     status, _, error = immediate(exchange.on_request_body(body(b'5"}')))
-    assert status == 403
+    assert status == 400
     assert "'gpt-5'" in error["error"]["message"]
 
 
@@ -227,7 +227,7 @@ def test_malformed_json_is_400_in_anthropic_format(runtime: Runtime) -> None:
 def test_unhashable_model_is_refused_not_crashing(runtime: Runtime) -> None:
     exchange = _gated_exchange(runtime)
     status, _, error = immediate(exchange.on_request_body(body(b'{"model": ["gpt-4o"]}')))
-    assert status == 403
+    assert status == 400
     assert error["error"]["code"] == "model_not_allowed"
 
 
