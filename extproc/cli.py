@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from importlib.resources import files
 from pathlib import Path
 
 from extproc.config import LoadedConfig, load_config
+from extproc.registry import PluginError
+from extproc.runtime import Runtime
 from extproc.yamlsource import ConfigError
 
 DEFAULT_CONFIG = "./checkstream.yaml"
@@ -27,12 +30,24 @@ def _load(path: str, *, require_secrets: bool = True) -> LoadedConfig | None:
         return None
 
 
+def _compile(loaded: LoadedConfig) -> Runtime | None:
+    """Plugins, classifiers and policies; their errors are the user's, so no traceback."""
+    try:
+        return Runtime.from_config(loaded)
+    except ConfigError as exc:
+        print(f"checkstream: invalid configuration\n{exc}", file=sys.stderr)
+    except PluginError as exc:
+        print(f"checkstream: {exc}", file=sys.stderr)
+    return None
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from extproc.launcher import run_gateway
 
     path = args.config or (str(demo_config_path()) if args.demo else DEFAULT_CONFIG)
     loaded = _load(path)
-    if loaded is None:
+    # Compiled here too so a bad policy or plugin is reported once, before anything starts.
+    if loaded is None or _compile(loaded) is None:
         return 1
     extra: Callable[[], Awaitable[Callable[[], Awaitable[None]]]] | None = None
     if args.demo:
@@ -57,11 +72,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from extproc.server import serve
 
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     loaded = _load(args.config)
-    if loaded is None:
+    runtime = _compile(loaded) if loaded is not None else None
+    if loaded is None or runtime is None:
         return 1
     port = args.port if args.port is not None else loaded.model.server.extproc_port
-    asyncio.run(serve(loaded, args.host, port, loaded.model.server.drain_timeout_s))
+    asyncio.run(serve(runtime, args.host, port, loaded.model.server.drain_timeout_s))
     return 0
 
 
@@ -77,7 +94,7 @@ def _cmd_envoy_render(args: argparse.Namespace) -> int:
 
 def _cmd_config_check(args: argparse.Namespace) -> int:
     loaded = _load(args.file, require_secrets=False)
-    if loaded is None:
+    if loaded is None or _compile(loaded) is None:
         return 1
     for warning in loaded.warnings:
         print(f"warning: {warning}", file=sys.stderr)
@@ -88,6 +105,31 @@ def _cmd_config_check(args: argparse.Namespace) -> int:
         f"{policies} policy file{'s' * (policies != 1)})"
     )
     return 0
+
+
+def _cmd_policy_lint(args: argparse.Namespace) -> int:
+    from extproc.policy import lint_policy_file
+    from extproc.registry import load_registry
+
+    try:
+        known = set(load_registry().types)
+    except PluginError as exc:
+        print(f"checkstream: {exc}", file=sys.stderr)
+        return 1
+    if args.config:
+        loaded = _load(args.config, require_secrets=False)
+        if loaded is None:
+            return 1
+        known |= set(loaded.model.classifiers)
+    failed = False
+    for name in args.files:
+        problems = lint_policy_file(Path(name), known)
+        for problem in problems:
+            print(problem, file=sys.stderr)
+        failed = failed or bool(problems)
+        if not problems:
+            print(f"{name}: OK")
+    return 1 if failed else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,6 +168,15 @@ def build_parser() -> argparse.ArgumentParser:
     check = config_commands.add_parser("check", help="validate a config and its policy files")
     check.add_argument("file")
     check.set_defaults(handler=_cmd_config_check)
+
+    policy = commands.add_parser("policy", help="policy files")
+    policy_commands = policy.add_subparsers(dest="policy_command", required=True)
+    lint = policy_commands.add_parser("lint", help="check policy files: file:line: message")
+    lint.add_argument("files", nargs="+", metavar="FILE")
+    lint.add_argument(
+        "-c", "--config", help="also accept the classifier instances this config defines"
+    )
+    lint.set_defaults(handler=_cmd_policy_lint)
     return parser
 
 

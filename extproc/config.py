@@ -10,13 +10,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from extproc.policy import PolicyFile, load_policy_file
+from extproc.policy import LoadedPolicy, load_policy_file
 from extproc.yamlsource import (
     ConfigError,
     KeyPath,
@@ -31,6 +31,8 @@ Port = Annotated[int, Field(ge=0, le=65535)]
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 # Tenant ids appear in URLs, headers and file paths (audit trails): keep them plain.
 TenantId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
+# Classifier names appear in metrics labels and audit records.
+ClassifierName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")]
 
 
 class Strict(BaseModel):
@@ -88,6 +90,14 @@ class Thresholds(Strict):
     chunk: Fraction | None = None
 
 
+class GlobalThresholds(Strict):
+    """The last word on thresholds: ``safety`` for prompts and whole answers, ``chunk`` for
+    midstream windows (rules and tenants may set their own)."""
+
+    safety: Fraction = 0.9
+    chunk: Fraction = 0.8
+
+
 class PhaseConfig(Strict):
     enabled: bool | None = None
     classifiers: list[str] | None = None
@@ -101,7 +111,6 @@ class MidstreamConfig(PhaseConfig):
 class PipelineConfig(Strict):
     ingress: PhaseConfig = PhaseConfig()
     midstream: MidstreamConfig = MidstreamConfig()
-    egress: PhaseConfig = PhaseConfig()
 
 
 class RateLimitConfig(Strict):
@@ -182,26 +191,15 @@ class TenantsConfig(Strict):
     configs: dict[TenantId, TenantConfig] = {}
 
 
-class KeywordClassifier(Strict):
-    type: Literal["keyword"]
-    terms: Annotated[list[str], Field(min_length=1)]
+class ClassifierEntry(BaseModel):
+    """A named classifier instance: its ``type`` plus settings that type's factory checks."""
 
+    model_config = ConfigDict(extra="allow", frozen=True)
+    type: Annotated[str, Field(min_length=1)]
 
-class TopicClassifier(Strict):
-    type: Literal["topic"]
-    labels: Annotated[dict[str, list[str]], Field(min_length=1)]
-
-
-class RemoteClassifier(Strict):
-    type: Literal["remote"]
-    target: Annotated[str, Field(min_length=3)]
-    classifier: str
-    timeout_ms: PositiveInt = 200
-
-
-ClassifierInstance = Annotated[
-    KeywordClassifier | TopicClassifier | RemoteClassifier, Field(discriminator="type")
-]
+    @property
+    def settings(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
 
 
 class LimitsConfig(Strict):
@@ -223,15 +221,14 @@ class GlobalPipeline(Strict):
     midstream: MidstreamConfig = MidstreamConfig(
         enabled=True, classifiers=[], window_tokens=128, holdback_tokens=16
     )
-    egress: PhaseConfig = PhaseConfig(enabled=True, classifiers=[])
 
 
 class CheckStreamConfig(Strict):
     server: ServerConfig = ServerConfig()
     tenants: TenantsConfig = TenantsConfig()
     pipeline: GlobalPipeline = GlobalPipeline()
-    thresholds: Thresholds = Thresholds(safety=0.9, chunk=0.8)
-    classifiers: dict[str, ClassifierInstance] = {}
+    thresholds: GlobalThresholds = GlobalThresholds()
+    classifiers: dict[ClassifierName, ClassifierEntry] = {}
     limits: LimitsConfig = LimitsConfig()
     usage: UsageConfig = UsageConfig()
     pricing: dict[str, Price] = {}
@@ -243,7 +240,8 @@ class LoadedConfig:
 
     path: Path
     model: CheckStreamConfig
-    policies: dict[str, PolicyFile]  # tenant id -> its policy file
+    doc: YamlDocument  # kept to locate later problems (classifier settings) by line
+    policies: dict[str, LoadedPolicy]  # tenant id -> its policy file
     secrets: dict[str, str]  # tenant id -> managed backend key (never logged)
     warnings: tuple[str, ...] = ()
 
@@ -268,7 +266,7 @@ def load_config(path: str | Path, *, require_secrets: bool = True) -> LoadedConf
             validation_problems(doc, exc, CheckStreamConfig, redact=[_API_KEY_MAP])
         ) from None
     problems, warnings = _cross_check(doc, model)
-    policies: dict[str, PolicyFile] = {}
+    policies: dict[str, LoadedPolicy] = {}
     secrets: dict[str, str] = {}
     base = doc.path.parent
     for tenant_id, tenant in model.tenants.configs.items():
@@ -295,7 +293,7 @@ def load_config(path: str | Path, *, require_secrets: bool = True) -> LoadedConf
                     warnings.append(str(doc.problem((*where, "auth", "token_env"), note)))
     if problems:
         raise ConfigError(sorted(problems, key=lambda p: (p.file, p.line or 0)))
-    return LoadedConfig(doc.path, model, policies, secrets, tuple(warnings))
+    return LoadedConfig(doc.path, model, doc, policies, secrets, tuple(warnings))
 
 
 def _cross_check(doc: YamlDocument, model: CheckStreamConfig) -> tuple[list[Problem], list[str]]:

@@ -21,6 +21,8 @@ pass-through request costs one message.
 from __future__ import annotations
 
 import json
+import logging
+from typing import TypeAlias
 
 from envoy.service.ext_proc.v3.external_processor_pb2 import (
     BodyMutation,
@@ -36,24 +38,51 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import (
     TrailersResponse,
 )
 
+from extproc.metrics import CLASSIFIER_ERRORS, POLICY_TRIGGERS
 from extproc.mutations import error_response, header, header_map, immediate
+from extproc.pipeline import Verdict
 from extproc.runtime import Runtime, TenantPlan
 from extproc.tenancy import Refused, Resolved
 
+log = logging.getLogger("checkstream.policy")
+
+RULE_HEADER = "x-checkstream-rule"
 _EMPTY_BODY_RESPONSE = ProcessingResponse(request_body=BodyResponse())
 _EMPTY_RESPONSE_HEADERS = ProcessingResponse(response_headers=HeadersResponse())
 _EMPTY_TRAILERS = ProcessingResponse(response_trailers=TrailersResponse())
+_WITHOUT_CONTENT_LENGTH = ProcessingResponse(
+    response_headers=HeadersResponse(
+        response=CommonResponse(header_mutation=HeaderMutation(remove_headers=["content-length"]))
+    )
+)
+
+Answer: TypeAlias = ProcessingResponse | list[ProcessingResponse] | None
+
+
+def _streamed(body: bytes, end_of_stream: bool) -> ProcessingResponse:
+    return ProcessingResponse(
+        response_body=BodyResponse(
+            response=CommonResponse(
+                body_mutation=BodyMutation(
+                    streamed_response=StreamedBodyResponse(body=body, end_of_stream=end_of_stream)
+                )
+            )
+        )
+    )
 
 
 class Exchange:
     """The state of one request between its ext_proc messages."""
 
-    __slots__ = ("plan", "request_body", "runtime")
+    __slots__ = ("answer", "checking_answer", "plan", "request_body", "runtime")
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         self.plan: TenantPlan | None = None
         self.request_body = bytearray()
+        #: The non-streamed answer, held back until it has been checked whole (egress).
+        self.answer = bytearray()
+        self.checking_answer = False
 
     # -- request ---------------------------------------------------------------------------
     def on_request_headers(self, msg: HttpHeaders) -> ProcessingResponse:
@@ -88,7 +117,7 @@ class Exchange:
             response.dynamic_metadata.CopyFrom(fwd.metadata)
         return response
 
-    def on_request_body(self, msg: HttpBody) -> ProcessingResponse:
+    async def on_request_body(self, msg: HttpBody) -> ProcessingResponse:
         self.request_body += msg.body
         if not msg.end_of_stream:
             return _EMPTY_BODY_RESPONSE
@@ -117,6 +146,47 @@ class Exchange:
                     "model_not_allowed",
                     "checkstream_model",
                 )
+        rails = plan.guardrails.ingress
+        if not rails.rules:
+            return _EMPTY_BODY_RESPONSE
+        slots = fmt.prompt_texts(payload)
+        verdict = await self.runtime.checker.check(rails, [slot.text for slot in slots])
+        if verdict.failure is not None:
+            if self._fails_open(plan, verdict, "ingress"):
+                return _EMPTY_BODY_RESPONSE
+            return error_response(
+                fmt,
+                503,
+                "a guardrail check failed, so the request was not processed",
+                "guardrail_error",
+                "checkstream_classifier",
+            )
+        if verdict.action is None:
+            return _EMPTY_BODY_RESPONSE
+        self._record(plan, verdict, "ingress")
+        deciding = verdict.deciding
+        assert deciding is not None
+        if verdict.action in ("block", "stop"):
+            rule = deciding.rule
+            message = rule.message or f"the request was blocked by policy rule '{rule.name}'"
+            return immediate(
+                400,
+                fmt.policy_error_body(message, rule.name),
+                [(RULE_HEADER, rule.name)],
+                details="checkstream_policy",
+            )
+        if verdict.action == "redact":
+            body = fmt.redact_request(payload, slots, verdict.redactions)
+            return ProcessingResponse(
+                request_body=BodyResponse(
+                    response=CommonResponse(
+                        header_mutation=HeaderMutation(
+                            set_headers=[header("content-length", str(len(body)))]
+                        ),
+                        body_mutation=BodyMutation(body=body),
+                    )
+                )
+            )
         return _EMPTY_BODY_RESPONSE
 
     def on_request_trailers(self, msg: HttpTrailers) -> ProcessingResponse:
@@ -124,24 +194,105 @@ class Exchange:
 
     # -- response --------------------------------------------------------------------------
     def on_response_headers(self, msg: HttpHeaders) -> ProcessingResponse:
-        return _EMPTY_RESPONSE_HEADERS
+        plan = self.plan
+        if plan is None or not plan.guardrails.egress.rules:
+            return _EMPTY_RESPONSE_HEADERS
+        headers = header_map(msg)
+        content_type = headers.get("content-type", "")
+        if headers.get(":status") != "200" or "text/event-stream" in content_type:
+            return _EMPTY_RESPONSE_HEADERS
+        # A whole answer is checked before any of it is released; its length may change.
+        self.checking_answer = True
+        return _WITHOUT_CONTENT_LENGTH
 
-    def on_response_body(self, msg: HttpBody) -> ProcessingResponse:
-        # FULL_DUPLEX_STREAMED: whatever is not sent back is lost, so pass-through echoes.
-        return ProcessingResponse(
-            response_body=BodyResponse(
-                response=CommonResponse(
-                    body_mutation=BodyMutation(
-                        streamed_response=StreamedBodyResponse(
-                            body=msg.body, end_of_stream=msg.end_of_stream
-                        )
-                    )
+    async def on_response_body(self, msg: HttpBody) -> Answer:
+        if not self.checking_answer:
+            # FULL_DUPLEX_STREAMED: whatever is not sent back is lost, so pass-through echoes.
+            return _streamed(msg.body, msg.end_of_stream)
+        self.answer += msg.body
+        if not msg.end_of_stream:
+            return None  # held back: full-duplex mode needs no answer per chunk
+        return _streamed(await self._checked_answer(), True)
+
+    async def on_response_trailers(self, msg: HttpTrailers) -> Answer:
+        if self.checking_answer:
+            # The body ended with trailers rather than end_of_stream: release it now.
+            return [_streamed(await self._checked_answer(), False), _EMPTY_TRAILERS]
+        return _EMPTY_TRAILERS
+
+    async def _checked_answer(self) -> bytes:
+        """The held-back answer after egress checks: unchanged, redacted or replaced."""
+        plan = self.plan
+        assert plan is not None
+        self.checking_answer = False
+        body = bytes(self.answer)
+        fmt = plan.tenant.format
+        try:
+            payload = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return body  # not an answer we know how to read, e.g. an error page
+        slots = fmt.answer_texts(payload)
+        verdict = await self.runtime.checker.check(
+            plan.guardrails.egress, [slot.text for slot in slots]
+        )
+        if verdict.failure is not None:
+            if self._fails_open(plan, verdict, "egress"):
+                return body
+            return fmt.blocked_answer(
+                payload, "the answer was withheld: its guardrail check failed", "guardrail_error"
+            )
+        if verdict.action is None:
+            return body
+        self._record(plan, verdict, "egress")
+        deciding = verdict.deciding
+        assert deciding is not None
+        if verdict.action in ("block", "stop"):
+            rule = deciding.rule
+            message = rule.message or f"the answer was withheld by policy rule '{rule.name}'"
+            return fmt.blocked_answer(payload, message, rule.name)
+        if verdict.action == "redact":
+            return fmt.redact_answer(payload, slots, verdict.redactions)
+        return body
+
+    # -- policy bookkeeping ----------------------------------------------------------------
+    def _record(self, plan: TenantPlan, verdict: Verdict, phase: str) -> None:
+        tenant = plan.tenant.id
+        for trigger in verdict.triggers:
+            rule = trigger.rule
+            POLICY_TRIGGERS.labels(tenant, rule.name, rule.action).inc()
+            # Structured, and never the text itself: prompts and answers may hold PII.
+            log.info(
+                json.dumps(
+                    {
+                        "event": "policy_trigger",
+                        "tenant": tenant,
+                        "phase": phase,
+                        "rule": rule.name,
+                        "action": rule.action,
+                        "classifier": rule.classifier,
+                        "score": round(trigger.score, 4),
+                        "threshold": rule.threshold,
+                        "regulation": rule.regulation,
+                    }
                 )
             )
-        )
 
-    def on_response_trailers(self, msg: HttpTrailers) -> ProcessingResponse:
-        return _EMPTY_TRAILERS
+    def _fails_open(self, plan: TenantPlan, verdict: Verdict, phase: str) -> bool:
+        """Count and log a failed check; True if the tenant's fail mode lets traffic pass."""
+        tenant = plan.tenant
+        CLASSIFIER_ERRORS.labels(tenant.id, verdict.failed_classifier or "unknown").inc()
+        log.error(
+            json.dumps(
+                {
+                    "event": "classifier_failure",
+                    "tenant": tenant.id,
+                    "phase": phase,
+                    "error": verdict.failure,
+                    "fail_mode": tenant.config.fail_mode,
+                }
+            )
+        )
+        return tenant.config.fail_mode == "open"
 
     # -- local answers ---------------------------------------------------------------------
     def _health(self) -> ProcessingResponse:

@@ -6,13 +6,21 @@ into per-request decisions builds on it.
 
 from __future__ import annotations
 
+from collections.abc import Collection
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
-from extproc.yamlsource import ConfigError, load_yaml, validation_problems
+from extproc.yamlsource import (
+    ConfigError,
+    Problem,
+    YamlDocument,
+    load_yaml,
+    validation_problems,
+)
 
 Action = Literal["log", "redact", "block", "stop"]
 
@@ -40,7 +48,13 @@ class PolicyFile(_Strict):
     policies: list[Rule] = []
 
 
-def load_policy_file(path: Path) -> PolicyFile:
+@dataclass(frozen=True)
+class LoadedPolicy:
+    model: PolicyFile
+    doc: YamlDocument  # to report later problems (unknown classifier) at the rule's line
+
+
+def load_policy_file(path: Path) -> LoadedPolicy:
     doc = load_yaml(path)
     if not isinstance(doc.data, dict):
         raise ConfigError([doc.problem((), "expected a mapping with version, name, policies")])
@@ -58,4 +72,23 @@ def load_policy_file(path: Path) -> PolicyFile:
         seen.add(rule.name)
     if problems:
         raise ConfigError(problems)
-    return policy
+    return LoadedPolicy(policy, doc)
+
+
+def lint_policy_file(path: Path, known_classifiers: Collection[str]) -> list[Problem]:
+    """Every problem in one policy file: syntax, schema, duplicates, unknown classifiers."""
+    try:
+        loaded = load_policy_file(path)
+    except ConfigError as exc:
+        return exc.problems
+    problems = []
+    for index, rule in enumerate(loaded.model.policies):
+        name = rule.trigger.classifier
+        if name not in known_classifiers:
+            problems.append(
+                loaded.doc.problem(
+                    ("policies", index, "trigger", "classifier"),
+                    f"unknown classifier '{name}' (known: {', '.join(sorted(known_classifiers))})",
+                )
+            )
+    return problems

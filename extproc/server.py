@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
@@ -17,21 +17,10 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import (
     ProcessingResponse,
 )
 
-from extproc.config import LoadedConfig
-from extproc.exchange import Exchange
+from extproc.exchange import Answer, Exchange
 from extproc.runtime import Runtime
 
 log = logging.getLogger("checkstream.extproc")
-
-_Handler = Callable[[Exchange, ProcessingRequest], ProcessingResponse]
-_HANDLERS: dict[str, _Handler] = {
-    "request_headers": lambda ex, r: ex.on_request_headers(r.request_headers),
-    "request_body": lambda ex, r: ex.on_request_body(r.request_body),
-    "request_trailers": lambda ex, r: ex.on_request_trailers(r.request_trailers),
-    "response_headers": lambda ex, r: ex.on_response_headers(r.response_headers),
-    "response_body": lambda ex, r: ex.on_response_body(r.response_body),
-    "response_trailers": lambda ex, r: ex.on_response_trailers(r.response_trailers),
-}
 
 
 class ExternalProcessor(external_processor_pb2_grpc.ExternalProcessorServicer):  # type: ignore[misc]
@@ -42,17 +31,34 @@ class ExternalProcessor(external_processor_pb2_grpc.ExternalProcessorServicer): 
         self, request_iterator: AsyncIterator[ProcessingRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[ProcessingResponse]:
         exchange = Exchange(self.runtime)
-        handlers = _HANDLERS
         async for request in request_iterator:
             kind = request.WhichOneof("request")
-            handler = handlers.get(kind) if kind else None
-            if handler is None:
+            answer: Answer
+            if kind == "request_headers":
+                answer = exchange.on_request_headers(request.request_headers)
+            elif kind == "response_body":
+                answer = await exchange.on_response_body(request.response_body)
+            elif kind == "request_body":
+                answer = await exchange.on_request_body(request.request_body)
+            elif kind == "response_headers":
+                answer = exchange.on_response_headers(request.response_headers)
+            elif kind == "response_trailers":
+                answer = await exchange.on_response_trailers(request.response_trailers)
+            elif kind == "request_trailers":
+                answer = exchange.on_request_trailers(request.request_trailers)
+            else:
                 # A message this version does not know: answering nothing would stall the
                 # request until message_timeout, so fail it now and say why.
                 log.error("unsupported ext_proc message %r", kind)
                 await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"unsupported message {kind}")
                 return
-            yield handler(exchange, request)
+            if answer is None:
+                continue
+            if isinstance(answer, list):
+                for item in answer:
+                    yield item
+            else:
+                yield answer
 
 
 def build_server(runtime: Runtime, host: str, port: int) -> tuple[grpc.aio.Server, int]:
@@ -72,9 +78,8 @@ def build_server(runtime: Runtime, host: str, port: int) -> tuple[grpc.aio.Serve
     return server, bound
 
 
-async def serve(loaded: LoadedConfig, host: str, port: int, grace_s: float) -> None:
+async def serve(runtime: Runtime, host: str, port: int, grace_s: float) -> None:
     """Serve until SIGTERM/SIGINT, then finish in-flight streams (up to ``grace_s``)."""
-    runtime = Runtime.from_config(loaded)
     server, bound = build_server(runtime, host, port)
     await server.start()
     print(f"extproc listening on {host}:{bound}", flush=True)

@@ -203,6 +203,17 @@ def write_config(directory: Path, config: dict[str, Any], name: str = "checkstre
     return path
 
 
+def write_policy(directory: Path, name: str, rules: list[tuple[str, str, str]]) -> Path:
+    """A policy file with (rule name, classifier, action) rules, thresholds left to defaults."""
+    path = directory / name
+    policies = [
+        {"name": rule, "trigger": {"classifier": classifier, "threshold": 0.5}, "action": action}
+        for rule, classifier, action in rules
+    ]
+    path.write_text(yaml.safe_dump({"version": "1.0", "name": name, "policies": policies}))
+    return path
+
+
 def start_gateway(
     config_path: Path, env: dict[str, str] | None = None, timeout: float = 40
 ) -> Gateway:

@@ -21,6 +21,7 @@ tenants:
     acme:
       backend_url: "https://api.openai.com/v1"
       policy_path: policy.yaml
+      classifiers: [pii_detector]
       auth: {type: bearer, token_env: CS_CLI_TEST_KEY}
     beta:
       backend_url: "http://127.0.0.1:9001"
@@ -32,7 +33,16 @@ version: "1.0"
 name: p
 policies:
   - name: r
-    trigger: {classifier: toxicity, threshold: 0.5}
+    trigger: {classifier: pii_detector, threshold: 0.5}
+    action: block
+"""
+
+UNKNOWN_CLASSIFIER_POLICY = """\
+version: "1.0"
+name: p
+policies:
+  - name: r
+    trigger: {classifier: toxicty}
     action: block
 """
 
@@ -71,7 +81,7 @@ def test_config_check_ok(good: Path, capsys: pytest.CaptureFixture[str]) -> None
     assert out == f"{good}: OK (2 tenants, 1 policy file)\n"
     # The managed key's variable is unset: a warning, not a failure, for a check.
     assert err == (
-        f"warning: {good}:8: tenants.configs.acme.auth.token_env: "
+        f"warning: {good}:9: tenants.configs.acme.auth.token_env: "
         "environment variable CS_CLI_TEST_KEY is not set\n"
     )
 
@@ -254,3 +264,71 @@ def test_envoy_render_bad_config(bad: Path, capsys: pytest.CaptureFixture[str]) 
     out, err = capsys.readouterr()
     assert out == ""
     assert f"{bad}:5: tenants.configs.acme.backend_timeout_ms: " in err
+
+
+def test_config_check_reports_rule_on_unknown_classifier(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "policy.yaml").write_text(UNKNOWN_CLASSIFIER_POLICY)
+    path = tmp_path / "checkstream.yaml"
+    path.write_text(GOOD)
+    assert main(["config", "check", str(path)]) == 1
+    err = capsys.readouterr().err
+    expected = "policy.yaml:5: policies[0].trigger.classifier: unknown classifier 'toxicty'"
+    assert f"{tmp_path}/{expected}" in err
+
+
+def test_config_check_reports_rule_on_classifier_not_enabled_for_tenant(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "policy.yaml").write_text(POLICY)
+    path = tmp_path / "checkstream.yaml"
+    path.write_text(GOOD.replace("      classifiers: [pii_detector]\n", ""))
+    assert main(["config", "check", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert (
+        "policy.yaml:5: policies[0].trigger.classifier: classifier 'pii_detector' is not enabled"
+        in err
+    )
+    assert "tenant 'acme'" in err
+
+
+def test_policy_lint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    good_policy = tmp_path / "good.yaml"
+    good_policy.write_text(POLICY)
+    assert main(["policy", "lint", str(good_policy)]) == 0
+    assert capsys.readouterr().out == f"{good_policy}: OK\n"
+    bad_policies = {
+        "unknown.yaml": (
+            UNKNOWN_CLASSIFIER_POLICY,
+            ":5: policies[0].trigger.classifier: unknown classifier 'toxicty'",
+        ),
+        "threshold.yaml": (POLICY.replace("0.5", "1.5"), ":5: policies[0].trigger.threshold:"),
+        "action.yaml": (
+            POLICY.replace("action: block", "action: explode"),
+            ":6: policies[0].action:",
+        ),
+        "duplicate.yaml": (
+            POLICY + "  - name: r\n    trigger: {classifier: pii_detector}\n    action: log\n",
+            ":7: policies[1].name: duplicate rule name 'r'",
+        ),
+        "syntax.yaml": ("version: '1.0'\npolicies: [\n  {name: x\n", ":4: invalid YAML:"),
+    }
+    paths = []
+    for name, (text, _) in bad_policies.items():
+        (tmp_path / name).write_text(text)
+        paths.append(str(tmp_path / name))
+    assert main(["policy", "lint", str(good_policy), *paths]) == 1
+    captured = capsys.readouterr()
+    for name, (_, expected) in bad_policies.items():
+        assert f"{tmp_path / name}{expected}" in captured.err, captured.err
+    assert "Traceback" not in captured.err
+
+
+def test_policy_lint_accepts_config_instances(tmp_path: Path) -> None:
+    policy = tmp_path / "p.yaml"
+    policy.write_text(POLICY.replace("pii_detector", "acme_banned"))
+    assert main(["policy", "lint", str(policy)]) == 1
+    config = tmp_path / "checkstream.yaml"
+    config.write_text("classifiers:\n  acme_banned: {type: keyword, terms: [falcon]}\n")
+    assert main(["policy", "lint", "-c", str(config), str(policy)]) == 0

@@ -1,6 +1,6 @@
 """End to end: client -> real Envoy -> real extproc (gRPC) -> local upstreams, all on 127.0.0.1.
 
-One gateway serves every test in this module, started exactly as a user starts it
+One gateway (``tests/conftest.py``) serves these tests, started exactly as a user starts it
 (``checkstream run -c FILE``), with tenants that cover each resolution mode and auth style.
 """
 
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import http.client
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,98 +15,16 @@ import anthropic
 import openai
 import pytest
 
+from tests.conftest import ALPHA_SECRET
 from tests.support import (
     AWKWARD_STREAM,
-    DemoUpstreamThread,
     Gateway,
     RecordingUpstream,
-    free_port,
     gateway_ports,
     request,
     start_gateway,
     write_config,
 )
-
-ALPHA_SECRET = "sk-upstream-alpha-secret"
-
-
-@pytest.fixture(scope="module")
-def upstreams() -> Iterator[dict[str, RecordingUpstream]]:
-    ups = {"a": RecordingUpstream("a").start(), "b": RecordingUpstream("b").start()}
-    yield ups
-    for up in ups.values():
-        up.stop()
-
-
-@pytest.fixture(scope="module")
-def demo() -> Iterator[DemoUpstreamThread]:
-    up = DemoUpstreamThread().start(chunk_delay_ms=20)
-    yield up
-    up.stop()
-
-
-@pytest.fixture(scope="module")
-def gateway(
-    tmp_path_factory: pytest.TempPathFactory,
-    upstreams: dict[str, RecordingUpstream],
-    demo: DemoUpstreamThread,
-) -> Iterator[Gateway]:
-    a, b = upstreams["a"].port, upstreams["b"].port
-    config: dict[str, Any] = {
-        "server": {"host": "127.0.0.1", **gateway_ports(), "max_request_bytes": 65536},
-        "tenants": {
-            "resolution": [
-                {"header": "X-Tenant-ID"},
-                {"path_prefix": "/tenant/"},
-                {"api_key_mapping": True},
-            ],
-            "api_key_map": {
-                "sk-cs-alpha": "alpha",
-                "sk-cs-beta": "beta",
-                "sk-cs-gamma": "gamma",
-            },
-            "configs": {
-                "alpha": {
-                    "backend_url": f"http://127.0.0.1:{a}/v1",
-                    "auth": {"type": "bearer", "token_env": "ALPHA_UPSTREAM_KEY"},
-                    "headers": {"x-upstream-project": "alpha-project"},
-                },
-                "beta": {
-                    "backend_url": f"http://127.0.0.1:{b}",
-                    "streaming_format": "anthropic",
-                    "auth_passthrough": True,
-                },
-                "gamma": {
-                    "backend_url": f"http://127.0.0.1:{a}/custom/v1",
-                    # A midstream classifier makes extproc process the response body.
-                    "pipeline": {"midstream": {"classifiers": ["toxicity"]}},
-                    "models": ["gpt-4o-mini"],
-                },
-                "slow": {"backend_url": f"http://127.0.0.1:{a}", "backend_timeout_ms": 300},
-                "down-openai": {"backend_url": f"http://127.0.0.1:{free_port()}"},
-                "down-anthropic": {
-                    "backend_url": f"http://127.0.0.1:{free_port()}",
-                    "streaming_format": "anthropic",
-                },
-                "demo-openai": {"backend_url": f"http://127.0.0.1:{demo.port}/v1"},
-                "demo-anthropic": {
-                    "backend_url": f"http://127.0.0.1:{demo.port}",
-                    "streaming_format": "anthropic",
-                },
-                "demo-checked": {
-                    "backend_url": f"http://127.0.0.1:{demo.port}/v1",
-                    "pipeline": {"midstream": {"classifiers": ["toxicity"]}},
-                },
-            },
-        },
-    }
-    path = write_config(tmp_path_factory.mktemp("gw"), config)
-    gw = start_gateway(path, env={"ALPHA_UPSTREAM_KEY": ALPHA_SECRET})
-    yield gw
-    assert gw.stop() == 0, gw.log()
-    # Secrets never reach logs.
-    assert ALPHA_SECRET not in gw.log()
-
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello"}]}
 

@@ -28,6 +28,7 @@ from tests.support import (
     request,
     start_gateway,
     write_config,
+    write_policy,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -40,7 +41,8 @@ def demo() -> Iterator[DemoUpstreamThread]:
     up.stop()
 
 
-def _config(demo_port: int, **server: Any) -> dict[str, Any]:
+def _config(demo_port: int, directory: Path, **server: Any) -> dict[str, Any]:
+    policy = write_policy(directory, "log-pii.yaml", [("pii_seen", "pii_detector", "log")])
     return {
         "server": {"host": "127.0.0.1", **gateway_ports(), "drain_timeout_s": 10, **server},
         "tenants": {
@@ -49,7 +51,8 @@ def _config(demo_port: int, **server: Any) -> dict[str, Any]:
                 "demo": {"backend_url": f"http://127.0.0.1:{demo_port}/v1"},
                 "checked": {
                     "backend_url": f"http://127.0.0.1:{demo_port}/v1",
-                    "pipeline": {"midstream": {"classifiers": ["toxicity"]}},
+                    "pipeline": {"midstream": {"classifiers": ["pii_detector"]}},
+                    "policy_path": str(policy),
                 },
             },
         },
@@ -87,7 +90,7 @@ def _children(pid: int) -> dict[int, str]:
 def test_sigterm_lets_in_flight_stream_finish_then_exits_0(
     tmp_path: Path, demo: DemoUpstreamThread, tenant: str
 ) -> None:
-    gw = start_gateway(write_config(tmp_path, _config(demo.port)))
+    gw = start_gateway(write_config(tmp_path, _config(demo.port, tmp_path)))
     conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=20)
     conn.request(
         "POST",
@@ -121,7 +124,7 @@ def test_sigterm_lets_in_flight_stream_finish_then_exits_0(
 def test_a_dying_child_stops_the_whole_gateway(
     tmp_path: Path, demo: DemoUpstreamThread, victim: str
 ) -> None:
-    gw = start_gateway(write_config(tmp_path, _config(demo.port)))
+    gw = start_gateway(write_config(tmp_path, _config(demo.port, tmp_path)))
     try:
         children = _children(gw.process.pid)
         marker = "/envoy " if victim == "envoy" else " serve "
@@ -185,7 +188,7 @@ def test_port_in_use_fails_start_instead_of_hanging(
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
-        config = _config(demo.port, port=busy.getsockname()[1])
+        config = _config(demo.port, tmp_path, port=busy.getsockname()[1])
         path = write_config(tmp_path, config)
         done = subprocess.run(
             [sys.executable, "-m", "extproc", "run", "-c", str(path)],
@@ -201,7 +204,7 @@ def test_extproc_down_fails_closed_with_a_json_error(
     tmp_path: Path, demo: DemoUpstreamThread
 ) -> None:
     """Envoy alone with the rendered config and no extproc: requests must not pass."""
-    config_path = write_config(tmp_path, _config(demo.port))
+    config_path = write_config(tmp_path, _config(demo.port, tmp_path))
     loaded = load_config(config_path)
     bootstrap = tmp_path / "envoy.yaml"
     bootstrap.write_text(render_yaml(loaded.model))
@@ -297,7 +300,7 @@ def _validate(path: Path) -> None:
 
 def test_many_concurrent_streams_all_complete(tmp_path: Path, demo: DemoUpstreamThread) -> None:
     """Concurrency through the real stack: no stream is lost or mixed with another."""
-    gw = start_gateway(write_config(tmp_path, _config(demo.port)))
+    gw = start_gateway(write_config(tmp_path, _config(demo.port, tmp_path)))
     results: dict[int, bytes] = {}
 
     def one(index: int) -> None:

@@ -168,16 +168,16 @@ def _gated_exchange(runtime: Runtime, tenant: str = "gated") -> Exchange:
     return exchange
 
 
-def test_allowed_model_passes(runtime: Runtime) -> None:
+async def test_allowed_model_passes(runtime: Runtime) -> None:
     exchange = _gated_exchange(runtime)
-    response = exchange.on_request_body(body(b'{"model": "gpt-4o-mini", "messages": []}'))
+    response = await exchange.on_request_body(body(b'{"model": "gpt-4o-mini", "messages": []}'))
     assert response.WhichOneof("response") == "request_body"
     assert not response.request_body.response.HasField("body_mutation")
 
 
-def test_disallowed_model_is_refused_in_openai_format(runtime: Runtime) -> None:
+async def test_disallowed_model_is_refused_in_openai_format(runtime: Runtime) -> None:
     exchange = _gated_exchange(runtime)
-    status, headers, error = immediate(exchange.on_request_body(body(b'{"model": "gpt-4"}')))
+    status, headers, error = immediate(await exchange.on_request_body(body(b'{"model": "gpt-4"}')))
     assert status == 400
     assert headers["content-type"] == "application/json"
     assert error["error"]["code"] == "model_not_allowed"
@@ -185,48 +185,48 @@ def test_disallowed_model_is_refused_in_openai_format(runtime: Runtime) -> None:
     assert "'gpt-4'" in error["error"]["message"]
 
 
-def test_disallowed_model_is_refused_in_anthropic_format(runtime: Runtime) -> None:
+async def test_disallowed_model_is_refused_in_anthropic_format(runtime: Runtime) -> None:
     exchange = _gated_exchange(runtime, "claude")
-    status, _, error = immediate(exchange.on_request_body(body(b'{"model": "claude-opus"}')))
+    status, _, error = immediate(await exchange.on_request_body(body(b'{"model": "claude-opus"}')))
     assert status == 400
     assert error["type"] == "error"
     assert error["error"]["type"] == "invalid_request_error"
     assert error["error"]["code"] == "model_not_allowed"
 
 
-def test_missing_model_is_refused(runtime: Runtime) -> None:
+async def test_missing_model_is_refused(runtime: Runtime) -> None:
     exchange = _gated_exchange(runtime)
-    status, _, error = immediate(exchange.on_request_body(body(b'{"messages": []}')))
+    status, _, error = immediate(await exchange.on_request_body(body(b'{"messages": []}')))
     assert (status, error["error"]["code"]) == (400, "model_not_allowed")
 
 
-def test_body_in_several_chunks_is_judged_whole(runtime: Runtime) -> None:
+async def test_body_in_several_chunks_is_judged_whole(runtime: Runtime) -> None:
     exchange = _gated_exchange(runtime)
-    first = exchange.on_request_body(body(b'{"model": "gpt-', end=False))
+    first = await exchange.on_request_body(body(b'{"model": "gpt-', end=False))
     assert first.WhichOneof("response") == "request_body"
-    status, _, error = immediate(exchange.on_request_body(body(b'5"}')))
+    status, _, error = immediate(await exchange.on_request_body(body(b'5"}')))
     assert status == 400
     assert "'gpt-5'" in error["error"]["message"]
 
 
-def test_malformed_json_is_400(runtime: Runtime) -> None:
+async def test_malformed_json_is_400(runtime: Runtime) -> None:
     exchange = _gated_exchange(runtime)
-    status, _, error = immediate(exchange.on_request_body(body(b'{"model": "gpt-4o",')))
+    status, _, error = immediate(await exchange.on_request_body(body(b'{"model": "gpt-4o",')))
     assert status == 400
     assert error["error"]["code"] == "invalid_json"
     assert error["error"]["type"] == "invalid_request_error"
 
 
-def test_malformed_json_is_400_in_anthropic_format(runtime: Runtime) -> None:
+async def test_malformed_json_is_400_in_anthropic_format(runtime: Runtime) -> None:
     exchange = _gated_exchange(runtime, "claude")
-    status, _, error = immediate(exchange.on_request_body(body(b"\xff\xfe")))
+    status, _, error = immediate(await exchange.on_request_body(body(b"\xff\xfe")))
     assert status == 400
     assert (error["type"], error["error"]["code"]) == ("error", "invalid_json")
 
 
-def test_unhashable_model_is_refused_not_crashing(runtime: Runtime) -> None:
+async def test_unhashable_model_is_refused_not_crashing(runtime: Runtime) -> None:
     exchange = _gated_exchange(runtime)
-    status, _, error = immediate(exchange.on_request_body(body(b'{"model": ["gpt-4o"]}')))
+    status, _, error = immediate(await exchange.on_request_body(body(b'{"model": ["gpt-4o"]}')))
     assert status == 400
     assert error["error"]["code"] == "model_not_allowed"
 
@@ -396,9 +396,11 @@ def test_openai_tenants_get_no_metadata(runtime: Runtime, tenant: str) -> None:
         (b"", True),
     ],
 )
-def test_response_body_is_echoed_in_full_duplex(runtime: Runtime, data: bytes, end: bool) -> None:
+async def test_response_body_is_echoed_in_full_duplex(
+    runtime: Runtime, data: bytes, end: bool
+) -> None:
     exchange = _gated_exchange(runtime, "plain")
-    response = exchange.on_response_body(body(data, end))
+    response = await exchange.on_response_body(body(data, end))
     assert response.WhichOneof("response") == "response_body"
     streamed = response.response_body.response.body_mutation.streamed_response
     assert response.response_body.response.body_mutation.WhichOneof("mutation") == (

@@ -1,0 +1,107 @@
+"""Format-independent pieces of text extraction and redaction.
+
+The format modules find the texts of a body (they alone know its shape) and hand them out
+as ``TextSlot``s; this module rewrites the texts and the body without knowing either format.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from extproc.hookspecs import Span
+
+JsonPath = tuple[str | int, ...]
+"""Keys and list indices from the root of a parsed JSON body down to one value."""
+
+
+@dataclass(frozen=True)
+class TextSlot:
+    """A text of a body and where it sits, so that it can be replaced later.
+
+    ``path`` leads from the root of the parsed body to ``text``, e.g.
+    ``("messages", 2, "content", 0, "text")``.
+    """
+
+    path: JsonPath
+    text: str
+
+
+def string_slot(value: object, path: JsonPath) -> list[TextSlot]:
+    """``[TextSlot(path, value)]`` if ``value`` is a non-empty string, else ``[]``.
+
+    Anything else is malformed or not text; an empty string has nothing to check.
+    """
+    return [TextSlot(path, value)] if isinstance(value, str) and value else []
+
+
+def apply_redactions(text: str, spans: Iterable[Span]) -> str:
+    """``text`` with every span replaced by ``[REDACTED:<LABEL>]``.
+
+    Offsets are code points (Python ``str`` indices), not bytes or UTF-16 units. Spans may
+    come in any order and may overlap or nest: overlapping spans become one replacement
+    carrying the label of the span that starts first (of spans starting at the same offset,
+    the one listed first). Spans are clipped to the text; empty ones replace nothing.
+    """
+    clipped = [(max(span.start, 0), min(span.end, len(text)), span.label) for span in spans]
+    # sorted() is stable, which makes the first listed of equal starts win.
+    ordered = sorted((item for item in clipped if item[0] < item[1]), key=lambda item: item[0])
+    merged: list[tuple[int, int, str]] = []
+    for start, end, label in ordered:
+        if merged and start < merged[-1][1]:
+            first_start, first_end, first_label = merged[-1]
+            merged[-1] = (first_start, max(first_end, end), first_label)
+        else:
+            merged.append((start, end, label))
+    # Built left to right from slices of the original text, so every offset refers to the
+    # unmodified text and no replacement shifts another.
+    pieces: list[str] = []
+    cursor = 0
+    for start, end, label in merged:
+        pieces.append(text[cursor:start])
+        pieces.append(f"[REDACTED:{label}]")
+        cursor = end
+    pieces.append(text[cursor:])
+    return "".join(pieces)
+
+
+def redactions(
+    slots: Sequence[TextSlot], spans_per_slot: Sequence[Sequence[Span]]
+) -> dict[JsonPath, str]:
+    """The new text of every slot that has spans, by path (for ``with_values``).
+
+    ``spans_per_slot[i]`` belongs to ``slots[i]``; a length mismatch raises ``ValueError``.
+    """
+    return {
+        slot.path: apply_redactions(slot.text, spans)
+        for slot, spans in zip(slots, spans_per_slot, strict=True)
+        if spans
+    }
+
+
+def with_values(payload: Any, values: Mapping[JsonPath, object]) -> Any:
+    """A copy of ``payload`` with the value at each path replaced.
+
+    Only the dicts and lists on the way to a replaced value are copied; the caller's
+    payload is never modified, and untouched subtrees are shared with it.
+    """
+    result = payload
+    for path, value in values.items():
+        result = _set(result, path, value)
+    return result
+
+
+def _set(node: Any, path: JsonPath, value: object) -> Any:
+    if not path:
+        return value
+    head, rest = path[0], path[1:]
+    copy: Any = list(node) if isinstance(node, list) else dict(node)
+    copy[head] = _set(node[head], rest, value)
+    return copy
+
+
+def dump_json(payload: Any) -> bytes:
+    """``payload`` as the compact UTF-8 JSON body CheckStream sends on."""
+    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()

@@ -1,0 +1,80 @@
+"""The CheckStream plugin contract. This file is all a plugin author needs to read.
+
+A plugin is a module registered in the ``checkstream`` entry-point group of its package::
+
+    [project.entry-points.checkstream]
+    my_plugin = "my_package.checkstream_plugin"
+
+and implements one or more hooks below, marked with ``@hookimpl``. CheckStream's own
+classifiers (``plugins/``) are registered exactly this way.
+
+A classifier takes a batch of texts and returns one ``Classification`` per text: a score in
+[0, 1] (policies compare it with a threshold) and, if the classifier can locate what it
+found, character spans with labels (policies with ``action: redact`` replace those spans
+with ``[REDACTED:<LABEL>]``). ``classify`` may be a plain function, which CheckStream runs in
+a worker thread so it never blocks the event loop, or a coroutine function, which is
+awaited. A classifier whose work takes microseconds (a regex) may set ``inline = True`` to
+skip the thread hand-off.
+
+Errors: a plugin that fails to import refuses start-up, naming the plugin. A classifier
+that raises, or returns anything but one well-formed ``Classification`` per text, fails
+the request closed (a 5xx in the tenant's format, counted), unless that tenant chose
+``fail_mode: open``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import pluggy
+
+PROJECT = "checkstream"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@dataclass(frozen=True)
+class Span:
+    """Characters ``text[start:end]`` found by a classifier, e.g. ``Span(8, 25, "EMAIL")``."""
+
+    start: int
+    end: int
+    label: str
+
+
+@dataclass(frozen=True)
+class Classification:
+    """A classifier's verdict on one text."""
+
+    score: float
+    spans: tuple[Span, ...] = field(default=())
+
+
+@runtime_checkable
+class Classifier(Protocol):
+    """What a classifier type's factory returns."""
+
+    #: The name policies use in ``trigger.classifier`` (the factory receives it).
+    name: str
+    #: True if ``classify`` returns spans, so policies may ``redact`` with it.
+    produces_spans: bool
+
+    def classify(
+        self, texts: Sequence[str]
+    ) -> Sequence[Classification] | Awaitable[Sequence[Classification]]:
+        """Score every text of the batch; one Classification per text, in order."""
+        ...
+
+
+#: Builds a classifier from its instance name and the settings under ``classifiers.<name>``
+#: in checkstream.yaml (without ``type``; empty when the type is used by its own name).
+#: Raise ``ValueError`` (or a pydantic ``ValidationError``) for bad settings: CheckStream
+#: reports it at that key, with file and line.
+ClassifierFactory = Callable[[str, Mapping[str, Any]], Classifier]
+
+
+@hookspec
+def checkstream_classifier_types() -> Mapping[str, ClassifierFactory]:  # type: ignore[empty-body]
+    """Classifier types offered, by type name; one needing no settings also works by name."""

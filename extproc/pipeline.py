@@ -1,0 +1,141 @@
+"""Run a phase's classifiers over some texts and turn their scores into one verdict.
+
+Pure of gRPC and HTTP: texts in, ``Verdict`` out. Classifiers of a phase run concurrently;
+sync ones in a thread pool (never on the event loop) unless they declare ``inline``. A
+classifier that raises, times out or returns a malformed result makes the verdict a
+failure naming it; the caller applies the tenant's fail mode.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import math
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any
+
+from extproc.guardrails import STRENGTH, PhasePlan, Rule
+from extproc.hookspecs import Classification, Classifier, Span
+
+
+@dataclass(frozen=True)
+class Trigger:
+    rule: Rule
+    score: float
+
+
+@dataclass(frozen=True)
+class Verdict:
+    #: The strongest action triggered, or None when nothing triggered.
+    action: str | None = None
+    triggers: tuple[Trigger, ...] = ()
+    #: Per text: the spans to replace, when the action is ``redact``.
+    redactions: tuple[tuple[Span, ...], ...] = ()
+    #: Set when a classifier failed: "classifier 'x': why". The verdict is then unusable.
+    failure: str | None = None
+    failed_classifier: str | None = None
+    scores: Mapping[str, float] = field(default_factory=dict)
+
+    @property
+    def deciding(self) -> Trigger | None:
+        """The trigger whose action won (the first rule with the strongest action)."""
+        for trigger in self.triggers:
+            if trigger.rule.action == self.action:
+                return trigger
+        return None
+
+
+CLEAN = Verdict()
+
+
+class ClassifierFailure(Exception):
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(f"classifier '{name}': {reason}")
+        self.name = name
+
+
+class Checker:
+    def __init__(
+        self, classifiers: Mapping[str, Classifier], executor: Executor, timeout_s: float
+    ) -> None:
+        self.classifiers = classifiers
+        self.executor = executor
+        self.timeout_s = timeout_s
+
+    async def check(self, plan: PhasePlan, texts: Sequence[str]) -> Verdict:
+        if not plan.rules or not any(texts):
+            return CLEAN
+        names = tuple(dict.fromkeys(rule.classifier for rule in plan.rules))
+        try:
+            results = await asyncio.wait_for(
+                asyncio.gather(*(self._classify(name, texts) for name in names)),
+                self.timeout_s,
+            )
+        except TimeoutError:
+            return Verdict(
+                failure=f"classifiers {', '.join(names)} took longer than {self.timeout_s:g}s",
+                failed_classifier=names[0] if len(names) == 1 else "timeout",
+            )
+        except ClassifierFailure as exc:
+            return Verdict(failure=str(exc), failed_classifier=exc.name)
+        return decide(plan, dict(zip(names, results, strict=True)), len(texts))
+
+    async def _classify(self, name: str, texts: Sequence[str]) -> list[Classification]:
+        classifier = self.classifiers[name]
+        try:
+            if getattr(classifier, "inline", False) or inspect.iscoroutinefunction(
+                classifier.classify
+            ):
+                result: Any = classifier.classify(texts)
+            else:
+                loop = asyncio.get_running_loop()
+                result = await loop.run_in_executor(self.executor, classifier.classify, texts)
+            if inspect.isawaitable(result):
+                result = await result
+        except Exception as exc:
+            raise ClassifierFailure(name, f"raised {type(exc).__name__}: {exc}") from exc
+        return validate(name, texts, result)
+
+
+def validate(name: str, texts: Sequence[str], result: Any) -> list[Classification]:
+    """Refuse anything but one well-formed Classification per text."""
+    if not isinstance(result, Sequence) or len(result) != len(texts):
+        got = len(result) if isinstance(result, Sequence) else type(result).__name__
+        raise ClassifierFailure(name, f"returned {got} results for {len(texts)} texts")
+    for text, item in zip(texts, result, strict=True):
+        if not isinstance(item, Classification):
+            raise ClassifierFailure(name, f"returned {type(item).__name__}, not Classification")
+        score = item.score
+        if not isinstance(score, int | float) or math.isnan(score) or not 0.0 <= score <= 1.0:
+            raise ClassifierFailure(name, f"returned score {score!r} outside [0, 1]")
+        for span in item.spans:
+            if not (isinstance(span, Span) and 0 <= span.start < span.end <= len(text)):
+                raise ClassifierFailure(name, f"returned span {span!r} outside its text")
+    return list(result)
+
+
+def decide(plan: PhasePlan, results: Mapping[str, Sequence[Classification]], n: int) -> Verdict:
+    """The strongest action whose rule's threshold is met (stop/block > redact > log)."""
+    scores = {name: max((c.score for c in res), default=0.0) for name, res in results.items()}
+    triggers = tuple(
+        Trigger(rule, scores[rule.classifier])
+        for rule in plan.rules
+        if scores[rule.classifier] >= rule.threshold
+    )
+    if not triggers:
+        return Verdict(scores=scores)
+    action = max((t.rule.action for t in triggers), key=STRENGTH.__getitem__)
+    redactions: tuple[tuple[Span, ...], ...] = ()
+    if action == "redact":
+        per_text: list[list[Span]] = [[] for _ in range(n)]
+        for trigger in triggers:
+            if trigger.rule.action != "redact":
+                continue
+            for index, item in enumerate(results[trigger.rule.classifier]):
+                # Only texts that themselves cross the threshold lose their spans.
+                if item.score >= trigger.rule.threshold:
+                    per_text[index].extend(item.spans)
+        redactions = tuple(tuple(spans) for spans in per_text)
+    return Verdict(action, triggers, redactions, scores=scores)

@@ -1,0 +1,54 @@
+"""``type: keyword``: simple bans without code.
+
+    classifiers:
+      acme_banned: {type: keyword, terms: ["project falcon", "internal only"]}
+
+Terms match case-insensitively on word boundaries ("falcon" does not match "falconry"),
+with any run of whitespace between the words of a term. Score 1.0 when a term occurs,
+with a span per occurrence labelled ``KEYWORD`` (or ``label`` if set), so ``redact`` works.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from extproc.hookspecs import Classification, Classifier, ClassifierFactory, Span, hookimpl
+
+
+class KeywordSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    terms: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]
+    label: Annotated[str, Field(pattern=r"^[A-Z][A-Z0-9_]*$")] = "KEYWORD"
+
+
+class KeywordClassifier:
+    produces_spans = True
+    inline = True  # one precompiled regex: microseconds
+
+    def __init__(self, name: str, settings: KeywordSettings) -> None:
+        self.name = name
+        self.label = settings.label
+        # Longest first, so "project falcon x" wins over "project falcon" at the same place.
+        terms = sorted({t.strip() for t in settings.terms if t.strip()}, key=len, reverse=True)
+        alternatives = "|".join(r"\s+".join(map(re.escape, t.split())) for t in terms)
+        self.pattern = re.compile(rf"(?<!\w)(?:{alternatives})(?!\w)", re.IGNORECASE)
+
+    def classify(self, texts: Sequence[str]) -> list[Classification]:
+        results = []
+        for text in texts:
+            spans = tuple(Span(m.start(), m.end(), self.label) for m in self.pattern.finditer(text))
+            results.append(Classification(1.0 if spans else 0.0, spans))
+        return results
+
+
+def build_keyword(name: str, settings: Mapping[str, Any]) -> Classifier:
+    return KeywordClassifier(name, KeywordSettings.model_validate(dict(settings)))
+
+
+@hookimpl
+def checkstream_classifier_types() -> Mapping[str, ClassifierFactory]:
+    return {"keyword": build_keyword}
