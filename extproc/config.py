@@ -216,11 +216,21 @@ class Price(Strict):
     output: Annotated[float, Field(ge=0)]
 
 
+class GlobalPhaseConfig(Strict):
+    enabled: bool = True
+    classifiers: list[str] = []
+
+
+class GlobalMidstreamConfig(GlobalPhaseConfig):
+    window_tokens: PositiveInt = 128
+    holdback_tokens: PositiveInt = 16
+
+
 class GlobalPipeline(Strict):
-    ingress: PhaseConfig = PhaseConfig(enabled=True, classifiers=[])
-    midstream: MidstreamConfig = MidstreamConfig(
-        enabled=True, classifiers=[], window_tokens=128, holdback_tokens=16
-    )
+    """Defaults for every tenant; a tenant's own ``pipeline`` keys override them."""
+
+    ingress: GlobalPhaseConfig = GlobalPhaseConfig()
+    midstream: GlobalMidstreamConfig = GlobalMidstreamConfig()
 
 
 class CheckStreamConfig(Strict):

@@ -18,7 +18,13 @@ from typing import Any
 
 import pydantic
 
-from extproc.config import CheckStreamConfig, LoadedConfig, MidstreamConfig, PhaseConfig
+from extproc.config import (
+    CheckStreamConfig,
+    GlobalPhaseConfig,
+    LoadedConfig,
+    MidstreamConfig,
+    PhaseConfig,
+)
 from extproc.hookspecs import Classifier
 from extproc.policy import Action, LoadedPolicy
 from extproc.policy import Rule as PolicyRule
@@ -61,15 +67,15 @@ class Guardrails:
 
 
 def phase_classifiers(
-    tenant_phase: PhaseConfig, global_phase: PhaseConfig, everywhere: Iterable[str]
+    tenant_phase: PhaseConfig, global_phase: GlobalPhaseConfig, everywhere: Iterable[str]
 ) -> tuple[str, ...]:
     """A phase's classifiers for a tenant: its own list (else the global one) plus the
     tenant's ``classifiers`` shorthand; none if the phase is disabled."""
     enabled = tenant_phase.enabled if tenant_phase.enabled is not None else global_phase.enabled
-    if enabled is False:
+    if not enabled:
         return ()
     own = tenant_phase.classifiers
-    names = list(own if own is not None else (global_phase.classifiers or []))
+    names = list(own if own is not None else global_phase.classifiers)
     names += [n for n in everywhere if n not in names]
     return tuple(names)
 
@@ -126,7 +132,7 @@ def _where_named(model: CheckStreamConfig, tenant_id: str, name: str) -> KeyPath
         own = getattr(cfg.pipeline, phase).classifiers or []
         if name in own:
             return (*base, "pipeline", phase, "classifiers", own.index(name))
-        shared = getattr(model.pipeline, phase).classifiers or []
+        shared = getattr(model.pipeline, phase).classifiers
         if name in shared:
             return ("pipeline", phase, "classifiers", shared.index(name))
     return base
@@ -134,8 +140,7 @@ def _where_named(model: CheckStreamConfig, tenant_id: str, name: str) -> KeyPath
 
 def _midstream_setting(tenant: MidstreamConfig, model: CheckStreamConfig, key: str) -> int:
     own = getattr(tenant, key)
-    value = own if own is not None else getattr(model.pipeline.midstream, key)
-    return int(value)
+    return int(own if own is not None else getattr(model.pipeline.midstream, key))
 
 
 def _phase(names: tuple[str, ...], rules: list[PolicyRule], default_threshold: float) -> PhasePlan:
@@ -207,8 +212,8 @@ def _build_classifiers(
         used.update(cfg.classifiers)
         for phase in (cfg.pipeline.ingress, cfg.pipeline.midstream):
             used.update(phase.classifiers or [])
-    for phase in (model.pipeline.ingress, model.pipeline.midstream):
-        used.update(phase.classifiers or [])
+    used.update(model.pipeline.ingress.classifiers)
+    used.update(model.pipeline.midstream.classifiers)
     for policy in loaded.policies.values():
         used.update(rule.trigger.classifier for rule in policy.model.policies)
     for name in sorted(used - set(wanted)):
