@@ -170,15 +170,19 @@ def _ext_proc(config: CheckStreamConfig) -> dict[str, Any]:
         "grpc_service": {"envoy_grpc": {"cluster_name": EXTPROC_CLUSTER}, "timeout": "10s"},
         # Guardrails must not silently vanish: if extproc is down, requests fail.
         "failure_mode_allow": False,
-        # Body modes and why: see extproc/exchange.py. Each request narrows these with
-        # mode_override to what its tenant needs.
+        # Each request's header answer sets, with mode_override, exactly what its tenant
+        # needs (body modes and why: exchange.py). Envoy ignores mode_override when a static
+        # body mode is FULL_DUPLEX_STREAMED, so the response side stays off here (turned on
+        # per request). The request body stays BUFFERED statically: Envoy then buffers it
+        # while extproc decides, and answers 413 past max_request_bytes; switched on only
+        # by an override, an oversized body stalled the request instead.
         "processing_mode": {
             "request_header_mode": "SEND",
             "request_body_mode": "BUFFERED",
             "request_trailer_mode": "SKIP",
-            "response_header_mode": "SEND",
-            "response_body_mode": "FULL_DUPLEX_STREAMED",
-            "response_trailer_mode": "SEND",
+            "response_header_mode": "SKIP",
+            "response_body_mode": "NONE",
+            "response_trailer_mode": "SKIP",
         },
         "allow_mode_override": True,
         "message_timeout": "5s",

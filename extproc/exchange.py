@@ -3,25 +3,26 @@
 ``server.py`` owns the gRPC stream and hands each message to an ``Exchange``; the exchange
 never touches gRPC, so tests feed it real protobuf messages directly.
 
-Body modes (the filter's static config, see ``envoy_config.py``), and why:
+Body modes, and why. Every request starts with its headers; the answer to
+them carries a ``mode_override`` that asks for exactly what the tenant needs:
 
-- request body ``BUFFERED``: classifiers and redaction need the whole prompt, which is small
-  next to the answer; Envoy enforces ``server.max_request_bytes`` (413) before extproc sees it.
-- response body ``FULL_DUPLEX_STREAMED``: answers are long SSE streams that must reach the
-  client incrementally, and midstream checks must be able to hold text back, merge chunks
-  and end the client's response *at once* with ``end_of_stream`` (STREAMED mode cannot end a
-  response before the upstream does). It requires trailers to be sent too.
+- request body ``BUFFERED`` (tenants with ingress rules, a model allowlist or midstream
+  rules): classifiers and redaction need the whole prompt, which is small next to the
+  answer; Envoy enforces ``server.max_request_bytes`` (413) before extproc sees it.
+- response headers and body ``FULL_DUPLEX_STREAMED`` (tenants with midstream rules): answers
+  are long SSE streams that must reach the client incrementally, and midstream checks must
+  be able to hold text back, merge chunks and end the client's response *at once* with
+  ``end_of_stream`` (STREAMED mode cannot end a response before the upstream does). It
+  requires trailers to be sent too.
 
-Python's cost is per gRPC message, so every request asks only for what its tenant needs:
-the answer to the request headers carries a ``mode_override`` that switches off the request
-body, response headers and response body for tenants with nothing to check there. A plain
-pass-through request costs one message.
+Python's cost is per gRPC message, so a plain pass-through request costs one message.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from functools import partial
 from typing import TypeAlias
 
 from envoy.service.ext_proc.v3.external_processor_pb2 import (
@@ -38,7 +39,9 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import (
     TrailersResponse,
 )
 
+from extproc.formats.texts import dump_json
 from extproc.metrics import CLASSIFIER_ERRORS, POLICY_TRIGGERS
+from extproc.midstream import MidstreamGuard, Release
 from extproc.mutations import error_response, header, header_map, immediate
 from extproc.pipeline import Verdict
 from extproc.runtime import Runtime, TenantPlan
@@ -74,7 +77,15 @@ def _streamed(body: bytes, end_of_stream: bool) -> ProcessingResponse:
 class Exchange:
     """The state of one request between its ext_proc messages."""
 
-    __slots__ = ("answer", "checking_answer", "plan", "request_body", "runtime")
+    __slots__ = (
+        "answer",
+        "checking_answer",
+        "drop_usage_chunk",
+        "midstream",
+        "plan",
+        "request_body",
+        "runtime",
+    )
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
@@ -83,6 +94,10 @@ class Exchange:
         #: The non-streamed answer, held back until it has been checked whole (egress).
         self.answer = bytearray()
         self.checking_answer = False
+        #: The streamed answer's guard, when its tenant has midstream rules.
+        self.midstream: MidstreamGuard | None = None
+        #: CheckStream asked the backend for stream usage; the client did not.
+        self.drop_usage_chunk = False
 
     # -- request ---------------------------------------------------------------------------
     def on_request_headers(self, msg: HttpHeaders) -> ProcessingResponse:
@@ -147,47 +162,56 @@ class Exchange:
                     "checkstream_model",
                 )
         rails = plan.guardrails.ingress
-        if not rails.rules:
-            return _EMPTY_BODY_RESPONSE
-        slots = fmt.prompt_texts(payload)
-        verdict = await self.runtime.checker.check(rails, [slot.text for slot in slots])
-        if verdict.failure is not None:
-            if self._fails_open(plan, verdict, "ingress"):
-                return _EMPTY_BODY_RESPONSE
-            return error_response(
-                fmt,
-                503,
-                "a guardrail check failed, so the request was not processed",
-                "guardrail_error",
-                "checkstream_classifier",
-            )
-        if verdict.action is None:
-            return _EMPTY_BODY_RESPONSE
-        self._record(plan, verdict, "ingress")
-        deciding = verdict.deciding
-        assert deciding is not None
-        if verdict.action in ("block", "stop"):
-            rule = deciding.rule
-            message = rule.message or f"the request was blocked by policy rule '{rule.name}'"
-            return immediate(
-                400,
-                fmt.policy_error_body(message, rule.name),
-                [(RULE_HEADER, rule.name)],
-                details="checkstream_policy",
-            )
-        if verdict.action == "redact":
-            body = fmt.redact_request(payload, slots, verdict.redactions)
-            return ProcessingResponse(
-                request_body=BodyResponse(
-                    response=CommonResponse(
-                        header_mutation=HeaderMutation(
-                            set_headers=[header("content-length", str(len(body)))]
-                        ),
-                        body_mutation=BodyMutation(body=body),
+        new_body: bytes | None = None
+        if rails.rules:
+            slots = fmt.prompt_texts(payload)
+            verdict = await self.runtime.checker.check(rails, [slot.text for slot in slots])
+            if verdict.failure is not None:
+                if not self._fails_open(plan, verdict, "ingress"):
+                    return error_response(
+                        fmt,
+                        503,
+                        "a guardrail check failed, so the request was not processed",
+                        "guardrail_error",
+                        "checkstream_classifier",
                     )
+            elif verdict.action is not None:
+                self._record(plan, verdict, "ingress")
+                deciding = verdict.deciding
+                assert deciding is not None
+                if verdict.action in ("block", "stop"):
+                    rule = deciding.rule
+                    message = (
+                        rule.message or f"the request was blocked by policy rule '{rule.name}'"
+                    )
+                    return immediate(
+                        400,
+                        fmt.policy_error_body(message, rule.name),
+                        [(RULE_HEADER, rule.name)],
+                        details="checkstream_policy",
+                    )
+                if verdict.action == "redact":
+                    new_body = fmt.redact_request(payload, slots, verdict.redactions)
+                    payload = json.loads(new_body)
+        if plan.guardrails.midstream.rules:
+            # Exact token counts need the backend's usage, which OpenAI streams only on
+            # request; the extra chunk is removed before the client sees it.
+            with_usage = fmt.ensure_stream_usage(payload)
+            if with_usage is not None:
+                self.drop_usage_chunk = True
+                new_body = dump_json(with_usage)
+        if new_body is None:
+            return _EMPTY_BODY_RESPONSE
+        return ProcessingResponse(
+            request_body=BodyResponse(
+                response=CommonResponse(
+                    header_mutation=HeaderMutation(
+                        set_headers=[header("content-length", str(len(new_body)))]
+                    ),
+                    body_mutation=BodyMutation(body=new_body),
                 )
             )
-        return _EMPTY_BODY_RESPONSE
+        )
 
     def on_request_trailers(self, msg: HttpTrailers) -> ProcessingResponse:
         return ProcessingResponse(request_trailers=TrailersResponse())
@@ -195,17 +219,42 @@ class Exchange:
     # -- response --------------------------------------------------------------------------
     def on_response_headers(self, msg: HttpHeaders) -> ProcessingResponse:
         plan = self.plan
-        if plan is None or not plan.guardrails.egress.rules:
+        if plan is None or not plan.guardrails.midstream.rules:
             return _EMPTY_RESPONSE_HEADERS
         headers = header_map(msg)
-        content_type = headers.get("content-type", "")
-        if headers.get(":status") != "200" or "text/event-stream" in content_type:
-            return _EMPTY_RESPONSE_HEADERS
-        # A whole answer is checked before any of it is released; its length may change.
-        self.checking_answer = True
+        if headers.get(":status") != "200":
+            return _EMPTY_RESPONSE_HEADERS  # the backend's own errors pass unchanged
+        rails = plan.guardrails
+        if "text/event-stream" in headers.get("content-type", ""):
+            tenant = plan.tenant
+            self.midstream = MidstreamGuard(
+                tenant.format,
+                self.runtime.checker,
+                rails.midstream,
+                window_tokens=rails.window_tokens,
+                holdback_tokens=rails.holdback_tokens,
+                drop_usage_chunk=self.drop_usage_chunk,
+                fail_open=tenant.config.fail_mode == "open",
+                on_verdict=partial(self._midstream_verdict, plan),
+            )
+        else:
+            # A whole answer is checked before any of it is released (egress).
+            self.checking_answer = True
+        # The answer's length may change.
         return _WITHOUT_CONTENT_LENGTH
 
     async def on_response_body(self, msg: HttpBody) -> Answer:
+        guard = self.midstream
+        if guard is not None:
+            if guard.stopped:
+                return None  # the client's response has ended; the rest is discarded
+            release = await guard.feed(msg.body)
+            if msg.end_of_stream and not release.end:
+                tail = await guard.finish()
+                release = Release(release.body + tail.body, end=True)
+            if not release.body and not release.end:
+                return None  # held back: full-duplex mode needs no answer per chunk
+            return _streamed(release.body, release.end)
         if not self.checking_answer:
             # FULL_DUPLEX_STREAMED: whatever is not sent back is lost, so pass-through echoes.
             return _streamed(msg.body, msg.end_of_stream)
@@ -215,6 +264,9 @@ class Exchange:
         return _streamed(await self._checked_answer(), True)
 
     async def on_response_trailers(self, msg: HttpTrailers) -> Answer:
+        guard = self.midstream
+        if guard is not None and not guard.stopped:
+            return [_streamed((await guard.finish()).body, False), _EMPTY_TRAILERS]
         if self.checking_answer:
             # The body ended with trailers rather than end_of_stream: release it now.
             return [_streamed(await self._checked_answer(), False), _EMPTY_TRAILERS]
@@ -255,6 +307,12 @@ class Exchange:
         return body
 
     # -- policy bookkeeping ----------------------------------------------------------------
+    def _midstream_verdict(self, plan: TenantPlan, verdict: Verdict) -> None:
+        if verdict.failure is not None:
+            self._fails_open(plan, verdict, "midstream")
+        elif verdict.action is not None:
+            self._record(plan, verdict, "midstream")
+
     def _record(self, plan: TenantPlan, verdict: Verdict, phase: str) -> None:
         tenant = plan.tenant.id
         for trigger in verdict.triggers:

@@ -85,7 +85,7 @@ def compile_guardrails(loaded: LoadedConfig, registry: Registry) -> Guardrails:
     model = loaded.model
     doc = loaded.doc
     problems: list[Problem] = []
-    classifiers = _build_classifiers(loaded, registry, problems)
+    classifiers, broken = _build_classifiers(loaded, registry, problems)
     tenants: dict[str, TenantGuardrails] = {}
     for tenant_id, cfg in model.tenants.configs.items():
         ingress = phase_classifiers(cfg.pipeline.ingress, model.pipeline.ingress, cfg.classifiers)
@@ -93,7 +93,7 @@ def compile_guardrails(loaded: LoadedConfig, registry: Registry) -> Guardrails:
             cfg.pipeline.midstream, model.pipeline.midstream, cfg.classifiers
         )
         for name in dict.fromkeys(ingress + midstream):
-            if name not in classifiers and not _reported(problems, name):
+            if name not in classifiers and name not in broken and not _reported(problems, name):
                 problems.append(
                     doc.problem(
                         _where_named(model, tenant_id, name),
@@ -102,7 +102,9 @@ def compile_guardrails(loaded: LoadedConfig, registry: Registry) -> Guardrails:
                     )
                 )
         policy = loaded.policies.get(tenant_id)
-        rules = _rules(policy, tenant_id, set(ingress) | set(midstream), classifiers, problems)
+        rules = _rules(
+            policy, tenant_id, set(ingress) | set(midstream), classifiers, broken, problems
+        )
         thresholds = cfg.thresholds
         safety = thresholds.safety if thresholds.safety is not None else model.thresholds.safety
         chunk = thresholds.chunk if thresholds.chunk is not None else model.thresholds.chunk
@@ -164,6 +166,7 @@ def _rules(
     tenant_id: str,
     enabled: set[str],
     classifiers: Mapping[str, Classifier],
+    broken: set[str],
     problems: list[Problem],
 ) -> list[PolicyRule]:
     """The tenant's rules that can work; each one that cannot is a located problem."""
@@ -173,6 +176,8 @@ def _rules(
     for index, rule in enumerate(policy.model.policies):
         name = rule.trigger.classifier
         at: KeyPath = ("policies", index, "trigger", "classifier")
+        if name in broken:
+            continue  # its definition's own error is already reported
         if name not in classifiers:
             problems.append(policy.doc.problem(at, f"unknown classifier '{name}'"))
             continue
@@ -200,8 +205,9 @@ def _rules(
 
 def _build_classifiers(
     loaded: LoadedConfig, registry: Registry, problems: list[Problem]
-) -> dict[str, Classifier]:
-    """Every instance under ``classifiers:`` plus every built-in type named by a tenant."""
+) -> tuple[dict[str, Classifier], set[str]]:
+    """Every instance under ``classifiers:`` plus every built-in type named by a tenant,
+    and the names of those that failed to build (their problems are reported)."""
     model = loaded.model
     doc = loaded.doc
     wanted: dict[str, tuple[str, Mapping[str, Any], KeyPath]] = {}
@@ -257,7 +263,7 @@ def _build_classifiers(
             )
             continue
         built[name] = instance
-    return built
+    return built, set(wanted) - set(built)
 
 
 def _settings_problems(

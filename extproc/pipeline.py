@@ -110,10 +110,21 @@ def validate(name: str, texts: Sequence[str], result: Any) -> list[Classificatio
         score = item.score
         if not isinstance(score, int | float) or math.isnan(score) or not 0.0 <= score <= 1.0:
             raise ClassifierFailure(name, f"returned score {score!r} outside [0, 1]")
+        if not isinstance(item.spans, tuple | list):
+            raise ClassifierFailure(name, f"returned spans {item.spans!r}, not a tuple")
         for span in item.spans:
-            if not (isinstance(span, Span) and 0 <= span.start < span.end <= len(text)):
+            if not (
+                isinstance(span, Span)
+                and _offset(span.start)
+                and _offset(span.end)
+                and 0 <= span.start < span.end <= len(text)
+            ):
                 raise ClassifierFailure(name, f"returned span {span!r} outside its text")
     return list(result)
+
+
+def _offset(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def decide(plan: PhasePlan, results: Mapping[str, Sequence[Classification]], n: int) -> Verdict:

@@ -18,6 +18,7 @@ from extproc import hookspecs
 from extproc.hookspecs import ClassifierFactory
 
 ENTRY_POINT_GROUP = "checkstream"
+_HOOKS = frozenset(n for n in dir(hookspecs) if n.startswith(f"{hookspecs.PROJECT}_"))
 
 
 class PluginError(Exception):
@@ -48,6 +49,13 @@ def load_registry(extra: Iterable[tuple[str, ModuleType | object]] = ()) -> Regi
             manager.register(plugin, name=name)
         except (ValueError, pluggy.PluginValidationError) as exc:
             raise PluginError(f"plugin '{name}' cannot be registered: {exc}") from None
+        # A misspelt hook would otherwise load silently and offer nothing.
+        for attribute in dir(plugin):
+            if attribute.startswith(f"{hookspecs.PROJECT}_") and attribute not in _HOOKS:
+                raise PluginError(
+                    f"plugin '{name}' implements unknown hook '{attribute}' "
+                    "(the hooks are listed in extproc/hookspecs.py)"
+                )
     types: dict[str, ClassifierType] = {}
     for impl in manager.hook.checkstream_classifier_types.get_hookimpls():
         plugin_name = manager.get_name(impl.plugin) or repr(impl.plugin)

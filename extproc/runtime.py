@@ -52,7 +52,10 @@ class Runtime:
         for tenant_id, tenant in resolver.tenants.items():
             cfg = tenant.config
             rails = guardrails.tenants[tenant_id]
-            needs_request_body = bool(rails.ingress.rules) or cfg.models is not None
+            # Midstream needs the request too: to ask OpenAI backends for stream usage.
+            needs_request_body = (
+                bool(rails.ingress.rules or rails.midstream.rules) or cfg.models is not None
+            )
             needs_response = bool(rails.midstream.rules)
             kw = {"needs_request_body": needs_request_body, "needs_response": needs_response}
             plans[tenant_id] = TenantPlan(

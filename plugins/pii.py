@@ -16,6 +16,7 @@ labelled with the entity name (``[REDACTED:CREDIT_CARD]``).
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -31,8 +32,6 @@ ENTITIES: Final = ("SECRET", "IBAN", "CREDIT_CARD", "EMAIL", "US_SSN", "IP_ADDRE
 
 _NO_SCORE: Final = Classification(0.0)
 
-# Candidates yield (start, end) offsets into the text they were given.
-Finder = Callable[[str], Iterator[tuple[int, int]]]
 
 # ASCII everywhere: \d and \w would otherwise accept e.g. Arabic-Indic digits, which the
 # validators do not understand. Patterns start with a character class or literal rather than a
@@ -107,17 +106,40 @@ def iban_valid(iban: str) -> bool:
     return remainder == 1
 
 
-def ssn_valid(area: str, group: str, serial: str) -> bool:
-    """True if the parts are in ranges the SSA issues (never 000/666/9xx, 00, 0000)."""
+def ssn_valid(ssn: str) -> bool:
+    """True if ``123-45-6789`` (or ``123456789``) is in ranges the SSA issues.
+
+    Never issued: area 000, 666 or 9xx, group 00, serial 0000.
+    """
+    digits = ssn.replace("-", "")
+    if len(digits) != 9 or not (digits.isascii() and digits.isdigit()):
+        return False
+    area, group, serial = digits[:3], digits[3:5], digits[5:]
     return area not in ("000", "666") and area[0] != "9" and group != "00" and serial != "0000"
 
 
 # --- candidate finders ------------------------------------------------------------------
+#
+# Each regex pass over a 1 KB prompt costs several microseconds whatever the pattern, so
+# the digit-bearing entities (cards, SSNs, IPv4, North American phones, IBANs) are not
+# searched for in the whole text: one pass finds runs of digits and separators long enough
+# to hold any of them, and IBAN check digits, and their patterns run only there. The other
+# entities are guarded by a substring test ('@', '+', "sk-", ...).
 
-# Emails are found from their '@', which is rare in text, rather than by scanning every
-# word for a local part.
+
+def _word_start(text: str, i: int) -> bool:
+    """True if nothing word-like (or a joining '-', '.', '+') is glued to the left of i."""
+    return i == 0 or not (text[i - 1].isalnum() or text[i - 1] in "_-.+")
+
+
+# A run is at least as long as the shortest candidate, an IPv4 address like 1.1.1.1; an
+# IBAN, the one entity starting with letters, is found from the two digits after its country
+# code. Explicit [0-9] rather than \d: the engine skips to a plain character set faster.
+_NUMERIC_RUN: Final = re.compile(r"[(0-9](?:(?<=[A-Z][A-Z][0-9])(?P<iban>[0-9])|[(). 0-9-]{6,})")
+
+# Emails are found from their '@' rather than by scanning every word for a local part.
 _EMAIL_DOMAIN: Final = re.compile(
-    r"@((?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,63})(?![\w-]|\.\w)", _A
+    r"@(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,63}(?![\w-])", _A
 )
 _EMAIL_LOCAL_CHARS: Final = frozenset(
     "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._%+-"
@@ -125,12 +147,14 @@ _EMAIL_LOCAL_CHARS: Final = frozenset(
 
 
 def _find_email(text: str) -> Iterator[tuple[int, int]]:
+    if "@" not in text:
+        return
     for m in _EMAIL_DOMAIN.finditer(text):
         at = m.start()
         start = at
         while start > 0 and text[start - 1] in _EMAIL_LOCAL_CHARS:
             start -= 1
-        while start < at and text[start] == ".":  # sentence punctuation, not the address
+        while start < at and text[start] == ".":  # "...alice@": punctuation, not address
             start += 1
         local = text[start:at]
         if local and not local.endswith(".") and ".." not in local:
@@ -146,33 +170,34 @@ _PHONE_INTL: Final = re.compile(
 # North American without the '+1': (415) 555-2671, 415-555-2671, 415.555.2671, 415 555 2671,
 # optionally led by "1-". The same separator must be used twice when there are no parentheses.
 _PHONE_NANP: Final = re.compile(
-    r"(?:1[-. ])?"
-    r"(?:\((?P<npa1>[2-9]\d\d)\)[ ]?|(?P<npa2>[2-9]\d\d)(?P<sep>[-. ]))"
-    r"(?P<nxx>[2-9]\d\d)(?(sep)(?P=sep)|[-. ])\d{4}(?![\w]|[.-]\d)",
+    r"(?:1[-. ])?(?:\([2-9]\d\d\)[ ]?|[2-9]\d\d(?P<sep>[-. ]))"
+    r"[2-9]\d\d(?(sep)(?P=sep)|[-. ])\d{4}(?![\w]|[.-]\d)",
     _A,
 )
 
 
-def _find_phone(text: str) -> Iterator[tuple[int, int]]:
-    if "+" in text:
-        for m in _PHONE_INTL.finditer(text):
-            number = m.group()
-            at = [i for i, ch in enumerate(number) if ch.isdigit()]
-            if number[1] != "1":
-                if 8 <= len(at) <= 15:  # E.164 allows at most 15 digits
-                    yield m.span()
-                continue
-            # Country code 1 is NANP: exactly ten more digits, so a group after them
-            # ("+1 415 555 2671 24 hours") is cut off, unless it runs straight on.
-            if len(at) < 11 or (len(at) > 11 and number[at[10] + 1] != " "):
-                continue
-            if number[at[1]] in "23456789" and number[at[4]] in "23456789":
-                yield m.start(), m.start() + at[10] + 1
-    for m in _PHONE_NANP.finditer(text):
-        start = m.start()
-        if start and (text[start - 1].isalnum() or text[start - 1] in "_.+-("):
+def _find_phone_intl(text: str) -> Iterator[tuple[int, int]]:
+    if "+" not in text:
+        return
+    for m in _PHONE_INTL.finditer(text):
+        number = m.group()
+        at = [i for i, ch in enumerate(number) if ch.isdigit()]
+        if number[1] != "1":
+            if 8 <= len(at) <= 15:  # E.164 allows at most 15 digits
+                yield m.span()
             continue
-        yield start, m.end()
+        # Country code 1 is NANP: exactly ten more digits, so a group after them
+        # ("+1 415 555 2671 24 hours") is cut off, unless it runs straight on.
+        if len(at) < 11 or (len(at) > 11 and number[at[10] + 1] != " "):
+            continue
+        if number[at[1]] in "23456789" and number[at[4]] in "23456789":
+            yield m.start(), m.start() + at[10] + 1
+
+
+def _find_phone_nanp(text: str, start: int, end: int) -> Iterator[tuple[int, int]]:
+    for m in _PHONE_NANP.finditer(text, start, end):
+        if _word_start(text, m.start()):
+            yield m.span()
 
 
 _CARD: Final = re.compile(r"\d(?<![\w.+-]\d)(?:[ -]?\d){12,18}(?![\w]|[.-]\d)", _A)
@@ -180,81 +205,75 @@ _CARD: Final = re.compile(r"\d(?<![\w.+-]\d)(?:[ -]?\d){12,18}(?![\w]|[.-]\d)", 
 _CARD_GROUPINGS: Final = frozenset({(4, 6, 5), (4, 6, 4)})
 
 
-def _card_candidate(number: str) -> str | None:
+def _card_prefix(number: str) -> str | None:
     """The longest valid card at the start of ``number``, cutting trailing groups if needed."""
     separators = set(number) - set("0123456789")
     if not separators:
         return number if card_valid(number) else None
     if len(separators) > 1:
         return None
-    groups = number.split(separators.pop())
+    separator = separators.pop()
+    groups = number.split(separator)
     for n in range(len(groups), 1, -1):
         lengths = tuple(len(g) for g in groups[:n])
         shaped = lengths in _CARD_GROUPINGS or (
             all(x == 4 for x in lengths[:-1]) and 1 <= lengths[-1] <= 4
         )
         if shaped and card_valid("".join(groups[:n])):
-            return " ".join(groups[:n])
+            return separator.join(groups[:n])
     return None
 
 
-def _find_card(text: str) -> Iterator[tuple[int, int]]:
-    for m in _CARD.finditer(text):
-        found = _card_candidate(m.group())
+def _find_card(text: str, start: int, end: int) -> Iterator[tuple[int, int]]:
+    for m in _CARD.finditer(text, start, end):
+        found = _card_prefix(m.group())
         if found is not None:
             yield m.start(), m.start() + len(found)
 
 
 # Country code and check digits, then characters with an optional space before each; the
 # candidate may run on into following capitals, so it is cut to the country's length.
-_IBAN: Final = re.compile(r"[A-Z]{2}\d\d(?<![A-Za-z0-9]..\d\d)(?:[ ]?[A-Z0-9]){11,30}+", _A)
+_IBAN: Final = re.compile(r"[A-Z]{2}\d\d(?:[ ]?[A-Z0-9]){11,30}+", _A)
 
 
-def _find_iban(text: str) -> Iterator[tuple[int, int]]:
-    for m in _IBAN.finditer(text):
+def _find_iban(text: str, check_digits: int) -> Iterator[tuple[int, int]]:
+    """The IBAN whose check digits start at text[check_digits], if any."""
+    m = _IBAN.match(text, check_digits - 2)
+    if m is not None and _word_start(text, m.start()):
         candidate = m.group()
-        length = IBAN_LENGTHS.get(candidate[:2])
-        if length is None:
-            continue
+        length = IBAN_LENGTHS.get(candidate[:2], 0)
         compact: list[str] = []
-        end = 0
         for i, ch in enumerate(candidate):
             if ch == " ":
                 if len(compact) % 4:  # printed IBANs are grouped in fours
-                    break
+                    return
                 continue
             compact.append(ch)
             if len(compact) == length:
-                end = i + 1
-                break
-        after = candidate[end : end + 1]
-        if end and after in ("", " ") and iban_valid("".join(compact)):
-            yield m.start(), m.start() + end
+                if candidate[i + 1 : i + 2] in ("", " ") and iban_valid("".join(compact)):
+                    yield m.start(), m.start() + i + 1
+                return
 
 
 _SSN: Final = re.compile(r"\d(?<![\w.+-]\d)\d\d-\d\d-\d{4}(?![\w]|[.-]\d)", _A)
 
 
-def _find_ssn(text: str) -> Iterator[tuple[int, int]]:
-    for m in _SSN.finditer(text):
-        area, group, serial = m.group().split("-")
-        if ssn_valid(area, group, serial):
+def _find_ssn(text: str, start: int, end: int) -> Iterator[tuple[int, int]]:
+    for m in _SSN.finditer(text, start, end):
+        if ssn_valid(m.group()):
             yield m.span()
 
 
 _IPV4: Final = re.compile(r"\d(?<![\w.]\d)\d{0,2}(?:\.\d{1,3}){3}(?![\w]|\.\d)", _A)
 # A dotted quad right after "version", "v", "build" etc. is a version, not an address.
 _VERSION_CONTEXT: Final = re.compile(
-    r"(?:\b(?:version|ver|release|build|rev|revision|firmware|v)\.?\s*[:=#]?\s*)\Z",
+    r"\b(?:version|ver|release|build|rev|revision|firmware|v)\.?\s*[:=#]?\s*\Z",
     re.ASCII | re.IGNORECASE,
 )
-# At least two colons, then whatever hex, colons and dots follow (an embedded IPv4 tail);
-# ``ipaddress`` decides.
-_IPV6: Final = re.compile(r"[0-9A-Fa-f:](?<![\w:.][0-9A-Fa-f:])(?:[0-9A-Fa-f:.])*+", _A)
 
 
-def _find_ip(text: str) -> Iterator[tuple[int, int]]:
-    for m in _IPV4.finditer(text):
+def _find_ipv4(text: str, start: int, end: int) -> Iterator[tuple[int, int]]:
+    for m in _IPV4.finditer(text, start, end):
         if _VERSION_CONTEXT.search(text, max(0, m.start() - 12), m.start()):
             continue
         try:
@@ -262,47 +281,68 @@ def _find_ip(text: str) -> Iterator[tuple[int, int]]:
         except ValueError:
             continue
         yield m.span()
-    # Most text has no "::" and too few colons for a full address, so skip the scan.
-    if "::" not in text and text.count(":") < 7:
+
+
+# Every IPv6 address has two colons with at most four hex digits between them ("::" too);
+# from there the candidate extends over hex and colons to the left, and hex, colons and dots
+# (an embedded IPv4 tail) to the right. Starting from a literal ':' keeps the scan fast.
+_IPV6_COLONS: Final = re.compile(r":[0-9A-Fa-f]{0,4}:", _A)
+_HEX_COLON: Final = frozenset("0123456789abcdefABCDEF:")
+_HEX_COLON_DOT: Final = _HEX_COLON | {"."}
+
+
+def _find_ipv6(text: str) -> Iterator[tuple[int, int]]:
+    if ":" not in text:
         return
-    for m in _IPV6.finditer(text):
-        candidate = m.group().rstrip(".")
+    searched = 0
+    for m in _IPV6_COLONS.finditer(text):
+        if m.start() < searched:
+            continue
+        start, end = m.start(), m.end()
+        while start and text[start - 1] in _HEX_COLON:
+            start -= 1
+        while end < len(text) and text[end] in _HEX_COLON_DOT:
+            end += 1
+        searched = end
+        candidate = text[start:end].rstrip(".")
         if candidate.endswith(":") and not candidate.endswith("::"):
             candidate = candidate[:-1]
-        end = m.start() + len(candidate)
-        if end < len(text) and (text[end].isalnum() or text[end] == "_"):
+        end = start + len(candidate)
+        if not _word_start(text, start) or (
+            end < len(text) and (text[end].isalnum() or text[end] == "_")
+        ):
             continue
-        # Full form has seven colons, compressed form a "::" and some hex (a bare "::" is
-        # punctuation); times like 12:30:45 have neither.
-        if not ("::" in candidate or candidate.count(":") == 7):
-            continue
-        if candidate.strip(":.") == "":
+        # Full form has seven colons, compressed form a "::"; times like 12:30:45 have
+        # neither, and a bare "::" is punctuation.
+        if not ("::" in candidate or candidate.count(":") == 7) or not candidate.strip(":."):
             continue
         try:
             ipaddress.IPv6Address(candidate)
         except ValueError:
             continue
-        yield m.start(), end
+        yield start, end
 
 
-_SK_KEY: Final = re.compile(
-    r"(?<![\w-])(?:sk-(?:proj-|svcacct-|admin-|ant-(?:api|admin)\d\d-)?|[sr]k_(?:live|test)_)"
+_API_KEY: Final = re.compile(
+    r"(?:sk-(?:proj-|svcacct-|admin-|ant-(?:api|admin)\d\d-)?|[sr]k_(?:live|test)_)"
     r"([A-Za-z0-9_-]{20,})",
     _A,
 )
 _ALNUM_RUN: Final = re.compile(r"[A-Za-z0-9]+", _A)
-_AWS_KEY_ID: Final = re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b", _A)
+_AWS_KEY_ID: Final = re.compile(r"A(?:KIA|SIA)[0-9A-Z]{16}\b", _A)
 _GITHUB_TOKEN: Final = re.compile(
-    r"\b(?:gh[pousr]_[A-Za-z0-9]{36,255}|github_pat_[A-Za-z0-9_]{22,255})\b", _A
+    r"(?:gh[pousr]_[A-Za-z0-9]{36,255}|github_pat_[A-Za-z0-9_]{22,255})\b", _A
 )
-_SLACK_TOKEN: Final = re.compile(r"\bxox[baprs]-\d{6,}-[A-Za-z0-9-]{8,}", _A)
-# A key cut off before its END line (a truncated paste) still leaks, so the block then runs
-# to the end of its base64 lines.
-_PEM_PRIVATE_KEY: Final = re.compile(
-    r"-----BEGIN (?P<kind>[A-Z0-9 ]*?)PRIVATE KEY-----"
-    r"(?:[\s\S]*?-----END (?P=kind)PRIVATE KEY-----|[A-Za-z0-9+/=:,\- \t\r\n]*[A-Za-z0-9+/=])",
-    _A,
+_SLACK_TOKEN: Final = re.compile(r"xox[baprs]-\d{6,}-[A-Za-z0-9-]{8,}", _A)
+# The BEGIN line and the base64 lines after it (PEM wraps at 64 characters): if the END line
+# is missing (a truncated paste), that much of the key still leaks, and the prose after it
+# is not part of it.
+_PEM_BEGIN: Final = re.compile(
+    r"-----BEGIN ([A-Z0-9 ]*?)PRIVATE KEY-----(?:\s*+[A-Za-z0-9+/=]{40,}+)*+", _A
 )
+# Far more than the largest keys (an 8192-bit RSA key is about 6.5 KB of PEM); it bounds the
+# search for the END line, which would otherwise run to the end of the text for every BEGIN.
+_PEM_MAX_LENGTH: Final = 16384
 
 
 def _random_looking(body: str) -> bool:
@@ -311,84 +351,109 @@ def _random_looking(body: str) -> bool:
         any(ch.isdigit() for ch in body)
         and any(ch.isalpha() for ch in body)
         and len(set(body)) >= 12
-        and max(len(run) for run in _ALNUM_RUN.findall(body)) >= 12
+        and max(map(len, _ALNUM_RUN.findall(body)), default=0) >= 12
     )
 
 
 def _find_secret(text: str) -> Iterator[tuple[int, int]]:
-    if "k-" in text or "k_" in text:
-        for m in _SK_KEY.finditer(text):
-            if _random_looking(m.group(1)):
+    if "sk-" in text or "k_live_" in text or "k_test_" in text:
+        for m in _API_KEY.finditer(text):
+            if _word_start(text, m.start()) and _random_looking(m.group(1)):
                 yield m.span()
     if "AKIA" in text or "ASIA" in text:
         for m in _AWS_KEY_ID.finditer(text):
             # "ASIA" starts ordinary capitalised words; a real key id almost always has a digit.
-            if m.group().startswith("AKIA") or any(ch.isdigit() for ch in m.group()):
+            key = m.group()
+            if _word_start(text, m.start()) and (key[1] == "K" or any(c.isdigit() for c in key)):
                 yield m.span()
-    if "gh" in text:
+    if "_" in text and ("gh" in text or "github_pat_" in text):
         for m in _GITHUB_TOKEN.finditer(text):
-            yield m.span()
+            if _word_start(text, m.start()):
+                yield m.span()
     if "xox" in text:
         for m in _SLACK_TOKEN.finditer(text):
-            yield m.span()
+            if _word_start(text, m.start()):
+                yield m.span()
     if "-----BEGIN" in text:
-        for m in _PEM_PRIVATE_KEY.finditer(text):
-            yield m.span()
+        for m in _PEM_BEGIN.finditer(text):
+            end_line = f"-----END {m.group(1)}PRIVATE KEY-----"
+            end = text.find(end_line, m.end(), m.start() + _PEM_MAX_LENGTH)
+            yield m.start(), (end + len(end_line) if end >= 0 else m.end())
 
 
-_FINDERS: Final[Mapping[str, Finder]] = {
+TextFinder = Callable[[str], Iterator[tuple[int, int]]]
+RunFinder = Callable[[str, int, int], Iterator[tuple[int, int]]]
+
+_TEXT_FINDERS: Final[Mapping[str, TextFinder]] = {
     "SECRET": _find_secret,
-    "IBAN": _find_iban,
-    "CREDIT_CARD": _find_card,
     "EMAIL": _find_email,
-    "US_SSN": _find_ssn,
-    "IP_ADDRESS": _find_ip,
-    "PHONE": _find_phone,
+    "IP_ADDRESS": _find_ipv6,
+    "PHONE": _find_phone_intl,
 }
-# Every finder except email and secret needs a digit; prose without one skips them all.
-_NEEDS_DIGIT: Final = frozenset({"IBAN", "CREDIT_CARD", "US_SSN", "IP_ADDRESS", "PHONE"})
-_HAS_DIGIT: Final = re.compile(r"\d", _A).search
+# Finders of one numeric run (text, start, end), with the shortest run they can match in.
+_RUN_FINDERS: Final[Mapping[str, tuple[int, RunFinder]]] = {
+    "CREDIT_CARD": (13, _find_card),  # 13-digit Visa
+    "US_SSN": (11, _find_ssn),
+    "IP_ADDRESS": (7, _find_ipv4),
+    "PHONE": (12, _find_phone_nanp),  # 415-555-2671
+}
 
 
 # --- the classifier ---------------------------------------------------------------------
 
 
 class PiiDetector:
-    """Finds PII and secrets; one pass of each enabled entity's pattern per text."""
+    """Finds PII and secrets in texts; see the module docstring."""
 
     produces_spans = True
     inline = True
 
     def __init__(self, name: str, entities: Sequence[str] = ENTITIES) -> None:
+        if not entities:
+            raise ValueError(f"entities is empty; list some of {', '.join(ENTITIES)}")
         unknown = sorted(set(entities) - set(ENTITIES))
         if unknown:
             raise ValueError(f"unknown entities {', '.join(unknown)}; known: {', '.join(ENTITIES)}")
-        if not entities:
-            raise ValueError(f"entities is empty; list some of {', '.join(ENTITIES)}")
         self.name = name
-        # Kept in ENTITIES order: the index is the tie-break rank when candidates overlap.
         self.entities = tuple(e for e in ENTITIES if e in entities)
-        self._finders = tuple(
-            (ENTITIES.index(e), e in _NEEDS_DIGIT, _FINDERS[e]) for e in self.entities
-        )
+        # The rank (index in ENTITIES) breaks ties between equally long overlapping spans.
+        rank = {e: ENTITIES.index(e) for e in self.entities}
+        self._text_finders = tuple((rank[e], _TEXT_FINDERS[e]) for e in rank if e in _TEXT_FINDERS)
+        self._run_finders = tuple((rank[e], *_RUN_FINDERS[e]) for e in rank if e in _RUN_FINDERS)
+        self._iban_rank = rank.get("IBAN")
 
     def find(self, text: str) -> tuple[Span, ...]:
         """Non-overlapping spans in text order; the longest candidate wins an overlap."""
-        has_digit = _HAS_DIGIT(text) is not None
         candidates = [
-            (start, end, rank)
-            for rank, needs_digit, finder in self._finders
-            if has_digit or not needs_digit
-            for start, end in finder(text)
+            (start, end, rank) for rank, finder in self._text_finders for start, end in finder(text)
         ]
+        iban_rank = self._iban_rank
+        if self._run_finders or iban_rank is not None:
+            for run in _NUMERIC_RUN.finditer(text):
+                start, end = run.span()
+                if run.lastgroup == "iban":
+                    if iban_rank is not None:
+                        candidates.extend((s, e, iban_rank) for s, e in _find_iban(text, start))
+                    continue
+                for rank, min_length, run_finder in self._run_finders:
+                    if end - start >= min_length:
+                        # Two characters past the run let the patterns' lookaheads see what
+                        # follows it.
+                        found = run_finder(text, start, end + 2)
+                        candidates.extend((s, e, rank) for s, e in found)
         if not candidates:
             return ()
         candidates.sort(key=lambda c: (c[0] - c[1], c[2], c[0]))
+        # Chosen spans are disjoint and kept in order, so a candidate overlaps one of them
+        # only if it overlaps its neighbour on either side.
+        starts: list[int] = []
         chosen: list[tuple[int, int, int]] = []
         for start, end, rank in candidates:
-            if all(end <= s or start >= e for s, e, _ in chosen):
-                chosen.append((start, end, rank))
-        chosen.sort()
+            i = bisect.bisect_right(starts, start)
+            if (i and chosen[i - 1][1] > start) or (i < len(chosen) and chosen[i][0] < end):
+                continue
+            starts.insert(i, start)
+            chosen.insert(i, (start, end, rank))
         return tuple(Span(start, end, ENTITIES[rank]) for start, end, rank in chosen)
 
     def classify(self, texts: Sequence[str]) -> list[Classification]:
@@ -400,7 +465,7 @@ class PiiDetector:
 
 
 def create(name: str, settings: Mapping[str, Any]) -> PiiDetector:
-    """The ``pii_detector`` factory: ``entities`` (optional list of entity names) only."""
+    """The ``pii_detector`` factory; ``entities`` (a list of entity names) is optional."""
     extra = sorted(set(settings) - {"entities"})
     if extra:
         raise ValueError(f"unknown settings {', '.join(extra)}; {TYPE_NAME} takes only entities")

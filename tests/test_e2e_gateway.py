@@ -232,11 +232,38 @@ def test_streaming_is_byte_identical_and_incremental(gateway: Gateway, tenant: s
         headers["Authorization"] = "Bearer sk-cs-gamma"
     pieces, _ = _stream(gateway, headers)
     assert b"".join(p for _, p in pieces) == b"".join(AWKWARD_STREAM)
-    # The first bytes arrive while the upstream is still writing (it pauses 150 ms
-    # between its 7 writes), not all at once at the end.
-    first_at, last_at = pieces[0][0], pieces[-1][0]
-    assert last_at - first_at > 0.5
-    assert len(pieces) >= 4
+    if tenant == "alpha":
+        # The first bytes arrive while the upstream is still writing (it pauses 150 ms
+        # between its 7 writes), not all at once at the end. (A checked stream holds this
+        # little text back until it ends: see test_checked_stream_is_incremental.)
+        first_at, last_at = pieces[0][0], pieces[-1][0]
+        assert last_at - first_at > 0.5
+        assert len(pieces) >= 4
+
+
+def test_checked_stream_is_incremental(gateway: Gateway) -> None:
+    """Midstream checks hold back only a few tokens: most of the answer flows as it comes."""
+    conn = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=20)
+    body = b'{"model": "m", "stream": true, "messages": [{"role": "user", "content": "hi"}]}'
+    conn.request(
+        "POST",
+        "/tenant/demo-checked/v1/chat/completions",
+        body=body,
+        headers={"x-demo-chunks": "40", "x-demo-delay-ms": "40"},
+    )
+    response = conn.getresponse()
+    assert response.status == 200
+    start = time.monotonic()
+    arrivals = []
+    while chunk := response.read1(65536):
+        arrivals.append((time.monotonic() - start, chunk))
+    conn.close()
+    total = arrivals[-1][0]
+    first_text = next(t for t, c in arrivals if b'"content":"This' in c)
+    # The upstream takes ~1.6 s; text starts flowing long before it finishes.
+    assert total > 1.2
+    assert first_text < total - 0.8
+    assert b"".join(c for _, c in arrivals).rstrip().endswith(b"data: [DONE]")
 
 
 # -- official SDKs -------------------------------------------------------------------------

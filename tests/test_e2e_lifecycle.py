@@ -4,6 +4,7 @@ configs; and Envoy's behaviour when extproc is not there. Real processes, 127.0.
 from __future__ import annotations
 
 import http.client
+import importlib.util
 import json
 import os
 import signal
@@ -283,8 +284,14 @@ def test_rendered_bootstrap_passes_envoy_validate(tmp_path: Path) -> None:
     assert len(extproc_endpoints) == 2
 
 
-def test_example_envoy_yaml_stays_valid() -> None:
-    _validate(REPO / "envoy" / "envoy.yaml")
+def test_example_envoy_yaml_stays_valid_and_in_sync() -> None:
+    example = REPO / "envoy" / "envoy.yaml"
+    _validate(example)
+    spec = importlib.util.spec_from_file_location("annotate", REPO / "envoy" / "annotate.py")
+    assert spec is not None and spec.loader is not None
+    annotate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(annotate)
+    assert example.read_text() == annotate.annotated(), "run: python envoy/annotate.py"
 
 
 def _validate(path: Path) -> None:

@@ -10,10 +10,30 @@ from collections.abc import Sequence
 from typing import Any, Literal, Protocol
 
 from extproc.formats import anthropic, openai
-from extproc.formats.texts import TextSlot
+from extproc.formats.sse import SseEvent
+from extproc.formats.texts import TextSlot, Usage
 from extproc.hookspecs import Span
 
 FormatName = Literal["openai", "anthropic"]
+
+
+class StreamTracker(Protocol):
+    """What one streamed answer has shown the client so far, to end it early when needed."""
+
+    def observe(self, event: SseEvent) -> None:
+        """Note an event as it is sent on to the client (events never sent must not be)."""
+        ...
+
+    def ending(self, rule: str, reason: str) -> bytes:
+        """Events that end the stream cleanly now, after a guardrail stopped it.
+
+        The client's SDK sees the answer finish as filtered by the provider (OpenAI
+        ``finish_reason: "content_filter"``, Anthropic ``stop_reason: "refusal"``), with the
+        text sent so far as its text. A ``checkstream`` object in the final event names
+        ``rule`` and ``reason``, since a header cannot be added once streaming has begun;
+        the SDKs ignore unknown fields.
+        """
+        ...
 
 
 class WireFormat(Protocol):
@@ -72,6 +92,41 @@ class WireFormat(Protocol):
 
     def policy_error_body(self, message: str, rule: str) -> bytes:
         """The 400 error body for a request blocked by policy ``rule``."""
+        ...
+
+    # Streamed answers, one SSE event (from ``sse.SseDecoder``) at a time. These run for
+    # every event of every guarded stream: they parse JSON only for events that may hold
+    # what they look for, and never raise on a malformed event.
+
+    def delta_text(self, event: SseEvent) -> str | None:
+        """The answer text the event adds; None for every event without text (role
+        chunks, tool-call argument deltas, pings, ``[DONE]``, comments...)."""
+        ...
+
+    def with_delta_text(self, event: SseEvent, text: str) -> SseEvent:
+        """``event`` with its ``delta_text`` replaced by ``text``, re-serialised compactly;
+        other fields and the event's line endings are kept. ``ValueError`` if it has no
+        text."""
+        ...
+
+    def usage(self, event: SseEvent) -> Usage | None:
+        """The token counts the event reports, if any. Counts are cumulative, and a later
+        event's supersede an earlier one's field by field: None means this event does not
+        report that count (an Anthropic ``message_delta`` may lack the input count)."""
+        ...
+
+    def is_usage_only(self, event: SseEvent) -> bool:
+        """Whether the event exists only because ``ensure_stream_usage`` asked for it, so
+        that it must not reach a client that did not."""
+        ...
+
+    def ensure_stream_usage(self, payload: Any) -> Any | None:
+        """A copy of a streamed request that makes the backend report token counts in the
+        stream; None if the request needs no change."""
+        ...
+
+    def stream_tracker(self) -> StreamTracker:
+        """A new tracker for one streamed answer."""
         ...
 
 

@@ -1,4 +1,5 @@
-"""Anthropic's Messages API: error bodies, auth, and the texts guardrails check."""
+"""Anthropic's Messages API: error bodies, auth, and the texts guardrails check, whole or
+streamed."""
 
 from __future__ import annotations
 
@@ -7,12 +8,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from extproc.formats.sse import SseEvent, encode_event, json_data, with_data
 from extproc.formats.texts import (
     JsonPath,
     TextSlot,
+    Usage,
     dump_json,
     redactions,
     string_slot,
+    token_count,
     with_values,
 )
 from extproc.hookspecs import Span
@@ -27,6 +31,11 @@ _TYPES = {
     429: "rate_limit_error",
     529: "overloaded_error",
 }
+
+# The stream events that open or close the message or a block, or carry the output count.
+_STRUCTURE = frozenset(
+    ("message_start", "content_block_start", "content_block_stop", "message_delta")
+)
 
 
 @dataclass(frozen=True)
@@ -110,6 +119,140 @@ class AnthropicFormat:
             {"type": "error", "error": error, "checkstream": {"action": "blocked", "rule": rule}}
         )
 
+    # Streamed answers. Every event of a guarded stream passes through these, so they look
+    # for a value in the raw bytes before parsing any JSON.
+
+    def delta_text(self, event: SseEvent) -> str | None:
+        """The answer text of a ``content_block_delta`` with a ``text_delta``, or None.
+
+        Tool input (``input_json_delta``: JSON for a program), thinking (signed by
+        Anthropic, so it could not be rewritten), citations, pings and every other event
+        carry no text.
+        """
+        found = _stream_text(event)
+        return None if found is None else found[1]
+
+    def with_delta_text(self, event: SseEvent, text: str) -> SseEvent:
+        """``event`` with its ``text_delta`` text replaced; ``ValueError`` if it has none."""
+        found = _stream_text(event)
+        if found is None:
+            raise ValueError("the event carries no answer text")
+        payload = with_values(found[0], {("delta", "text"): text})
+        return with_data(event, dump_json(payload).decode())
+
+    def usage(self, event: SseEvent) -> Usage | None:
+        """The token counts of ``message_start`` (its ``message.usage``) or ``message_delta``.
+
+        The counts are cumulative, each event's superseding the last; ``message_start``'s
+        output count is only a start, and ``message_delta`` may lack the input counts
+        (None then). See ``Usage`` for how input tokens add up.
+        """
+        if b'"usage"' not in event.raw:
+            return None
+        payload = json_data(event)
+        if not isinstance(payload, dict):
+            return None
+        if payload.get("type") == "message_start":
+            message = payload.get("message")
+            usage = message.get("usage") if isinstance(message, dict) else None
+        elif payload.get("type") == "message_delta":
+            usage = payload.get("usage")
+        else:
+            return None
+        if not isinstance(usage, dict):
+            return None
+        return Usage(_input_tokens(usage), token_count(usage.get("output_tokens")))
+
+    def is_usage_only(self, event: SseEvent) -> bool:
+        """Always False: Anthropic streams usage unasked, in events the client expects."""
+        return False
+
+    def ensure_stream_usage(self, payload: Any) -> Any | None:
+        """Always None: Anthropic streams always report usage."""
+        return None
+
+    def stream_tracker(self) -> AnthropicStreamTracker:
+        return AnthropicStreamTracker()
+
+
+class AnthropicStreamTracker:
+    """What an early end of a Messages stream must close: the message and its open blocks."""
+
+    __slots__ = ("_open", "_output_tokens", "_started")
+
+    def __init__(self) -> None:
+        self._started = False
+        self._open: set[int] = set()  # content blocks started and not yet stopped
+        self._output_tokens = 0
+
+    def observe(self, event: SseEvent) -> None:
+        # Told by the `event:` name, as the Anthropic SDKs do, so that the bulk of the
+        # stream (text deltas) is never parsed here.
+        kind = event.event
+        if kind not in _STRUCTURE:
+            return
+        payload = json_data(event)
+        if not isinstance(payload, dict):
+            return
+        if kind == "message_start":
+            self._started = True
+            message = payload.get("message")
+            self._note_output(message.get("usage") if isinstance(message, dict) else None)
+        elif kind == "message_delta":
+            self._note_output(payload.get("usage"))
+        elif isinstance(index := payload.get("index"), int):
+            if kind == "content_block_start":
+                self._open.add(index)
+            else:
+                self._open.discard(index)
+
+    def _note_output(self, usage: object) -> None:
+        count = token_count(usage.get("output_tokens")) if isinstance(usage, dict) else None
+        if count is not None:
+            self._output_tokens = count
+
+    def ending(self, rule: str, reason: str) -> bytes:
+        """``content_block_stop`` for every open block, a ``message_delta`` with
+        ``stop_reason: "refusal"``, then ``message_stop``, as Anthropic ends a refused answer.
+
+        The ``message_delta`` carries a ``checkstream`` object (``action: "stop"``, ``rule``,
+        ``reason``) because no header can be added once the stream has begun; the Anthropic
+        SDKs ignore unknown fields. Its ``output_tokens`` is the last count the stream
+        reported, usually ``message_start``'s small initial one, since Anthropic sends the
+        real count only at the end. A stream stopped before its ``message_start`` gets a
+        minimal one first, so that the client sees a well-formed message.
+        """
+        events: list[tuple[str, dict[str, Any]]] = []
+        if not self._started:
+            message: dict[str, Any] = {
+                "id": "msg_checkstream",
+                "type": "message",
+                "role": "assistant",
+                "model": "",
+                "content": [],
+                "stop_reason": None,
+                "stop_sequence": None,
+                "usage": {"input_tokens": 0, "output_tokens": 0},
+            }
+            events.append(("message_start", {"type": "message_start", "message": message}))
+        events += [
+            ("content_block_stop", {"type": "content_block_stop", "index": index})
+            for index in sorted(self._open)
+        ]
+        events.append(
+            (
+                "message_delta",
+                {
+                    "type": "message_delta",
+                    "delta": {"stop_reason": "refusal", "stop_sequence": None},
+                    "usage": {"output_tokens": self._output_tokens},
+                    "checkstream": {"action": "stop", "rule": rule, "reason": reason},
+                },
+            )
+        )
+        events.append(("message_stop", {"type": "message_stop"}))
+        return b"".join(encode_event(dump_json(data).decode(), kind) for kind, data in events)
+
 
 def _content(content: object, path: JsonPath) -> list[TextSlot]:
     """``system``, a message's or a tool result's content: a string or a list of blocks."""
@@ -129,6 +272,31 @@ def _content(content: object, path: JsonPath) -> list[TextSlot]:
             if isinstance(source, dict) and source.get("type") == "text":
                 slots += string_slot(source.get("data"), (*path, j, "source", "data"))
     return slots
+
+
+def _stream_text(event: SseEvent) -> tuple[dict[str, Any], str] | None:
+    """The parsed event and its non-empty ``text_delta`` text, if it has one."""
+    if b"text_delta" not in event.raw:
+        return None
+    payload = json_data(event)
+    if not isinstance(payload, dict) or payload.get("type") != "content_block_delta":
+        return None
+    delta = payload.get("delta")
+    if not isinstance(delta, dict) or delta.get("type") != "text_delta":
+        return None
+    text = delta.get("text")
+    return (payload, text) if isinstance(text, str) and text else None
+
+
+def _input_tokens(usage: dict[str, Any]) -> int | None:
+    """All prompt tokens of a usage object: uncached plus cache writes and reads."""
+    counts = [
+        token_count(usage.get(key))
+        for key in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+    ]
+    if counts[0] is None:
+        return None
+    return sum(count for count in counts if count is not None)
 
 
 FORMAT = AnthropicFormat()

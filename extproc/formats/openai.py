@@ -1,19 +1,23 @@
 """OpenAI's HTTP API: error bodies, auth, and the texts guardrails check (chat completions,
-completions, embeddings)."""
+completions, embeddings), whole or streamed."""
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from extproc.formats.sse import SseEvent, encode_event, json_data, with_data
 from extproc.formats.texts import (
     JsonPath,
     TextSlot,
+    Usage,
     dump_json,
     redactions,
     string_slot,
+    token_count,
     with_values,
 )
 from extproc.hookspecs import Span
@@ -27,6 +31,9 @@ _TYPES = {
     413: "invalid_request_error",
     429: "rate_limit_exceeded",
 }
+
+# The fields every chunk of a stream repeats, which its ending must repeat too.
+_HEAD = ("id", "object", "created", "model", "system_fingerprint")
 
 
 @dataclass(frozen=True)
@@ -147,6 +154,118 @@ class OpenAIFormat:
         }
         return dump_json({"error": error, "checkstream": {"action": "blocked", "rule": rule}})
 
+    # Streamed answers. Every event of a guarded stream passes through these, so they look
+    # for a key in the raw bytes before parsing any JSON (servers never \u-escape keys).
+
+    def delta_text(self, event: SseEvent) -> str | None:
+        """The answer text a stream chunk adds, or None if it adds none.
+
+        Chat: ``delta.content`` of the choice with ``index`` 0; completions: its ``text``.
+        With ``n`` > 1 the other choices' chunks are interleaved in the same stream; they
+        count as events without text, so they pass unchecked. Role chunks, ``tool_calls``
+        and ``function_call`` argument deltas (JSON for a program), ``refusal`` deltas
+        (OpenAI's own wording), the usage chunk and ``[DONE]`` carry no text.
+        """
+        found = _stream_text(event)
+        return None if found is None else found[2]
+
+    def with_delta_text(self, event: SseEvent, text: str) -> SseEvent:
+        """``event`` with the text ``delta_text`` finds replaced by ``text``.
+
+        The choice loses its ``logprobs``, which spell out the replaced text token by token.
+        ``ValueError`` if the event has no text.
+        """
+        found = _stream_text(event)
+        if found is None:
+            raise ValueError("the event carries no answer text")
+        chunk, path, _ = found
+        chunk = with_values(chunk, {path: text, (*path[:2], "logprobs"): None})
+        return with_data(event, dump_json(chunk).decode())
+
+    def usage(self, event: SseEvent) -> Usage | None:
+        """The token counts of a chunk with ``usage`` (sent last, before ``[DONE]``, when
+        ``stream_options.include_usage`` is set)."""
+        chunk = _usage_chunk(event)
+        if chunk is None:
+            return None
+        usage = chunk["usage"]
+        return Usage(
+            token_count(usage.get("prompt_tokens")), token_count(usage.get("completion_tokens"))
+        )
+
+    def is_usage_only(self, event: SseEvent) -> bool:
+        """Whether ``event`` is the chunk ``include_usage`` adds, with usage and no choices."""
+        chunk = _usage_chunk(event)
+        return chunk is not None and not chunk.get("choices")
+
+    def ensure_stream_usage(self, payload: Any) -> Any | None:
+        """A streamed chat completions or completions request with
+        ``stream_options.include_usage`` set, since OpenAI streams token counts only when
+        asked; None if the request is not one or already asks.
+
+        The endpoint is told by the body (``messages`` or ``prompt``): the Responses API
+        (``input``) streams its usage anyway and rejects unknown stream options. A client's
+        ``include_usage: false`` is overridden as well; the extra chunk is then the one to
+        drop (``is_usage_only``). Other stream options are kept.
+        """
+        if not isinstance(payload, dict) or payload.get("stream") is not True:
+            return None
+        if "messages" not in payload and "prompt" not in payload:
+            return None
+        options = payload.get("stream_options")
+        if options is None:
+            options = {}
+        elif not isinstance(options, dict) or options.get("include_usage") is True:
+            return None
+        return {**payload, "stream_options": {**options, "include_usage": True}}
+
+    def stream_tracker(self) -> OpenAIStreamTracker:
+        return OpenAIStreamTracker()
+
+
+class OpenAIStreamTracker:
+    """The fields an early end of a chat completions or completions stream repeats."""
+
+    __slots__ = ("_head",)
+
+    def __init__(self) -> None:
+        self._head: dict[str, Any] | None = None
+
+    def observe(self, event: SseEvent) -> None:
+        # Every chunk repeats the same id, object, created, model and fingerprint, so one
+        # is parsed. Azure's first chunk (prompt filter results) has them empty: skipped.
+        if self._head is not None:
+            return
+        chunk = json_data(event)
+        if isinstance(chunk, dict) and chunk.get("id"):
+            self._head = {key: chunk[key] for key in _HEAD if key in chunk}
+
+    def ending(self, rule: str, reason: str) -> bytes:
+        """A last chunk with ``finish_reason: "content_filter"`` for choice 0, then
+        ``[DONE]``, as OpenAI ends a stream its own filter cut.
+
+        The chunk's ``checkstream`` object (``action: "stop"``, ``rule``, ``reason``) names
+        the rule because no header can be added once the stream has begun; the OpenAI SDKs
+        ignore unknown fields. A completions stream gets a ``text_completion`` chunk; before
+        any chunk was observed, a chat chunk with a placeholder id and an empty model.
+        """
+        head = self._head or {}
+        legacy = head.get("object") == "text_completion"
+        chunk: dict[str, Any] = {
+            "id": head.get("id", "cmpl-checkstream" if legacy else "chatcmpl-checkstream"),
+            "object": "text_completion" if legacy else "chat.completion.chunk",
+            "created": head.get("created", int(time.time())),
+            "model": head.get("model", ""),
+        }
+        if "system_fingerprint" in head:
+            chunk["system_fingerprint"] = head["system_fingerprint"]
+        body: dict[str, Any] = {"text": ""} if legacy else {"delta": {}}
+        chunk["choices"] = [
+            {"index": 0, **body, "logprobs": None, "finish_reason": "content_filter"}
+        ]
+        chunk["checkstream"] = {"action": "stop", "rule": rule, "reason": reason}
+        return encode_event(dump_json(chunk).decode()) + encode_event("[DONE]")
+
 
 def _content(content: object, path: JsonPath) -> list[TextSlot]:
     """A message's content: a string, or parts of which only ``text`` parts are text."""
@@ -164,6 +283,38 @@ def _strings(value: object, path: JsonPath) -> list[TextSlot]:
     if not isinstance(value, list):
         return string_slot(value, path)
     return [slot for i, item in enumerate(value) for slot in string_slot(item, (*path, i))]
+
+
+def _stream_text(event: SseEvent) -> tuple[dict[str, Any], JsonPath, str] | None:
+    """The parsed chunk, path and text of choice 0's non-empty text, if the event has one."""
+    raw = event.raw
+    if b'"content"' not in raw and b'"text"' not in raw:
+        return None
+    chunk = json_data(event)
+    if not isinstance(chunk, dict) or not isinstance(chunk.get("choices"), list):
+        return None
+    for i, choice in enumerate(chunk["choices"]):
+        if not isinstance(choice, dict) or choice.get("index", 0) != 0:
+            continue
+        delta = choice.get("delta")
+        path: JsonPath
+        if isinstance(delta, dict):
+            path, text = ("choices", i, "delta", "content"), delta.get("content")
+        else:
+            path, text = ("choices", i, "text"), choice.get("text")
+        return (chunk, path, text) if isinstance(text, str) and text else None
+    return None
+
+
+def _usage_chunk(event: SseEvent) -> dict[str, Any] | None:
+    """The parsed chunk if it reports usage (with ``include_usage`` every other chunk has
+    ``"usage": null``, hence the look for a count rather than the key)."""
+    if b'"prompt_tokens"' not in event.raw:
+        return None
+    chunk = json_data(event)
+    if isinstance(chunk, dict) and isinstance(chunk.get("usage"), dict):
+        return chunk
+    return None
 
 
 FORMAT = OpenAIFormat()

@@ -105,3 +105,21 @@ def _set(node: Any, path: JsonPath, value: object) -> Any:
 def dump_json(payload: Any) -> bytes:
     """``payload`` as the compact UTF-8 JSON body CheckStream sends on."""
     return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Token counts an answer reports; None when the answer (or event) does not say.
+
+    ``input_tokens`` counts every prompt token the model read, cached or not, so that both
+    formats mean the same: OpenAI's ``prompt_tokens`` already includes cached tokens, while
+    Anthropic's total is ``input_tokens`` plus its two ``cache_*_input_tokens``.
+    """
+
+    input_tokens: int | None
+    output_tokens: int | None
+
+
+def token_count(value: object) -> int | None:
+    """``value`` if it is a token count (an int), else None."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
