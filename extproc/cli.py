@@ -78,7 +78,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if loaded is None or runtime is None:
         return 1
     port = args.port if args.port is not None else loaded.model.server.extproc_port
-    asyncio.run(serve(runtime, args.host, port, loaded.model.server.drain_timeout_s))
+    try:
+        asyncio.run(serve(runtime, args.host, port, loaded.model.server.drain_timeout_s))
+    except OSError as exc:
+        print(f"checkstream: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -111,19 +111,33 @@ async def run_gateway(
     ``extra_service`` starts something in this process (the demo upstream) and returns
     the coroutine function that stops it.
     """
+    workdir = tempfile.TemporaryDirectory(prefix="checkstream-")
+    envoy_yaml = Path(workdir.name) / "envoy.yaml"
+    envoy_yaml.write_text(render_yaml(loaded.model))
+    try:
+        return await _supervise(loaded, envoy_yaml, extra_service)
+    finally:
+        workdir.cleanup()
+
+
+async def _supervise(
+    loaded: LoadedConfig,
+    envoy_yaml: Path,
+    extra_service: Callable[[], Awaitable[Callable[[], Awaitable[None]]]] | None,
+) -> int:
     server = loaded.model.server
     stop_extra: Callable[[], Awaitable[None]] | None = None
     children: list[_Child] = []
-    workdir = Path(tempfile.mkdtemp(prefix="checkstream-"))
-    envoy_yaml = workdir / "envoy.yaml"
-    envoy_yaml.write_text(render_yaml(loaded.model))
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
     try:
         if extra_service is not None:
-            stop_extra = await extra_service()
+            try:
+                stop_extra = await extra_service()
+            except OSError as exc:
+                raise StartupError(f"the demo upstream cannot start: {exc}") from None
         readies = []
         for index in range(server.extproc_workers):
             port = server.extproc_port + index

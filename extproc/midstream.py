@@ -155,7 +155,8 @@ class MidstreamGuard:
     def _release(self, *, final: bool) -> bytes:
         if final:
             boundary = len(self.text)
-        elif self.checked and self.text[self.checked - 1] in _SENTENCE_ENDS:
+        elif self.text[max(0, self.checked - 8) : self.checked].rstrip()[-1:] in _SENTENCE_ENDS:
+            # A checked sentence is released whole: sentences are where phrases end.
             boundary = self.checked
         else:
             boundary = max(self.released, self.checked - self.step_chars)

@@ -72,9 +72,12 @@ def build_server(runtime: Runtime, host: str, port: int) -> tuple[grpc.aio.Serve
     external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(
         ExternalProcessor(runtime), server
     )
-    bound = server.add_insecure_port(f"{host}:{port}")
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError:
+        bound = 0  # grpcio raises where older versions returned 0
     if bound == 0:
-        raise OSError(f"cannot listen on {host}:{port} for extproc")
+        raise OSError(f"cannot listen on {host}:{port} for extproc (port in use?)")
     return server, bound
 
 

@@ -108,7 +108,11 @@ class OpenAIFormat:
         """
         texts = redactions(slots, spans_per_slot)
         # Every answer slot path starts with ("choices", i).
-        no_logprobs = {(*path[:2], "logprobs"): None for path in texts}
+        no_logprobs = {
+            (*path[:2], "logprobs"): None
+            for path in texts
+            if "logprobs" in payload["choices"][path[1]]
+        }
         return dump_json(with_values(payload, {**texts, **no_logprobs}))
 
     def blocked_answer(self, payload: Any, message: str, rule: str) -> bytes:
@@ -179,8 +183,10 @@ class OpenAIFormat:
         if found is None:
             raise ValueError("the event carries no answer text")
         chunk, path, _ = found
-        chunk = with_values(chunk, {path: text, (*path[:2], "logprobs"): None})
-        return with_data(event, dump_json(chunk).decode())
+        values: dict[JsonPath, object] = {path: text}
+        if "logprobs" in chunk["choices"][path[1]]:
+            values[(*path[:2], "logprobs")] = None
+        return with_data(event, dump_json(with_values(chunk, values)).decode())
 
     def usage(self, event: SseEvent) -> Usage | None:
         """The token counts of a chunk with ``usage`` (sent last, before ``[DONE]``, when
