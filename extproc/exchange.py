@@ -194,6 +194,15 @@ class Exchange:
                     new_body = fmt.redact_request(payload, slots, verdict.redactions)
                     payload = json.loads(new_body)
         if plan.guardrails.midstream.rules:
+            if isinstance(payload, dict) and payload.get("stream") and payload.get("n", 1) != 1:
+                # Only one streamed choice can be checked in order; others would pass unseen.
+                return error_response(
+                    fmt,
+                    400,
+                    "streamed requests with n > 1 are not supported by this tenant's guardrails",
+                    "unsupported_parameter",
+                    "checkstream_n",
+                )
             # Exact token counts need the backend's usage, which OpenAI streams only on
             # request; the extra chunk is removed before the client sees it.
             with_usage = fmt.ensure_stream_usage(payload)

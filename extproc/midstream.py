@@ -112,7 +112,20 @@ class MidstreamGuard:
         for event in events:
             usage = fmt.usage(event)
             if usage is not None:
-                self.usage = usage
+                # Anthropic reports input tokens at the start and output tokens at the end.
+                known = self.usage
+                self.usage = (
+                    usage
+                    if known is None
+                    else Usage(
+                        usage.input_tokens
+                        if usage.input_tokens is not None
+                        else known.input_tokens,
+                        usage.output_tokens
+                        if usage.output_tokens is not None
+                        else known.output_tokens,
+                    )
+                )
                 if self.drop_usage_chunk and fmt.is_usage_only(event):
                     continue  # asked for by CheckStream, not by the client
             start = len(self.text)

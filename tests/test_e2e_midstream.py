@@ -138,3 +138,12 @@ def test_sdks_consume_a_stopped_stream_without_raising(gateway: Gateway) -> None
         final = events.get_final_message()
     assert final.stop_reason == "refusal"
     assert "project falcon" not in text.lower()
+
+
+def test_streamed_n_above_one_is_refused_for_checked_tenants(gateway: Gateway) -> None:
+    from tests.support import request
+
+    payload = {"model": "m", "stream": True, "n": 2, "messages": [{"role": "user", "content": "x"}]}
+    reply = request(f"{gateway.url}/tenant/demo-egress/v1/chat/completions", payload)
+    assert reply.status == 400
+    assert reply.json()["error"]["code"] == "unsupported_parameter"

@@ -161,7 +161,7 @@ async def run(g: MidstreamGuard, stream: bytes, cut: int) -> tuple[list[bytes], 
 def text_of(fmt: str, body: bytes) -> str:
     from extproc.formats.sse import SseDecoder
 
-    events = SseDecoder().feed(body) + []
+    events = SseDecoder().feed(body)
     return "".join(FORMATS[fmt].delta_text(e) or "" for e in events)
 
 
@@ -277,7 +277,14 @@ async def test_usage_chunk_requested_by_checkstream_is_removed_but_read() -> Non
 async def test_nothing_more_after_a_stop() -> None:
     stream = openai_stream(SENTENCE)
     g, _ = guard("openai", Phrase("p", "launch"), "stop")
-    released, ended = await run(g, stream, 40)
+    _, ended = await run(g, stream, 40)
     assert ended
     assert (await g.feed(b"data: {}\n\n")).body == b""
     assert (await g.finish()).body == b""
+
+
+async def test_usage_is_merged_across_anthropic_events() -> None:
+    g, _ = guard("anthropic", Phrase("p", "zzz"), "stop")
+    await run(g, anthropic_stream(["a ", "b."]), 50)
+    assert g.usage is not None
+    assert (g.usage.input_tokens, g.usage.output_tokens) == (3, 2)
