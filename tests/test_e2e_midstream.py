@@ -11,6 +11,7 @@ from __future__ import annotations
 import http.client
 import json
 import time
+import urllib.request
 from typing import Any
 
 import anthropic
@@ -48,7 +49,16 @@ def _openai_text(body: bytes) -> tuple[str, list[dict[str, Any]]]:
     return text, chunks
 
 
+def _upstream_cancels(gateway: Gateway) -> int:
+    """Upstream requests Envoy cut off (connection closed with the request still active)."""
+    stats = urllib.request.urlopen(
+        f"http://127.0.0.1:{gateway.envoy_admin_port}/stats?filter=destroy_local_with_active_rq"
+    ).read()
+    return sum(int(line.rsplit(b":", 1)[1]) for line in stats.splitlines() if line.strip())
+
+
 def test_openai_stream_stopped_midway_ends_cleanly_and_early(gateway: Gateway) -> None:
+    cancels_before = _upstream_cancels(gateway)
     prompt = "the plan is project falcon"
     payload = {"model": "m", "stream": True, "messages": [{"role": "user", "content": prompt}]}
     body, elapsed = _post_stream(gateway, "/tenant/demo-egress/v1/chat/completions", payload)
@@ -59,8 +69,10 @@ def test_openai_stream_stopped_midway_ends_cleanly_and_early(gateway: Gateway) -
     assert final["choices"][0]["finish_reason"] == "content_filter"
     assert final["checkstream"]["rule"] == "no_falcon"
     assert body.rstrip().endswith(b"data: [DONE]")
-    # The client's response ended at the stop, not when the upstream finished (~3 s).
+    # The client's response ended at the stop, not when the upstream finished (~3 s),
+    # and Envoy cancelled the upstream request instead of letting it generate on.
     assert elapsed < 2.0, elapsed
+    assert _upstream_cancels(gateway) == cancels_before + 1
 
 
 def test_anthropic_stream_stopped_midway(gateway: Gateway) -> None:
