@@ -86,6 +86,30 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_classifiers_serve(args: argparse.Namespace) -> int:
+    from extproc.remote import servable_classifiers, serve
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # No secrets needed: this process scores texts and never calls a tenant's backend.
+    loaded = _load(args.config, require_secrets=False)
+    if loaded is None:
+        return 1
+    try:
+        classifiers = servable_classifiers(loaded)
+    except ConfigError as exc:
+        print(f"checkstream: invalid configuration\n{exc}", file=sys.stderr)
+        return 1
+    except PluginError as exc:
+        print(f"checkstream: {exc}", file=sys.stderr)
+        return 1
+    try:
+        asyncio.run(serve(classifiers, args.host, args.port))
+    except OSError as exc:
+        print(f"checkstream: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _cmd_envoy_render(args: argparse.Namespace) -> int:
     from extproc.envoy_config import render_yaml
 
@@ -160,6 +184,19 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, help="default: server.extproc_port")
     serve.set_defaults(handler=_cmd_serve)
+
+    classifiers = commands.add_parser("classifiers", help="classifiers for other gateways")
+    classifiers_commands = classifiers.add_subparsers(dest="classifiers_command", required=True)
+    classifiers_serve = classifiers_commands.add_parser(
+        "serve",
+        help="serve this config's classifiers over gRPC, for `type: remote` classifiers",
+    )
+    classifiers_serve.add_argument("-c", "--config", default=DEFAULT_CONFIG)
+    classifiers_serve.add_argument("--host", default="127.0.0.1")
+    # Literal, not DEFAULT_PORT from extproc.remote: importing it would load grpc and the
+    # generated modules for every command.
+    classifiers_serve.add_argument("--port", type=int, default=50061, help="default: 50061")
+    classifiers_serve.set_defaults(handler=_cmd_classifiers_serve)
 
     envoy = commands.add_parser("envoy", help="Envoy configuration")
     envoy_commands = envoy.add_subparsers(dest="envoy_command", required=True)

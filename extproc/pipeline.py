@@ -70,7 +70,7 @@ class Checker:
         names = tuple(dict.fromkeys(rule.classifier for rule in plan.rules))
         try:
             results = await asyncio.wait_for(
-                asyncio.gather(*(self._classify(name, texts) for name in names)),
+                asyncio.gather(*(self.classify(name, texts) for name in names)),
                 self.timeout_s,
             )
         except TimeoutError:
@@ -82,7 +82,8 @@ class Checker:
             return Verdict(failure=str(exc), failed_classifier=exc.name)
         return decide(plan, dict(zip(names, results, strict=True)), len(texts))
 
-    async def _classify(self, name: str, texts: Sequence[str]) -> list[Classification]:
+    async def classify(self, name: str, texts: Sequence[str]) -> list[Classification]:
+        """One classifier's validated results: sync ones off the event loop, unless inline."""
         classifier = self.classifiers[name]
         try:
             if getattr(classifier, "inline", False) or inspect.iscoroutinefunction(
