@@ -45,6 +45,8 @@ def load_registry(extra: Iterable[tuple[str, ModuleType | object]] = ()) -> Regi
     manager = pluggy.PluginManager(hookspecs.PROJECT)
     manager.add_hookspecs(hookspecs)
     for name, plugin in [*(_import(ep) for ep in _entry_points()), *extra]:
+        if manager.is_registered(plugin):
+            continue  # the same module under two names (installed and passed in `extra`)
         try:
             manager.register(plugin, name=name)
         except (ValueError, pluggy.PluginValidationError) as exc:
