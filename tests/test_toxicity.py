@@ -150,12 +150,23 @@ def test_another_onnx_model_is_refused_at_start() -> None:
 def test_onnx_equals_the_original_model(classifier: ToxicityClassifier) -> None:
     pytest.importorskip("profanity_check")
     pytest.importorskip("skl2onnx")
+    from plugins.toxicity import sentences_of
     from plugins.training.convert_toxicity import load_original, varied_texts
 
     vectorizer, model = load_original()
     texts = varied_texts(vectorizer, 300)
-    expected = model.predict_proba(vectorizer.transform(texts))[:, 1]
-    assert scores(classifier, texts) == pytest.approx(list(expected), abs=1e-5)
+    # The plugin scores each sentence with the model and keeps the highest.
+    expected = [
+        max(model.predict_proba(vectorizer.transform(sentences_of(text)))[:, 1]) for text in texts
+    ]
+    assert scores(classifier, texts) == pytest.approx(expected, abs=1e-5)
+
+
+def test_one_insult_in_a_long_window_is_still_found(classifier: ToxicityClassifier) -> None:
+    calm = "We reviewed the quarterly plan and agreed on the next steps for the team. " * 6
+    window = calm + "You are a fucking idiot. " + "Thanks for the update on the schedule. " * 3
+    assert scores(classifier, [window])[0] > 0.9
+    assert scores(classifier, [calm])[0] < 0.5
 
 
 def sanity_table(classifier: ToxicityClassifier, threshold: float = 0.5) -> list[str]:
