@@ -1,0 +1,196 @@
+"""The built-in ``prompt_injection`` classifier: P(text is a prompt-injection attempt).
+
+    classifiers:
+      prompt_injection: {}                 # the shipped model
+    guardrails:
+      - {classifier: prompt_injection, threshold: 0.5, action: block}   # see the model card
+
+A linear model in one small ONNX file (``plugins/models/prompt_injection.onnx``, card in
+``plugins/models/PROMPT_INJECTION.md``, retrained by ``plugins/training/train_prompt_injection``).
+Its logit is the sum of two parts:
+
+* word 1-2-gram TF-IDF features, computed inside the ONNX graph from the text;
+* the mean over the text's WordPiece tokens of a learned per-token score. Those scores are a
+  logistic-regression head on all-MiniLM-L6-v2's *input* token-embedding table (no
+  transformer layers), so a token never seen in training still gets the score of the tokens
+  it resembles. This is what makes the model generalise to a second dataset far better than
+  TF-IDF alone, at a cost of microseconds instead of MiniLM's tens of milliseconds.
+
+The text is normalised here, in Python, identically at training and serving (``normalise``),
+and tokenised with the MiniLM WordPiece tokenizer shipped in ``plugins/models/minilm/``.
+Scores carry no spans: the model judges a text as a whole.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+import numpy.typing as npt
+from pydantic import BaseModel, ConfigDict
+from tokenizers import Tokenizer
+
+from extproc.hookspecs import Classification, Classifier, ClassifierFactory, hookimpl
+from plugins.embeddings import TOKENIZER, ModelFileError, load_session
+
+TYPE_NAME: Final = "prompt_injection"
+MODEL: Final = Path(__file__).parent / "models" / "prompt_injection.onnx"
+
+#: Graph interface, shared with the training script that writes the model.
+TEXT_INPUT: Final = "text"  # string [batch, 1], already ``normalise``d
+PIECES_INPUT: Final = "wordpieces"  # int64 [batch, pieces], padded with the vocabulary size
+OUTPUT: Final = "p_injection"  # float32 [batch]
+#: ONNX metadata key holding the threshold recommended by the model card.
+THRESHOLD_KEY: Final = "recommended_threshold"
+
+#: Only the first pieces count towards the mean: 512 covers ~2,000 characters of English,
+#: and bounds the per-text work whatever a client sends. The TF-IDF part sees the whole text.
+MAX_PIECES: Final = 512
+#: Characters handed to the tokenizer: it tokenises everything before truncating, so a huge
+#: text would otherwise cost time for pieces that are thrown away. 8 per piece is generous.
+MAX_PIECE_CHARS: Final = 8 * MAX_PIECES
+
+#: One intra-op thread, measured: at batch 1 two threads gain nothing (~170 µs either way
+#: for 60 characters), at batch 16 they are slower (16 texts of 128 tokens: 4.2-5.2 ms on
+#: one thread, 7.9-10.3 ms on two) as the per-row string ops do not parallelise;
+#: and on a 2-core machine shared with Envoy and other classifiers a second thread only
+#: contends.
+THREADS: Final = 1
+
+
+def _invisible_map() -> dict[int, int | None]:
+    table: dict[int, int | None] = {}
+    # Zero-width and bidi format characters split or hide words ("ig\u200bnore") without
+    # changing what a model reads: drop them so the words are seen whole.
+    for start, end in [
+        (0x00AD, 0x00AD),
+        (0x180E, 0x180E),
+        (0x200B, 0x200F),
+        (0x202A, 0x202E),
+        (0x2060, 0x2064),
+        (0x2066, 0x206F),
+        (0xFEFF, 0xFEFF),
+        (0xE0000, 0xE001F),
+        (0xE007F, 0xE007F),
+    ]:
+        table.update(dict.fromkeys(range(start, end + 1)))
+    # Unicode tag characters are invisible copies of ASCII, used to smuggle instructions
+    # past a human reviewer ("ASCII smuggling"): make the hidden text visible to the model.
+    table.update({cp: cp - 0xE0000 for cp in range(0xE0020, 0xE007F)})
+    return table
+
+
+_INVISIBLE: Final = _invisible_map()
+
+
+def normalise(text: str) -> str:
+    """The text as the model sees it, at training and at serving.
+
+    NFKC folds compatibility look-alikes used for obfuscation (full-width letters, ligatures,
+    mathematical bold) into plain letters. Lowercasing happens here rather than in the ONNX
+    graph because onnxruntime lowercases per character under a C locale, which differs from
+    Python for a few letters (Greek final sigma); this way both sides get identical input.
+    """
+    return unicodedata.normalize("NFKC", text.translate(_INVISIBLE)).lower()
+
+
+class WordPieces:
+    """Token ids for the graph's per-token scores, padded with ``pad_id`` (= vocabulary size,
+    which the graph maps to score 0 and leaves out of the mean)."""
+
+    def __init__(self, tokenizer_path: Path | str = TOKENIZER) -> None:
+        try:
+            tokenizer = Tokenizer.from_file(str(tokenizer_path))
+        except Exception as exc:
+            raise ModelFileError(f"cannot load tokenizer file {tokenizer_path}: {exc}") from None
+        self.pad_id = tokenizer.get_vocab_size()
+        # The shipped tokenizer.json pads and truncates to 128 for MiniLM: replace both.
+        tokenizer.no_padding()
+        tokenizer.enable_truncation(MAX_PIECES)
+        tokenizer.enable_padding(pad_id=self.pad_id, pad_token="[PAD]")
+        self.tokenizer = tokenizer
+
+    def ids(self, texts: Sequence[str]) -> npt.NDArray[np.int64]:
+        """[len(texts), longest] ids of already-normalised texts (at least one column, so an
+        all-empty batch still has a well-formed shape)."""
+        encodings = self.tokenizer.encode_batch(
+            [t[:MAX_PIECE_CHARS] for t in texts], add_special_tokens=False
+        )
+        ids = np.array([e.ids for e in encodings], dtype=np.int64).reshape(len(texts), -1)
+        if ids.shape[1] == 0:
+            return np.full((len(texts), 1), self.pad_id, dtype=np.int64)
+        return ids
+
+
+class PromptInjectionSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    #: Another model file with the same interface (tests, or a retrained model).
+    model_path: str | None = None
+
+
+class PromptInjectionClassifier:
+    produces_spans = False
+    # Not inline: a call takes ~0.1-1 ms, too long for the event loop.
+
+    def __init__(
+        self,
+        name: str,
+        model_path: Path | str = MODEL,
+        tokenizer_path: Path | str = TOKENIZER,
+        threads: int = THREADS,
+    ) -> None:
+        self.name = name
+        self.model_path = Path(model_path)
+        # load_session raises ModelFileError naming the file for missing or corrupt files.
+        self.session = load_session(self.model_path, threads=threads)
+        inputs = {i.name for i in self.session.get_inputs()}
+        outputs = {o.name for o in self.session.get_outputs()}
+        if inputs != {TEXT_INPUT, PIECES_INPUT} or OUTPUT not in outputs:
+            raise ModelFileError(
+                f"model file {self.model_path} is not a prompt-injection model: inputs "
+                f"{sorted(inputs)}, outputs {sorted(outputs)}"
+            )
+        metadata = self.session.get_modelmeta().custom_metadata_map
+        self.recommended_threshold = float(metadata.get(THRESHOLD_KEY, "0.5"))
+        self.pieces = WordPieces(tokenizer_path)
+
+    def scores(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
+        """The model's P(injection) per text, in order (blank texts included)."""
+        return self._run([normalise(t) for t in texts])
+
+    def classify(self, texts: Sequence[str]) -> list[Classification]:
+        normalised = [normalise(t) for t in texts]
+        probabilities = self._run(normalised)
+        # A blank text cannot carry an instruction, but the model would give it its
+        # intercept (~0.45, near the threshold): score it 0. min/max guard the [0, 1]
+        # contract against float rounding at the sigmoid's ends.
+        return [
+            Classification(min(1.0, max(0.0, float(p))) if text.strip() else 0.0)
+            for text, p in zip(normalised, probabilities, strict=True)
+        ]
+
+    def _run(self, normalised: list[str]) -> npt.NDArray[np.float32]:
+        if not normalised:
+            return np.zeros(0, dtype=np.float32)
+        # One session call for the whole batch: per-call overhead dominates for short texts.
+        (probabilities,) = self.session.run(
+            [OUTPUT],
+            {
+                TEXT_INPUT: np.array(normalised, dtype=object).reshape(-1, 1),
+                PIECES_INPUT: self.pieces.ids(normalised),
+            },
+        )
+        return np.asarray(probabilities, dtype=np.float32).reshape(len(normalised))
+
+
+def create(name: str, settings: Mapping[str, Any]) -> Classifier:
+    parsed = PromptInjectionSettings.model_validate(dict(settings))
+    return PromptInjectionClassifier(name, parsed.model_path or MODEL)
+
+
+@hookimpl
+def checkstream_classifier_types() -> Mapping[str, ClassifierFactory]:
+    return {TYPE_NAME: create}
