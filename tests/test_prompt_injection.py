@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from extproc.hookspecs import Classification, Classifier
+from extproc.pipeline import validate
 from extproc.registry import PluginError, Registry, load_registry
 from plugins import prompt_injection
 from plugins.embeddings import ModelFileError
@@ -92,6 +93,7 @@ def test_a_batch_returns_one_classification_per_text_in_order(
 ) -> None:
     texts = [BENIGN[0], INJECTIONS[0], BENIGN[1], INJECTIONS[1], "x" * 3000]
     results = classifier.classify(texts)
+    assert validate(TYPE_NAME, texts, results) == results  # the gateway's own contract check
     assert len(results) == len(texts)
     assert all(isinstance(r, Classification) and r.spans == () for r in results)
     assert all(0.0 <= r.score <= 1.0 for r in results)
