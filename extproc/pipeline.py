@@ -69,6 +69,11 @@ class Checker:
             return CLEAN
         names = tuple(dict.fromkeys(rule.classifier for rule in plan.rules))
         try:
+            if all(_runs_inline(self.classifiers[name]) for name in names):
+                # Microseconds of work each: tasks and a timer would cost more than the
+                # checks, and a timeout could not interrupt synchronous code anyway.
+                inline = {name: self._classify_inline(name, texts) for name in names}
+                return decide(plan, inline, len(texts))
             results = await asyncio.wait_for(
                 asyncio.gather(*(self.classify(name, texts) for name in names)),
                 self.timeout_s,
@@ -81,6 +86,13 @@ class Checker:
         except ClassifierFailure as exc:
             return Verdict(failure=str(exc), failed_classifier=exc.name)
         return decide(plan, dict(zip(names, results, strict=True)), len(texts))
+
+    def _classify_inline(self, name: str, texts: Sequence[str]) -> list[Classification]:
+        try:
+            result = self.classifiers[name].classify(texts)
+        except Exception as exc:
+            raise ClassifierFailure(name, f"raised {type(exc).__name__}: {exc}") from exc
+        return validate(name, texts, result)
 
     async def classify(self, name: str, texts: Sequence[str]) -> list[Classification]:
         """One classifier's validated results: sync ones off the event loop, unless inline."""
@@ -98,6 +110,12 @@ class Checker:
         except Exception as exc:
             raise ClassifierFailure(name, f"raised {type(exc).__name__}: {exc}") from exc
         return validate(name, texts, result)
+
+
+def _runs_inline(classifier: Classifier) -> bool:
+    return bool(getattr(classifier, "inline", False)) and not inspect.iscoroutinefunction(
+        classifier.classify
+    )
 
 
 def validate(name: str, texts: Sequence[str], result: Any) -> list[Classification]:

@@ -36,10 +36,19 @@ class KeywordClassifier:
         terms = sorted({t.strip() for t in settings.terms if t.strip()}, key=len, reverse=True)
         alternatives = "|".join(r"\s+".join(map(re.escape, t.split())) for t in terms)
         self.pattern = re.compile(rf"(?<!\w)(?:{alternatives})(?!\w)", re.IGNORECASE)
+        # A cheap necessary condition for ASCII text: some term's first word occurs in it.
+        # Most texts contain none, and `in` is far cheaper than the regex (10 vs 60 us/KB).
+        first_words = {t.split()[0].lower() for t in terms}
+        self.first_words = tuple(first_words) if all(w.isascii() for w in first_words) else ()
 
     def classify(self, texts: Sequence[str]) -> list[Classification]:
         results = []
         for text in texts:
+            if self.first_words and text.isascii():
+                lowered = text.lower()
+                if not any(word in lowered for word in self.first_words):
+                    results.append(Classification(0.0))
+                    continue
             spans = tuple(Span(m.start(), m.end(), self.label) for m in self.pattern.finditer(text))
             results.append(Classification(1.0 if spans else 0.0, spans))
         return results
