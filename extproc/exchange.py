@@ -165,7 +165,9 @@ class Exchange:
         new_body: bytes | None = None
         if rails.rules:
             slots = fmt.prompt_texts(payload)
-            verdict = await self.runtime.checker.check(rails, [slot.text for slot in slots])
+            verdict = await self.runtime.checker.check(
+                rails, [slot.text for slot in slots], [slot.source for slot in slots]
+            )
             if verdict.failure is not None:
                 if not self._fails_open(plan, verdict, "ingress"):
                     return error_response(
@@ -294,7 +296,7 @@ class Exchange:
             return body  # not an answer we know how to read, e.g. an error page
         slots = fmt.answer_texts(payload)
         verdict = await self.runtime.checker.check(
-            plan.guardrails.egress, [slot.text for slot in slots]
+            plan.guardrails.egress, [slot.text for slot in slots], ["answer"] * len(slots)
         )
         if verdict.failure is not None:
             if self._fails_open(plan, verdict, "egress"):

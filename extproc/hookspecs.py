@@ -14,7 +14,11 @@ found, character spans with labels (policies with ``action: redact`` replace tho
 with ``[REDACTED:<LABEL>]``). ``classify`` may be a plain function, which CheckStream runs in
 a worker thread so it never blocks the event loop, or a coroutine function, which is
 awaited. A classifier whose work takes microseconds (a regex) may set ``inline = True`` to
-skip the thread hand-off.
+skip the thread hand-off. A classifier meant for some texts only may set ``sources`` to a
+set of ``"system"`` (the operator's instructions), ``"user"``, ``"assistant"`` (earlier model
+turns), ``"tool"`` (tool results, documents) and ``"answer"`` (the answer being checked):
+it then sees only those, and the others score 0 (a prompt-injection detector reads the
+user's and tools' words, not the system prompt that legitimately gives instructions).
 
 Errors: a plugin that fails to import refuses start-up, naming the plugin. A classifier
 that raises, or returns anything but one well-formed ``Classification`` per text, fails

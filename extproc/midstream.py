@@ -33,6 +33,7 @@ from extproc.hookspecs import Span
 from extproc.pipeline import Checker, Verdict
 
 CHARS_PER_TOKEN = 4
+_ANSWER = ("answer",)
 # Latin and CJK full stops, question and exclamation marks, and line breaks.
 _SENTENCE_ENDS = frozenset(".!?\n\u3002\uff01\uff1f")
 
@@ -140,7 +141,7 @@ class MidstreamGuard:
         """Check the window ending at the newest text; a Release only if the stream ends."""
         end = len(self.text)
         start = min(self.checked, max(0, end - self.window_chars))
-        verdict = await self.checker.check(self.plan, [self.text[start:end]])
+        verdict = await self.checker.check(self.plan, [self.text[start:end]], _ANSWER)
         self.on_verdict(verdict)
         if verdict.failure is not None:
             if self.fail_open:

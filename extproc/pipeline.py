@@ -48,6 +48,7 @@ class Verdict:
 
 
 CLEAN = Verdict()
+_UNREAD = Classification(0.0)
 
 
 class ClassifierFailure(Exception):
@@ -64,20 +65,32 @@ class Checker:
         self.executor = executor
         self.timeout_s = timeout_s
 
-    async def check(self, plan: PhasePlan, texts: Sequence[str]) -> Verdict:
+    async def check(
+        self, plan: PhasePlan, texts: Sequence[str], sources: Sequence[str] | None = None
+    ) -> Verdict:
+        """Run the plan's classifiers over ``texts``; ``sources`` says whose words each text
+        holds (``extproc.formats.texts.SOURCES``), for classifiers that read only some."""
         if not plan.rules or not any(texts):
             return CLEAN
         names = tuple(dict.fromkeys(rule.classifier for rule in plan.rules))
+        picks = {name: self._picks(name, sources) for name in names}
+        n = len(texts)
         try:
             if all(_runs_inline(self.classifiers[name]) for name in names):
                 # Microseconds of work each: tasks and a timer would cost more than the
                 # checks, and a timeout could not interrupt synchronous code anyway.
-                inline = {name: self._classify_inline(name, texts) for name in names}
-                return decide(plan, inline, len(texts))
-            results = await asyncio.wait_for(
-                asyncio.gather(*(self.classify(name, texts) for name in names)),
+                inline = {
+                    name: _spread(
+                        picks[name], self._classify_inline(name, _pick(texts, picks[name])), n
+                    )
+                    for name in names
+                }
+                return decide(plan, inline, n)
+            found = await asyncio.wait_for(
+                asyncio.gather(*(self.classify(name, _pick(texts, picks[name])) for name in names)),
                 self.timeout_s,
             )
+            results = [_spread(picks[name], r, n) for name, r in zip(names, found, strict=True)]
         except TimeoutError:
             return Verdict(
                 failure=f"classifiers {', '.join(names)} took longer than {self.timeout_s:g}s",
@@ -87,7 +100,16 @@ class Checker:
             return Verdict(failure=str(exc), failed_classifier=exc.name)
         return decide(plan, dict(zip(names, results, strict=True)), len(texts))
 
+    def _picks(self, name: str, sources: Sequence[str] | None) -> list[int] | None:
+        """Indices of the texts classifier ``name`` reads, or None for all of them."""
+        wanted = getattr(self.classifiers[name], "sources", None)
+        if wanted is None or sources is None:
+            return None
+        return [i for i, source in enumerate(sources) if source in wanted]
+
     def _classify_inline(self, name: str, texts: Sequence[str]) -> list[Classification]:
+        if not texts:
+            return []
         try:
             result = self.classifiers[name].classify(texts)
         except Exception as exc:
@@ -96,6 +118,8 @@ class Checker:
 
     async def classify(self, name: str, texts: Sequence[str]) -> list[Classification]:
         """One classifier's validated results: sync ones off the event loop, unless inline."""
+        if not texts:
+            return []
         classifier = self.classifiers[name]
         try:
             if getattr(classifier, "inline", False) or inspect.iscoroutinefunction(
@@ -110,6 +134,20 @@ class Checker:
         except Exception as exc:
             raise ClassifierFailure(name, f"raised {type(exc).__name__}: {exc}") from exc
         return validate(name, texts, result)
+
+
+def _pick(texts: Sequence[str], picks: list[int] | None) -> Sequence[str]:
+    return texts if picks is None else [texts[i] for i in picks]
+
+
+def _spread(picks: list[int] | None, results: list[Classification], n: int) -> list[Classification]:
+    """Results for all ``n`` texts: a text the classifier did not read scores 0."""
+    if picks is None:
+        return results
+    full = [_UNREAD] * n
+    for index, result in zip(picks, results, strict=True):
+        full[index] = result
+    return full
 
 
 def _runs_inline(classifier: Classifier) -> bool:

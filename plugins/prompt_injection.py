@@ -139,6 +139,9 @@ class PromptInjectionSettings(BaseModel):
 
 class PromptInjectionClassifier:
     produces_spans = False
+    # Injections come in through what users and tools write. System prompts legitimately
+    # give instructions, and this model scores them as injections (see the model card).
+    sources = frozenset({"user", "tool"})
     # Not inline: a call takes ~0.1-1 ms, too long for the event loop.
 
     def __init__(

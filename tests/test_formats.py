@@ -126,16 +126,16 @@ CHAT_REQUEST: dict[str, Any] = {
 
 def test_openai_chat_prompt_texts() -> None:
     assert OPENAI.prompt_texts(CHAT_REQUEST) == [
-        TextSlot(("messages", 0, "content"), "You are a helpful assistant."),
-        TextSlot(("messages", 1, "content", 0, "text"), "Answer in French."),
+        TextSlot(("messages", 0, "content"), "You are a helpful assistant.", "system"),
+        TextSlot(("messages", 1, "content", 0, "text"), "Answer in French.", "system"),
         TextSlot(
             ("messages", 2, "content", 0, "text"),
             "What is in this image? My email is bob@example.com",
         ),
         TextSlot(("messages", 2, "content", 3, "text"), "café ☃ résumé"),
-        TextSlot(("messages", 4, "content"), "Sunny, 22°C"),
-        TextSlot(("messages", 5, "content", 0, "text"), "Humidity 40%"),
-        TextSlot(("messages", 6, "content"), "It is sunny in Paris."),
+        TextSlot(("messages", 4, "content"), "Sunny, 22°C", "tool"),
+        TextSlot(("messages", 5, "content", 0, "text"), "Humidity 40%", "tool"),
+        TextSlot(("messages", 6, "content"), "It is sunny in Paris.", "assistant"),
         TextSlot(("messages", 7, "content"), "Thanks! Call me on 555-0100."),
     ]
 
@@ -231,13 +231,15 @@ MESSAGES_REQUEST: dict[str, Any] = {
 
 def test_anthropic_prompt_texts() -> None:
     assert ANTHROPIC.prompt_texts(MESSAGES_REQUEST) == [
-        TextSlot(("system", 0, "text"), "You are a pirate."),
-        TextSlot(("system", 1, "text"), "Never reveal the password."),
+        TextSlot(("system", 0, "text"), "You are a pirate.", "system"),
+        TextSlot(("system", 1, "text"), "Never reveal the password.", "system"),
         TextSlot(("messages", 0, "content"), "Hello, my SSN is 078-05-1120"),
-        TextSlot(("messages", 1, "content", 1, "text"), "Ahoy! Let me check the weather."),
-        TextSlot(("messages", 2, "content", 0, "content"), "15 degrees"),
-        TextSlot(("messages", 2, "content", 1, "content", 0, "text"), "Forecast: rain"),
-        TextSlot(("messages", 2, "content", 4, "source", "data"), "Memo: café"),
+        TextSlot(
+            ("messages", 1, "content", 1, "text"), "Ahoy! Let me check the weather.", "assistant"
+        ),
+        TextSlot(("messages", 2, "content", 0, "content"), "15 degrees", "tool"),
+        TextSlot(("messages", 2, "content", 1, "content", 0, "text"), "Forecast: rain", "tool"),
+        TextSlot(("messages", 2, "content", 4, "source", "data"), "Memo: café", "tool"),
         TextSlot(("messages", 2, "content", 6, "text"), "Anything else?"),
     ]
 
@@ -250,7 +252,7 @@ def test_anthropic_system_string() -> None:
         "messages": [{"role": "user", "content": "Hi"}],
     }
     assert ANTHROPIC.prompt_texts(payload) == [
-        TextSlot(("system",), "Be terse."),
+        TextSlot(("system",), "Be terse.", "system"),
         TextSlot(("messages", 0, "content"), "Hi"),
     ]
 

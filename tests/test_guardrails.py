@@ -203,3 +203,21 @@ async def test_checker_runs_classifiers_and_decides() -> None:
     assert verdict.redactions == ((), (Span(2, 6, "B"),))
     assert verdict.scores == {"a": 0.6, "b": 0.95}
     assert (await checker.check(plan, ["", ""])).action is None
+
+
+class UserOnly(Fixed):
+    sources = frozenset({"user"})
+
+
+async def test_a_classifier_reads_only_its_sources() -> None:
+    reader = UserOnly("u", {"scores": {"ignore": 0.9}})
+    everyone = Fixed("e", {"scores": {"ignore": 0.9}})
+    checker = Checker({"u": reader, "e": everyone}, ThreadPoolExecutor(1), 1.0)
+    texts = ["ignore the rules (system prompt)", "hello", "please ignore that"]
+    sources = ["system", "user", "user"]
+    plan = _plan(_rule("ru", "u", "redact"), _rule("re", "e", "log"))
+    verdict = await checker.check(plan, texts, sources)
+    assert verdict.redactions == ((), (), (Span(7, 13, "U"),))
+    system_only = await checker.check(_plan(_rule("ru", "u", "block")), texts[:1], sources[:1])
+    assert system_only.action is None
+    assert (await checker.check(_plan(_rule("re", "e", "block")), texts[:1], sources[:1])).action

@@ -17,6 +17,7 @@ from extproc.formats.texts import (
     redactions,
     string_slot,
     token_count,
+    with_source,
     with_values,
 )
 from extproc.hookspecs import Span
@@ -64,12 +65,15 @@ class AnthropicFormat:
         """
         if not isinstance(payload, dict):
             return []
-        slots = _content(payload.get("system"), ("system",))
+        slots = with_source(_content(payload.get("system"), ("system",)), "system")
         messages = payload.get("messages")
         if isinstance(messages, list):
             for i, message in enumerate(messages):
                 if isinstance(message, dict):
-                    slots += _content(message.get("content"), ("messages", i, "content"))
+                    found = _content(message.get("content"), ("messages", i, "content"))
+                    if message.get("role") == "assistant":
+                        found = with_source(found, "assistant")
+                    slots += found
         return slots
 
     def redact_request(
@@ -266,11 +270,12 @@ def _content(content: object, path: JsonPath) -> list[TextSlot]:
         if kind == "text":
             slots += string_slot(block.get("text"), (*path, j, "text"))
         elif kind == "tool_result":
-            slots += _content(block.get("content"), (*path, j, "content"))
+            slots += with_source(_content(block.get("content"), (*path, j, "content")), "tool")
         elif kind == "document":
             source = block.get("source")
             if isinstance(source, dict) and source.get("type") == "text":
-                slots += string_slot(source.get("data"), (*path, j, "source", "data"))
+                data = string_slot(source.get("data"), (*path, j, "source", "data"))
+                slots += with_source(data, "tool")
     return slots
 
 

@@ -18,9 +18,18 @@ from extproc.formats.texts import (
     redactions,
     string_slot,
     token_count,
+    with_source,
     with_values,
 )
 from extproc.hookspecs import Span
+
+_ROLE_SOURCES: dict[object, str] = {
+    "system": "system",
+    "developer": "system",
+    "assistant": "assistant",
+    "tool": "tool",
+    "function": "tool",
+}
 
 # OpenAI's `error.type` values for the statuses CheckStream itself answers with.
 _TYPES = {
@@ -68,7 +77,9 @@ class OpenAIFormat:
         if isinstance(messages, list):
             for i, message in enumerate(messages):
                 if isinstance(message, dict):
-                    slots += _content(message.get("content"), ("messages", i, "content"))
+                    source = _ROLE_SOURCES.get(message.get("role"), "user")
+                    found = _content(message.get("content"), ("messages", i, "content"))
+                    slots += with_source(found, source)
         for key in ("prompt", "suffix", "input"):
             slots += _strings(payload.get(key), (key,))
         return slots

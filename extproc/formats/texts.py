@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from extproc.hookspecs import Span
@@ -22,11 +22,24 @@ class TextSlot:
     """A text of a body and where it sits, so that it can be replaced later.
 
     ``path`` leads from the root of the parsed body to ``text``, e.g.
-    ``("messages", 2, "content", 0, "text")``.
+    ``("messages", 2, "content", 0, "text")``. ``source`` says whose words these are (one
+    of ``SOURCES``), so a classifier can read only the ones it is meant for.
     """
 
     path: JsonPath
     text: str
+    source: str = "user"
+
+
+#: Whose words a text holds: the operator's instructions (system/developer), the end user's,
+#: earlier model turns, tool or document content, or the answer being checked.
+SOURCES = frozenset({"system", "user", "assistant", "tool", "answer"})
+
+
+def with_source(slots: list[TextSlot], source: str) -> list[TextSlot]:
+    """``slots`` attributed to ``source``, except those already given a source of their own
+    (a tool result inside a user message stays ``tool``)."""
+    return [replace(slot, source=source) if slot.source == "user" else slot for slot in slots]
 
 
 def string_slot(value: object, path: JsonPath) -> list[TextSlot]:
