@@ -86,6 +86,8 @@ def compile_guardrails(loaded: LoadedConfig, registry: Registry) -> Guardrails:
     doc = loaded.doc
     problems: list[Problem] = []
     classifiers, broken = _build_classifiers(loaded, registry, problems)
+    # Each unknown name is reported once, at its first use; broken ones at their definition.
+    reported = set(broken)
     tenants: dict[str, TenantGuardrails] = {}
     for tenant_id, cfg in model.tenants.configs.items():
         ingress = phase_classifiers(cfg.pipeline.ingress, model.pipeline.ingress, cfg.classifiers)
@@ -93,7 +95,8 @@ def compile_guardrails(loaded: LoadedConfig, registry: Registry) -> Guardrails:
             cfg.pipeline.midstream, model.pipeline.midstream, cfg.classifiers
         )
         for name in dict.fromkeys(ingress + midstream):
-            if name not in classifiers and name not in broken and not _reported(problems, name):
+            if name not in classifiers and name not in reported:
+                reported.add(name)
                 problems.append(
                     doc.problem(
                         _where_named(model, tenant_id, name),
@@ -118,10 +121,6 @@ def compile_guardrails(loaded: LoadedConfig, registry: Registry) -> Guardrails:
     if problems:
         raise ConfigError(sorted(problems, key=lambda p: (p.file, p.line or 0)))
     return Guardrails(classifiers, tenants)
-
-
-def _reported(problems: list[Problem], name: str) -> bool:
-    return any(f"'{name}'" in p.message for p in problems)
 
 
 def _where_named(model: CheckStreamConfig, tenant_id: str, name: str) -> KeyPath:
