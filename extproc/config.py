@@ -117,6 +117,14 @@ class RateLimitConfig(Strict):
     requests_per_minute: PositiveInt | None = None
     tokens_per_minute: PositiveInt | None = None
     max_concurrent_requests: PositiveInt | None = None
+    # Reserved for the answer when a request names no max_tokens (tokens_per_minute pre-pays).
+    default_max_tokens: PositiveInt = 1024
+
+    @property
+    def limited(self) -> bool:
+        return bool(
+            self.requests_per_minute or self.tokens_per_minute or self.max_concurrent_requests
+        )
 
 
 class BudgetConfig(Strict):
@@ -130,8 +138,11 @@ class ManagedAuth(Strict):
 
 class AuditConfig(Strict):
     enabled: bool = True
+    # Relative to the config file; absent: ./audit/<tenant id>.
     path: str | None = None
     retention_days: PositiveInt = 90
+    # Add the matched excerpt (PII redacted) to trigger records; off: no text at all.
+    include_content: bool = False
 
 
 class TenantConfig(Strict):
@@ -150,7 +161,7 @@ class TenantConfig(Strict):
     # unless the operator asked for it.
     auth_passthrough: bool = False
     auth: ManagedAuth | None = None
-    audit: AuditConfig = AuditConfig()
+    audit: AuditConfig | None = None  # absent: no audit trail
     fail_mode: Literal["closed", "open"] = "closed"
     suspended: bool = False
 
@@ -208,6 +219,8 @@ class LimitsConfig(Strict):
 
 
 class UsageConfig(Strict):
+    enabled: bool = True
+    # Relative to the config file.
     path: str = "./checkstream-usage.db"
 
 
@@ -351,9 +364,7 @@ def _cross_check(doc: YamlDocument, model: CheckStreamConfig) -> tuple[list[Prob
             )
     if model.limits.backend == "redis" and not model.limits.url:
         problems.append(doc.problem(("limits", "backend"), "backend redis needs limits.url"))
-    shared_counts = any(
-        t.rate_limit != RateLimitConfig() or t.budget is not None for t in known.values()
-    )
+    shared_counts = any(t.rate_limit.limited or t.budget is not None for t in known.values())
     if model.server.extproc_workers > 1 and model.limits.backend == "memory" and shared_counts:
         problems.append(
             doc.problem(

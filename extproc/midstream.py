@@ -21,6 +21,7 @@ the same way (rule ``guardrail_error``), open releases the text unchecked.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,9 +31,9 @@ from extproc.formats.sse import SseDecoder, SseEvent
 from extproc.formats.texts import Usage
 from extproc.guardrails import PhasePlan
 from extproc.hookspecs import Span
+from extproc.metering import CHARS_PER_TOKEN, merge_usage
 from extproc.pipeline import Checker, Verdict
 
-CHARS_PER_TOKEN = 4
 _ANSWER = ("answer",)
 # Latin and CJK full stops, question and exclamation marks, and line breaks.
 _SENTENCE_ENDS = frozenset(".!?\n\u3002\uff01\uff1f")
@@ -63,7 +64,7 @@ class MidstreamGuard:
         holdback_tokens: int,
         drop_usage_chunk: bool,
         fail_open: bool,
-        on_verdict: Callable[[Verdict], None],
+        on_verdict: Callable[[Verdict, float], None],
     ) -> None:
         self.fmt = fmt
         self.checker = checker
@@ -113,20 +114,7 @@ class MidstreamGuard:
         for event in events:
             usage = fmt.usage(event)
             if usage is not None:
-                # Anthropic reports input tokens at the start and output tokens at the end.
-                known = self.usage
-                self.usage = (
-                    usage
-                    if known is None
-                    else Usage(
-                        usage.input_tokens
-                        if usage.input_tokens is not None
-                        else known.input_tokens,
-                        usage.output_tokens
-                        if usage.output_tokens is not None
-                        else known.output_tokens,
-                    )
-                )
+                self.usage = merge_usage(self.usage, usage)
                 if self.drop_usage_chunk and fmt.is_usage_only(event):
                     continue  # asked for by CheckStream, not by the client
             start = len(self.text)
@@ -141,8 +129,9 @@ class MidstreamGuard:
         """Check the window ending at the newest text; a Release only if the stream ends."""
         end = len(self.text)
         start = min(self.checked, max(0, end - self.window_chars))
+        started = time.perf_counter()
         verdict = await self.checker.check(self.plan, [self.text[start:end]], _ANSWER)
-        self.on_verdict(verdict)
+        self.on_verdict(verdict, (time.perf_counter() - started) * 1000)
         if verdict.failure is not None:
             if self.fail_open:
                 self.checked = end

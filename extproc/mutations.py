@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
 from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
 from envoy.service.ext_proc.v3.external_processor_pb2 import (
+    CommonResponse,
     HeaderMutation,
+    HeadersResponse,
     HttpHeaders,
     ImmediateResponse,
     ProcessingResponse,
@@ -24,6 +26,8 @@ from extproc.formats import WireFormat
 from extproc.tenancy import Tenant
 
 ROUTE_HEADER = "x-checkstream-route"
+#: The route to the launcher's admin server; not a valid tenant id, so it names no tenant.
+ADMIN_ROUTE = "_admin"
 METADATA_NAMESPACE = "checkstream"
 _OVERWRITE = HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _SEND = ProcessingMode.SEND
@@ -107,3 +111,22 @@ def build_forwarding(
         metadata = Struct()
         metadata.update({METADATA_NAMESPACE: {"format": tenant.format.name}})
     return Forwarding(tuple(sets), tuple(removes), mode, metadata)
+
+
+#: The answer for /metrics, /readyz and operator /admin/* requests: on to the admin server,
+#: which checks the admin token itself; extproc sees nothing more of them.
+TO_ADMIN = ProcessingResponse(
+    request_headers=HeadersResponse(
+        response=CommonResponse(
+            header_mutation=HeaderMutation(set_headers=[header(ROUTE_HEADER, ADMIN_ROUTE)]),
+            clear_route_cache=True,
+        )
+    ),
+    mode_override=ProcessingMode(
+        request_header_mode=_SEND,
+        request_body_mode=ProcessingMode.NONE,
+        response_header_mode=_SKIP,
+        response_body_mode=ProcessingMode.NONE,
+        response_trailer_mode=_SKIP,
+    ),
+)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import math
+import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from typing import Any
 
 from extproc.guardrails import STRENGTH, PhasePlan, Rule
 from extproc.hookspecs import Classification, Classifier, Span
+from extproc.metrics import CLASSIFIER_LATENCY
 
 
 @dataclass(frozen=True)
@@ -110,10 +112,12 @@ class Checker:
     def _classify_inline(self, name: str, texts: Sequence[str]) -> list[Classification]:
         if not texts:
             return []
+        started = time.perf_counter()
         try:
             result = self.classifiers[name].classify(texts)
         except Exception as exc:
             raise ClassifierFailure(name, f"raised {type(exc).__name__}: {exc}") from exc
+        CLASSIFIER_LATENCY.labels(name).observe((time.perf_counter() - started) * 1000)
         return validate(name, texts, result)
 
     async def classify(self, name: str, texts: Sequence[str]) -> list[Classification]:
@@ -121,6 +125,7 @@ class Checker:
         if not texts:
             return []
         classifier = self.classifiers[name]
+        started = time.perf_counter()
         try:
             if getattr(classifier, "inline", False) or inspect.iscoroutinefunction(
                 classifier.classify
@@ -133,6 +138,7 @@ class Checker:
                 result = await result
         except Exception as exc:
             raise ClassifierFailure(name, f"raised {type(exc).__name__}: {exc}") from exc
+        CLASSIFIER_LATENCY.labels(name).observe((time.perf_counter() - started) * 1000)
         return validate(name, texts, result)
 
 

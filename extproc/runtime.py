@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+import hashlib
+import json
+import time
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from extproc.accounting import Accounts
+from extproc.audit import resolve_audit_dirs
 from extproc.config import LoadedConfig
 from extproc.guardrails import Guardrails, TenantGuardrails, compile_guardrails
+from extproc.limits import LimiterUnavailable
 from extproc.mutations import Forwarding, build_forwarding
 from extproc.pipeline import Checker
 from extproc.registry import Registry, load_registry
 from extproc.tenancy import Tenant, TenantResolver
+from extproc.usage import Pricing, period_of
 
 # Below Envoy's ext_proc message_timeout (5 s), so a slow classifier meets the tenant's fail
 # mode here rather than a bare 504 from Envoy.
@@ -26,8 +33,11 @@ class TenantPlan:
 
     tenant: Tenant
     guardrails: TenantGuardrails
-    needs_request_body: bool
-    needs_response: bool
+    #: Requests are counted: usage, rate limits, budget or audit.
+    tracks: bool
+    #: The answer's usage is needed (counted, or midstream rules need the request's tokens).
+    reads_answer_usage: bool
+    budget_usd: float | None
     allowed_models: frozenset[str] | None
     forwarding: Forwarding  # the client's own key goes upstream (auth_passthrough)
     forwarding_without_key: Forwarding  # the client's key is stripped
@@ -35,43 +45,87 @@ class TenantPlan:
 
 @dataclass
 class Runtime:
+    """One config generation; a reload builds a new one and requests in flight keep theirs."""
+
     config: LoadedConfig
     resolver: TenantResolver
     guardrails: Guardrails
     plans: dict[str, TenantPlan]
     checker: Checker
+    accounts: Accounts
+    pricing: Pricing
+    #: Models that may appear as metric labels (allowlists and the price table).
+    known_models: frozenset[str]
+    #: Names this config: a hash of the config and policy files as read.
+    version: str
+    #: Audited tenants' retention_days.
+    audit_retention: dict[str, int]
     #: Set on SIGTERM: health turns 503 so load balancers stop sending new traffic.
     draining: bool = field(default=False)
 
     @classmethod
-    def from_config(cls, loaded: LoadedConfig, registry: Registry | None = None) -> Runtime:
-        """Compile ``loaded``; raises ConfigError (located) or PluginError (naming the plugin)."""
+    def from_config(
+        cls,
+        loaded: LoadedConfig,
+        registry: Registry | None = None,
+        accounts: Accounts | None = None,
+        executor: Executor | None = None,
+    ) -> Runtime:
+        """Compile ``loaded``; raises ConfigError (located) or PluginError (naming the plugin).
+
+        ``accounts`` (limits, budgets, usage, audit) carry over from the generation this one
+        replaces; without, they are opened here (inside the serving event loop).
+        """
         guardrails = compile_guardrails(loaded, registry or load_registry())
         resolver = TenantResolver(loaded.model, loaded.secrets)
+        model = loaded.model
+        audited = resolve_audit_dirs(loaded)
         plans = {}
         for tenant_id, tenant in resolver.tenants.items():
             cfg = tenant.config
             rails = guardrails.tenants[tenant_id]
-            # Midstream needs the request too: to ask OpenAI backends for stream usage.
-            needs_request_body = (
-                bool(rails.ingress.rules or rails.midstream.rules) or cfg.models is not None
+            tracks = (
+                model.usage.enabled
+                or cfg.rate_limit.limited
+                or cfg.budget is not None
+                or tenant_id in audited
             )
-            needs_response = bool(rails.midstream.rules)
-            kw = {"needs_request_body": needs_request_body, "needs_response": needs_response}
+            # Midstream needs the request too: to ask OpenAI backends for stream usage.
+            reads_answer_usage = tracks or bool(rails.midstream.rules)
+            needs_request_body = (
+                reads_answer_usage or bool(rails.ingress.rules) or cfg.models is not None
+            )
+            kw = {"needs_request_body": needs_request_body, "needs_response": reads_answer_usage}
             plans[tenant_id] = TenantPlan(
                 tenant=tenant,
                 guardrails=rails,
-                needs_request_body=needs_request_body,
-                needs_response=needs_response,
+                tracks=tracks,
+                reads_answer_usage=reads_answer_usage,
+                budget_usd=cfg.budget.monthly_usd if cfg.budget else None,
                 allowed_models=frozenset(cfg.models) if cfg.models is not None else None,
                 forwarding=build_forwarding(tenant, keep_client_key=True, **kw),
                 forwarding_without_key=build_forwarding(tenant, keep_client_key=False, **kw),
             )
-        executor = ThreadPoolExecutor(CLASSIFIER_THREADS, thread_name_prefix="classifier")
+        if executor is None:
+            executor = ThreadPoolExecutor(CLASSIFIER_THREADS, thread_name_prefix="classifier")
         checker = Checker(guardrails.classifiers, executor, CHECK_TIMEOUT_S)
-        return cls(loaded, resolver, guardrails, plans, checker)
+        known = set(model.pricing)
+        for tenant_config in model.tenants.configs.values():
+            known.update(tenant_config.models or ())
+        return cls(
+            loaded,
+            resolver,
+            guardrails,
+            plans,
+            checker,
+            accounts if accounts is not None else Accounts.open(loaded),
+            Pricing(model.pricing),
+            frozenset(known),
+            config_version(loaded),
+            {t: cfg.retention_days for t, (_path, cfg) in audited.items()},
+        )
 
-    def tenant_info(self, tenant_id: str) -> dict[str, Any]:
+    async def tenant_info(self, tenant_id: str) -> dict[str, Any]:
         """What a tenant may learn about itself (no secrets, nothing about other tenants)."""
         plan = self.plans[tenant_id]
         cfg = plan.tenant.config
@@ -92,6 +146,52 @@ class Runtime:
             },
             "models": cfg.models,
             "rate_limit": cfg.rate_limit.model_dump(),
-            "budget": cfg.budget.model_dump() if cfg.budget else None,
+            "remaining": await self._remaining(tenant_id),
+            "budget": await self._budget(tenant_id),
             "fail_mode": cfg.fail_mode,
+            "config_version": self.version,
         }
+
+    async def _remaining(self, tenant_id: str) -> dict[str, Any] | str | None:
+        limits = self.plans[tenant_id].tenant.config.rate_limit
+        if not limits.limited:
+            return None
+        try:
+            decision = await self.accounts.limiter.remaining(tenant_id, limits)
+        except LimiterUnavailable:
+            return "unavailable"
+        return {
+            "limit": decision.limit_name,
+            "remaining": decision.remaining,
+            "of": decision.limit,
+            "reset": decision.reset,
+        }
+
+    async def _budget(self, tenant_id: str) -> dict[str, Any] | None:
+        budget = self.plans[tenant_id].tenant.config.budget
+        if budget is None:
+            return None
+        period = period_of(time.time())
+        try:
+            spent: float | str = await self.accounts.budgets.spent(tenant_id, period)
+        except LimiterUnavailable:
+            spent = "unavailable"
+        return {"monthly_usd": budget.monthly_usd, "period": period, "spent_usd": spent}
+
+
+def check_config(loaded: LoadedConfig, registry: Registry | None = None) -> None:
+    """Everything ``Runtime.from_config`` would refuse, without opening any store."""
+    compile_guardrails(loaded, registry or load_registry())
+    TenantResolver(loaded.model, loaded.secrets)
+    resolve_audit_dirs(loaded)
+
+
+def config_version(loaded: LoadedConfig) -> str:
+    """A short hash of the config and policies as they were read (not re-read: the files
+    may have changed since)."""
+    documents = {
+        "config": loaded.doc.data,
+        "policies": {tenant: policy.doc.data for tenant, policy in loaded.policies.items()},
+    }
+    canonical = json.dumps(documents, sort_keys=True, default=str).encode()
+    return hashlib.sha256(canonical).hexdigest()[:16]

@@ -1,14 +1,18 @@
 """The ext_proc gRPC service: one ``Process`` stream per HTTP request, mapped to an Exchange.
 
-This module holds the protocol loop and nothing else; decisions live in ``exchange.py``.
+This module holds the protocol loop and the worker's life (start, reload, stop); decisions
+live in ``exchange.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
+from pathlib import Path
+from typing import Any
 
 import grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
@@ -17,10 +21,25 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import (
     ProcessingResponse,
 )
 
+from extproc.config import LoadedConfig, load_config
 from extproc.exchange import Answer, Exchange
+from extproc.registry import PluginError
+from extproc.reloading import (
+    CONTROL_FILE,
+    Ack,
+    RestartNeeded,
+    ack_path,
+    read_control,
+    restart_needed,
+    write_ack,
+)
 from extproc.runtime import Runtime
+from extproc.yamlsource import ConfigError
 
 log = logging.getLogger("checkstream.extproc")
+
+# Audit files past retention are removed at start and then this often.
+_PRUNE_EVERY_S = 3600.0
 
 
 class ExternalProcessor(external_processor_pb2_grpc.ExternalProcessorServicer):  # type: ignore[misc]
@@ -31,17 +50,33 @@ class ExternalProcessor(external_processor_pb2_grpc.ExternalProcessorServicer): 
         self, request_iterator: AsyncIterator[ProcessingRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[ProcessingResponse]:
         exchange = Exchange(self.runtime)
+        try:
+            async for answer in self._answers(exchange, request_iterator, context):
+                yield answer
+        finally:
+            tally = exchange.tally
+            if tally is not None and not tally.done:
+                # The stream ended early (client gone, Envoy reset): still account for it,
+                # in a task, since a cancelled generator cannot await.
+                _in_background(exchange.abandon())
+
+    async def _answers(
+        self,
+        exchange: Exchange,
+        request_iterator: AsyncIterator[ProcessingRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[ProcessingResponse]:
         async for request in request_iterator:
             kind = request.WhichOneof("request")
             answer: Answer
             if kind == "request_headers":
-                answer = exchange.on_request_headers(request.request_headers)
+                answer = await exchange.on_request_headers(request.request_headers)
             elif kind == "response_body":
                 answer = await exchange.on_response_body(request.response_body)
             elif kind == "request_body":
                 answer = await exchange.on_request_body(request.request_body)
             elif kind == "response_headers":
-                answer = exchange.on_response_headers(request.response_headers)
+                answer = await exchange.on_response_headers(request.response_headers)
             elif kind == "response_trailers":
                 answer = await exchange.on_response_trailers(request.response_trailers)
             elif kind == "request_trailers":
@@ -61,7 +96,16 @@ class ExternalProcessor(external_processor_pb2_grpc.ExternalProcessorServicer): 
                 yield answer
 
 
-def build_server(runtime: Runtime, host: str, port: int) -> tuple[grpc.aio.Server, int]:
+_BACKGROUND: set[asyncio.Task[None]] = set()
+
+
+def _in_background(coro: Coroutine[Any, Any, None]) -> None:
+    task = asyncio.get_running_loop().create_task(coro)
+    _BACKGROUND.add(task)
+    task.add_done_callback(_BACKGROUND.discard)
+
+
+def build_server(processor: ExternalProcessor, host: str, port: int) -> tuple[grpc.aio.Server, int]:
     server = grpc.aio.server(
         options=[
             ("grpc.so_reuseport", 0),
@@ -69,9 +113,7 @@ def build_server(runtime: Runtime, host: str, port: int) -> tuple[grpc.aio.Serve
             ("grpc.max_send_message_length", 64 * 1024 * 1024),
         ]
     )
-    external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(
-        ExternalProcessor(runtime), server
-    )
+    external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(processor, server)
     try:
         bound = server.add_insecure_port(f"{host}:{port}")
     except RuntimeError:
@@ -81,15 +123,102 @@ def build_server(runtime: Runtime, host: str, port: int) -> tuple[grpc.aio.Serve
     return server, bound
 
 
-async def serve(runtime: Runtime, host: str, port: int, grace_s: float) -> None:
-    """Serve until SIGTERM/SIGINT, then finish in-flight streams (up to ``grace_s``)."""
-    server, bound = build_server(runtime, host, port)
+class Worker:
+    """Swaps in a new runtime on SIGHUP (see ``reloading.py``), one reload at a time."""
+
+    def __init__(
+        self, processor: ExternalProcessor, config_path: Path, control_dir: Path | None, port: int
+    ) -> None:
+        self.processor = processor
+        self.config_path = config_path
+        self.control_dir = control_dir
+        self.port = port
+        self.lock = asyncio.Lock()
+
+    def on_hangup(self) -> None:
+        _in_background(self.hangup())
+
+    async def hangup(self) -> None:
+        async with self.lock:
+            control = read_control(self.control_dir / CONTROL_FILE) if self.control_dir else None
+            if control is None:
+                await self.reload()
+                return
+            accounts = self.processor.runtime.accounts
+            accounts.suspensions.clear()
+            accounts.suspensions.update(control.suspensions)
+            if control.action == "reload":
+                version, error = await self.reload()
+            else:
+                version, error = self.processor.runtime.version, None
+            assert self.control_dir is not None
+            write_ack(
+                ack_path(self.control_dir, self.port), Ack(control.generation, version, error)
+            )
+
+    async def reload(self) -> tuple[str, str | None]:
+        """Load, validate and swap in the config; the version in force and any error."""
+        old = self.processor.runtime
+        try:
+            loaded = await asyncio.to_thread(load_config, self.config_path)
+            why = restart_needed(old.config, loaded)
+            if why is not None:
+                raise RestartNeeded(f"{self.config_path}: {why}")
+            # In the loop's thread: classifiers may open clients bound to this loop.
+            runtime = Runtime.from_config(
+                loaded, accounts=old.accounts, executor=old.checker.executor
+            )
+        except (ConfigError, PluginError, RestartNeeded) as exc:
+            log.error(json.dumps({"event": "reload_refused", "error": str(exc)}))
+            return old.version, str(exc)
+        old.accounts.retarget(loaded)
+        self.processor.runtime = runtime
+        log.info(json.dumps({"event": "reloaded", "version": runtime.version}))
+        return runtime.version, None
+
+
+async def serve(
+    loaded: LoadedConfig, host: str, port: int, control_dir: Path | None = None
+) -> None:
+    """Serve until SIGTERM/SIGINT, then finish in-flight streams (up to drain_timeout_s).
+
+    Raises ConfigError or PluginError if the config does not compile, OSError if the port
+    is taken.
+    """
+    runtime = Runtime.from_config(loaded)
+    processor = ExternalProcessor(runtime)
+    try:
+        server, bound = build_server(processor, host, port)
+    except OSError:
+        await runtime.accounts.aclose()
+        raise
     await server.start()
-    print(f"extproc listening on {host}:{bound}", flush=True)
+    worker = Worker(processor, loaded.path, control_dir, bound)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # Before the line the launcher waits for: SIGHUP's default action would kill us.
+    loop.add_signal_handler(signal.SIGHUP, worker.on_hangup)
+    print(f"extproc listening on {host}:{bound}", flush=True)
+    pruner = loop.create_task(_prune_audit(processor))
     await stop.wait()
-    runtime.draining = True
-    await server.stop(grace_s)
+    processor.runtime.draining = True
+    await server.stop(loaded.model.server.drain_timeout_s)
+    pruner.cancel()
+    if _BACKGROUND:
+        await asyncio.wait(set(_BACKGROUND), timeout=5)
+    await processor.runtime.accounts.aclose()
+
+
+async def _prune_audit(processor: ExternalProcessor) -> None:
+    while True:
+        runtime = processor.runtime
+        try:
+            removed = await asyncio.to_thread(runtime.accounts.audit.prune, runtime.audit_retention)
+        except OSError as exc:
+            log.error(json.dumps({"event": "audit_prune_failed", "error": str(exc)}))
+        else:
+            for path in removed:
+                log.info(json.dumps({"event": "audit_pruned", "file": str(path)}))
+        await asyncio.sleep(_PRUNE_EVERY_S)

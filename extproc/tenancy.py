@@ -139,8 +139,6 @@ class TenantResolver:
         tenant = self.tenants.get(tenant_id) if tenant_id is not None else None
         if tenant is None:
             return self._refuse(403, "unknown tenant", "unknown_tenant", None)
-        if tenant.config.suspended:
-            return self._refuse(403, "tenant is suspended", "tenant_suspended", tenant_id)
         return Resolved(tenant, path, key_is_ours)
 
     def _refuse(self, status: int, message: str, code: str, tenant_id: str | None) -> Refused:

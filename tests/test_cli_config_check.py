@@ -188,10 +188,21 @@ def test_envoy_render_clusters_and_routes(
     assert sorted(clusters) == [
         "backend_http_127_0_0_1_9001",
         "backend_https_api_openai_com_443",
+        "checkstream_admin",
         "checkstream_extproc",
     ]
     routes = {r["name"]: r for r in _routes(bootstrap)}
-    assert sorted(routes) == ["tenant:acme", "tenant:globex", "tenant:local", "unrouted"]
+    assert sorted(routes) == [
+        "admin",
+        "tenant:acme",
+        "tenant:globex",
+        "tenant:local",
+        "unrouted",
+    ]
+    assert routes["admin"]["match"]["headers"] == [
+        {"name": "x-checkstream-route", "string_match": {"exact": "_admin"}}
+    ]
+    assert routes["admin"]["route"]["cluster"] == "checkstream_admin"
     for tenant in ("acme", "globex", "local"):
         match = routes[f"tenant:{tenant}"]["match"]
         assert match["headers"] == [

@@ -279,7 +279,7 @@ def test_rendered_bootstrap_passes_envoy_validate(tmp_path: Path) -> None:
     _validate(bootstrap)
     clusters = yaml.safe_load(done.stdout)["static_resources"]["clusters"]
     names = [c["name"] for c in clusters]
-    assert len(names) == 5 and names[0] == "checkstream_extproc"
+    assert names[:2] == ["checkstream_extproc", "checkstream_admin"] and len(names) == 6
     extproc_endpoints = clusters[0]["load_assignment"]["endpoints"][0]["lb_endpoints"]
     assert len(extproc_endpoints) == 2
 

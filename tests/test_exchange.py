@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,8 @@ ANTHROPIC_SECRET = "sk-ant-upstream-SECRET-2"
 CHAT = "/v1/chat/completions"
 
 CONFIG = """\
+# Usage off: these tests look at the messages each tenant's guardrails need, nothing more.
+usage: {enabled: false}
 tenants:
   resolution:
     - header: "X-Tenant-ID"
@@ -65,10 +68,10 @@ def runtime(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Runtime:
     return Runtime.from_config(load_config(path))
 
 
-def request_headers(path: str, **headers: str) -> HttpHeaders:
+def request_headers(path: str, method: str = "POST", **headers: str) -> HttpHeaders:
     """Envoy's request headers message; ``x_tenant_id=`` becomes ``x-tenant-id``."""
     values = [
-        HeaderValue(key=":method", raw_value=b"POST"),
+        HeaderValue(key=":method", raw_value=method.encode()),
         HeaderValue(key=":path", raw_value=path.encode()),
         HeaderValue(key=":authority", raw_value=b"gateway.local"),
         HeaderValue(key="content-type", raw_value=b"application/json"),
@@ -98,6 +101,11 @@ def immediate(response: ProcessingResponse) -> tuple[int, dict[str, str], Any]:
     return answer.status.code, headers, json.loads(answer.body)
 
 
+def headers_answer(runtime: Runtime, msg: HttpHeaders) -> ProcessingResponse:
+    """A fresh exchange's answer to request headers, from a test without an event loop."""
+    return asyncio.run(Exchange(runtime).on_request_headers(msg))
+
+
 def body(data: bytes, end: bool = True) -> HttpBody:
     return HttpBody(body=data, end_of_stream=end)
 
@@ -106,7 +114,7 @@ def body(data: bytes, end: bool = True) -> HttpBody:
 
 
 def test_pass_through_tenant_one_message_per_request(runtime: Runtime) -> None:
-    response = Exchange(runtime).on_request_headers(request_headers("/tenant/plain" + CHAT))
+    response = headers_answer(runtime, request_headers("/tenant/plain" + CHAT))
     assert sets(response) == {"x-checkstream-route": "plain", ":path": CHAT}
     assert response.request_headers.response.clear_route_cache is True
     assert response.request_headers.response.status == 0  # CONTINUE
@@ -120,7 +128,7 @@ def test_pass_through_tenant_one_message_per_request(runtime: Runtime) -> None:
 
 
 def test_route_header_values_use_overwrite(runtime: Runtime) -> None:
-    response = Exchange(runtime).on_request_headers(request_headers(CHAT, x_tenant_id="plain"))
+    response = headers_answer(runtime, request_headers(CHAT, x_tenant_id="plain"))
     options = response.request_headers.response.header_mutation.set_headers
     assert options[0].header.key == "x-checkstream-route"
     assert all(o.append_action == HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD for o in options)
@@ -128,12 +136,12 @@ def test_route_header_values_use_overwrite(runtime: Runtime) -> None:
 
 def test_path_not_rewritten_when_unchanged(runtime: Runtime) -> None:
     # backend_url ends in /v1 and the client path starts with /v1/: the path is kept.
-    response = Exchange(runtime).on_request_headers(request_headers(CHAT, x_tenant_id="plain"))
+    response = headers_answer(runtime, request_headers(CHAT, x_tenant_id="plain"))
     assert sets(response) == {"x-checkstream-route": "plain"}
 
 
 def test_path_prefix_query_kept(runtime: Runtime) -> None:
-    response = Exchange(runtime).on_request_headers(
+    response = headers_answer(runtime, 
         request_headers("/tenant/bare/v1/models?limit=2")
     )
     assert sets(response)[":path"] == "/v1/models?limit=2"
@@ -141,14 +149,14 @@ def test_path_prefix_query_kept(runtime: Runtime) -> None:
 
 
 def test_backend_base_path_is_put_in_front(runtime: Runtime) -> None:
-    response = Exchange(runtime).on_request_headers(
+    response = headers_answer(runtime, 
         request_headers(CHAT + "?x=1", authorization="Bearer sk-cs-gated")
     )
     assert sets(response)[":path"] == "/proxy/v1/chat/completions?x=1"
 
 
 def test_tenant_headers_are_set(runtime: Runtime) -> None:
-    response = Exchange(runtime).on_request_headers(request_headers(CHAT, x_api_key="sk-cs-claude"))
+    response = headers_answer(runtime, request_headers(CHAT, x_api_key="sk-cs-claude"))
     assert sets(response)["anthropic-version"] == "2023-06-01"
 
 
@@ -156,27 +164,27 @@ def test_tenant_headers_are_set(runtime: Runtime) -> None:
 
 
 def test_models_tenant_buffers_request_body(runtime: Runtime) -> None:
-    response = Exchange(runtime).on_request_headers(request_headers(CHAT, x_tenant_id="gated"))
+    response = headers_answer(runtime, request_headers(CHAT, x_tenant_id="gated"))
     assert response.mode_override.request_body_mode == ProcessingMode.BUFFERED
     assert response.mode_override.response_body_mode == ProcessingMode.NONE
     assert response.mode_override.response_header_mode == ProcessingMode.SKIP
 
 
-def _gated_exchange(runtime: Runtime, tenant: str = "gated") -> Exchange:
+async def _gated_exchange(runtime: Runtime, tenant: str = "gated") -> Exchange:
     exchange = Exchange(runtime)
-    exchange.on_request_headers(request_headers(CHAT, x_tenant_id=tenant))
+    await exchange.on_request_headers(request_headers(CHAT, x_tenant_id=tenant))
     return exchange
 
 
 async def test_allowed_model_passes(runtime: Runtime) -> None:
-    exchange = _gated_exchange(runtime)
+    exchange = await _gated_exchange(runtime)
     response = await exchange.on_request_body(body(b'{"model": "gpt-4o-mini", "messages": []}'))
     assert response.WhichOneof("response") == "request_body"
     assert not response.request_body.response.HasField("body_mutation")
 
 
 async def test_disallowed_model_is_refused_in_openai_format(runtime: Runtime) -> None:
-    exchange = _gated_exchange(runtime)
+    exchange = await _gated_exchange(runtime)
     status, headers, error = immediate(await exchange.on_request_body(body(b'{"model": "gpt-4"}')))
     assert status == 400
     assert headers["content-type"] == "application/json"
@@ -186,7 +194,7 @@ async def test_disallowed_model_is_refused_in_openai_format(runtime: Runtime) ->
 
 
 async def test_disallowed_model_is_refused_in_anthropic_format(runtime: Runtime) -> None:
-    exchange = _gated_exchange(runtime, "claude")
+    exchange = await _gated_exchange(runtime, "claude")
     status, _, error = immediate(await exchange.on_request_body(body(b'{"model": "claude-opus"}')))
     assert status == 400
     assert error["type"] == "error"
@@ -195,13 +203,13 @@ async def test_disallowed_model_is_refused_in_anthropic_format(runtime: Runtime)
 
 
 async def test_missing_model_is_refused(runtime: Runtime) -> None:
-    exchange = _gated_exchange(runtime)
+    exchange = await _gated_exchange(runtime)
     status, _, error = immediate(await exchange.on_request_body(body(b'{"messages": []}')))
     assert (status, error["error"]["code"]) == (400, "model_not_allowed")
 
 
 async def test_body_in_several_chunks_is_judged_whole(runtime: Runtime) -> None:
-    exchange = _gated_exchange(runtime)
+    exchange = await _gated_exchange(runtime)
     first = await exchange.on_request_body(body(b'{"model": "gpt-', end=False))
     assert first.WhichOneof("response") == "request_body"
     status, _, error = immediate(await exchange.on_request_body(body(b'5"}')))
@@ -210,7 +218,7 @@ async def test_body_in_several_chunks_is_judged_whole(runtime: Runtime) -> None:
 
 
 async def test_malformed_json_is_400(runtime: Runtime) -> None:
-    exchange = _gated_exchange(runtime)
+    exchange = await _gated_exchange(runtime)
     status, _, error = immediate(await exchange.on_request_body(body(b'{"model": "gpt-4o",')))
     assert status == 400
     assert error["error"]["code"] == "invalid_json"
@@ -218,14 +226,14 @@ async def test_malformed_json_is_400(runtime: Runtime) -> None:
 
 
 async def test_malformed_json_is_400_in_anthropic_format(runtime: Runtime) -> None:
-    exchange = _gated_exchange(runtime, "claude")
+    exchange = await _gated_exchange(runtime, "claude")
     status, _, error = immediate(await exchange.on_request_body(body(b"\xff\xfe")))
     assert status == 400
     assert (error["type"], error["error"]["code"]) == ("error", "invalid_json")
 
 
 async def test_unhashable_model_is_refused_not_crashing(runtime: Runtime) -> None:
-    exchange = _gated_exchange(runtime)
+    exchange = await _gated_exchange(runtime)
     status, _, error = immediate(await exchange.on_request_body(body(b'{"model": ["gpt-4o"]}')))
     assert status == 400
     assert error["error"]["code"] == "model_not_allowed"
@@ -235,7 +243,7 @@ async def test_unhashable_model_is_refused_not_crashing(runtime: Runtime) -> Non
 
 
 def test_managed_auth_openai(runtime: Runtime) -> None:
-    response = Exchange(runtime).on_request_headers(
+    response = headers_answer(runtime, 
         request_headers(CHAT, authorization="Bearer sk-cs-gated", x_api_key="sk-client")
     )
     assert sets(response)["authorization"] == f"Bearer {OPENAI_SECRET}"
@@ -245,7 +253,7 @@ def test_managed_auth_openai(runtime: Runtime) -> None:
 
 
 def test_managed_auth_anthropic(runtime: Runtime) -> None:
-    response = Exchange(runtime).on_request_headers(
+    response = headers_answer(runtime, 
         request_headers(
             CHAT, x_tenant_id="claude", x_api_key="sk-client", authorization="Bearer sk-client"
         )
@@ -256,7 +264,7 @@ def test_managed_auth_anthropic(runtime: Runtime) -> None:
 
 
 def test_passthrough_keeps_the_clients_own_key(runtime: Runtime) -> None:
-    response = Exchange(runtime).on_request_headers(
+    response = headers_answer(runtime, 
         request_headers(CHAT, x_tenant_id="plain", authorization="Bearer sk-provider-own")
     )
     assert removes(response) == []
@@ -264,7 +272,7 @@ def test_passthrough_keeps_the_clients_own_key(runtime: Runtime) -> None:
 
 
 def test_passthrough_never_forwards_a_checkstream_key(runtime: Runtime) -> None:
-    response = Exchange(runtime).on_request_headers(
+    response = headers_answer(runtime, 
         request_headers(CHAT, authorization="Bearer sk-cs-plain")
     )
     assert sets(response)["x-checkstream-route"] == "plain"
@@ -272,7 +280,7 @@ def test_passthrough_never_forwards_a_checkstream_key(runtime: Runtime) -> None:
 
 
 def test_no_auth_config_strips_client_keys(runtime: Runtime) -> None:
-    response = Exchange(runtime).on_request_headers(
+    response = headers_answer(runtime, 
         request_headers(CHAT, x_tenant_id="bare", authorization="Bearer sk-provider-own")
     )
     assert sorted(removes(response)) == ["authorization", "x-api-key"]
@@ -283,14 +291,14 @@ def test_no_auth_config_strips_client_keys(runtime: Runtime) -> None:
 
 def test_unknown_tenant_is_403_openai(runtime: Runtime) -> None:
     status, _, error = immediate(
-        Exchange(runtime).on_request_headers(request_headers(CHAT, x_tenant_id="nobody"))
+        headers_answer(runtime, request_headers(CHAT, x_tenant_id="nobody"))
     )
     assert (status, error["error"]["code"]) == (403, "unknown_tenant")
 
 
 def test_key_and_header_mismatch_is_403_in_key_tenants_format(runtime: Runtime) -> None:
     status, _, error = immediate(
-        Exchange(runtime).on_request_headers(
+        headers_answer(runtime, 
             request_headers(CHAT, x_tenant_id="plain", x_api_key="sk-cs-claude")
         )
     )
@@ -300,14 +308,14 @@ def test_key_and_header_mismatch_is_403_in_key_tenants_format(runtime: Runtime) 
 
 def test_suspended_tenant_is_403(runtime: Runtime) -> None:
     status, _, error = immediate(
-        Exchange(runtime).on_request_headers(request_headers(CHAT, x_tenant_id="frozen"))
+        headers_answer(runtime, request_headers(CHAT, x_tenant_id="frozen"))
     )
     assert (status, error["error"]["code"]) == (403, "tenant_suspended")
 
 
 def test_unknown_key_is_401(runtime: Runtime) -> None:
     status, _, error = immediate(
-        Exchange(runtime).on_request_headers(request_headers(CHAT, authorization="Bearer sk-x"))
+        headers_answer(runtime, request_headers(CHAT, authorization="Bearer sk-x"))
     )
     assert (status, error["error"]["code"]) == (401, "invalid_api_key")
 
@@ -317,19 +325,19 @@ def test_unknown_key_is_401(runtime: Runtime) -> None:
 
 def test_healthz(runtime: Runtime) -> None:
     status, _, payload = immediate(
-        Exchange(runtime).on_request_headers(request_headers("/healthz"))
+        headers_answer(runtime, request_headers("/healthz"))
     )
     assert (status, payload) == (200, {"status": "ok"})
     runtime.draining = True
     status, _, payload = immediate(
-        Exchange(runtime).on_request_headers(request_headers("/healthz?probe=lb"))
+        headers_answer(runtime, request_headers("/healthz?probe=lb"))
     )
     assert (status, payload) == (503, {"status": "draining"})
 
 
 def test_tenant_info(runtime: Runtime) -> None:
-    response = Exchange(runtime).on_request_headers(
-        request_headers("/admin/tenant-info", x_api_key="sk-cs-claude")
+    response = headers_answer(runtime, 
+        request_headers("/admin/tenant-info", "GET", x_api_key="sk-cs-claude")
     )
     raw = response.immediate_response.body
     status, headers, info = immediate(response)
@@ -346,7 +354,7 @@ def test_tenant_info(runtime: Runtime) -> None:
 
 def test_tenant_info_via_path_prefix(runtime: Runtime) -> None:
     status, _, info = immediate(
-        Exchange(runtime).on_request_headers(request_headers("/tenant/gated/admin/tenant-info"))
+        headers_answer(runtime, request_headers("/tenant/gated/admin/tenant-info", "GET"))
     )
     assert (status, info["tenant"], info["backend"]) == (
         200,
@@ -357,34 +365,37 @@ def test_tenant_info_via_path_prefix(runtime: Runtime) -> None:
 
 def test_tenant_info_needs_a_tenant(runtime: Runtime) -> None:
     status, _, error = immediate(
-        Exchange(runtime).on_request_headers(request_headers("/admin/tenant-info"))
+        headers_answer(runtime, request_headers("/admin/tenant-info", "GET"))
     )
     assert (status, error["error"]["code"]) == (403, "unknown_tenant")
 
 
-def test_other_admin_paths_are_404(runtime: Runtime) -> None:
-    status, _, error = immediate(
-        Exchange(runtime).on_request_headers(request_headers("/admin/other", x_tenant_id="plain"))
-    )
-    assert (status, error["error"]["code"]) == (404, "not_found")
-    status, _, error = immediate(
-        Exchange(runtime).on_request_headers(request_headers("/admin/other", x_tenant_id="claude"))
-    )
-    assert (status, error["type"]) == (404, "error")
+@pytest.mark.parametrize("path", ["/admin/reload", "/admin/tenants/plain/suspend", "/metrics"])
+def test_operator_paths_go_to_the_admin_server(runtime: Runtime, path: str) -> None:
+    # No tenant needed: the admin server checks its own token.
+    response = headers_answer(runtime, request_headers(path))
+    assert sets(response) == {"x-checkstream-route": "_admin"}
+    assert response.mode_override.request_body_mode == ProcessingMode.NONE
+    assert response.mode_override.response_header_mode == ProcessingMode.SKIP
+
+
+def test_tenant_info_is_only_get(runtime: Runtime) -> None:
+    msg = request_headers("/admin/tenant-info", "POST", x_tenant_id="plain")
+    assert sets(headers_answer(runtime, msg)) == {"x-checkstream-route": "_admin"}
 
 
 # -- metadata and response body ------------------------------------------------------------------
 
 
 def test_anthropic_tenant_gets_format_metadata(runtime: Runtime) -> None:
-    response = Exchange(runtime).on_request_headers(request_headers(CHAT, x_api_key="sk-cs-claude"))
+    response = headers_answer(runtime, request_headers(CHAT, x_api_key="sk-cs-claude"))
     assert response.HasField("dynamic_metadata")
     assert MessageToDict(response.dynamic_metadata) == {"checkstream": {"format": "anthropic"}}
 
 
 @pytest.mark.parametrize("tenant", ["plain", "bare", "gated"])
 def test_openai_tenants_get_no_metadata(runtime: Runtime, tenant: str) -> None:
-    response = Exchange(runtime).on_request_headers(request_headers(CHAT, x_tenant_id=tenant))
+    response = headers_answer(runtime, request_headers(CHAT, x_tenant_id=tenant))
     assert not response.HasField("dynamic_metadata")
 
 
@@ -399,7 +410,7 @@ def test_openai_tenants_get_no_metadata(runtime: Runtime, tenant: str) -> None:
 async def test_response_body_is_echoed_in_full_duplex(
     runtime: Runtime, data: bytes, end: bool
 ) -> None:
-    exchange = _gated_exchange(runtime, "plain")
+    exchange = await _gated_exchange(runtime, "plain")
     response = await exchange.on_response_body(body(data, end))
     assert response.WhichOneof("response") == "response_body"
     streamed = response.response_body.response.body_mutation.streamed_response

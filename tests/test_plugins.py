@@ -778,7 +778,7 @@ CHAT = {"model": "m", "messages": [{"role": "user", "content": "hello there"}]}
 async def test_failed_ingress_check_is_503_and_counted(faulty_runtime: Runtime) -> None:
     before = _errors("closed-ingress")
     exchange = Exchange(faulty_runtime)
-    exchange.on_request_headers(_headers("closed-ingress"))
+    await exchange.on_request_headers(_headers("closed-ingress"))
     response = await exchange.on_request_body(
         HttpBody(body=json.dumps(CHAT).encode(), end_of_stream=True)
     )
@@ -795,7 +795,7 @@ async def test_failed_ingress_check_passes_with_fail_mode_open_and_is_counted(
 ) -> None:
     before = _errors("open-ingress")
     exchange = Exchange(faulty_runtime)
-    exchange.on_request_headers(_headers("open-ingress"))
+    await exchange.on_request_headers(_headers("open-ingress"))
     response = await exchange.on_request_body(
         HttpBody(body=json.dumps(CHAT).encode(), end_of_stream=True)
     )
@@ -806,8 +806,8 @@ async def test_failed_ingress_check_passes_with_fail_mode_open_and_is_counted(
 
 async def test_failed_egress_check_withholds_the_answer(faulty_runtime: Runtime) -> None:
     exchange = Exchange(faulty_runtime)
-    exchange.on_request_headers(_headers("closed-egress"))
-    exchange.on_response_headers(_headers("closed-egress", **{":status": "200"}))
+    await exchange.on_request_headers(_headers("closed-egress"))
+    await exchange.on_response_headers(_headers("closed-egress", **{":status": "200"}))
     answer = {
         "id": "x",
         "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}}],

@@ -120,6 +120,14 @@ class WireFormat(Protocol):
         that it must not reach a client that did not."""
         ...
 
+    def answer_usage(self, payload: Any) -> Usage | None:
+        """The token counts of a non-streamed answer (its ``usage`` object), if it has one."""
+        ...
+
+    def max_answer_tokens(self, payload: Any) -> int | None:
+        """The answer length the request allows (``max_tokens`` and kin), if it says."""
+        ...
+
     def ensure_stream_usage(self, payload: Any) -> Any | None:
         """A copy of a streamed request that makes the backend report token counts in the
         stream; None if the request needs no change."""

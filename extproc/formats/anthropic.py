@@ -167,6 +167,15 @@ class AnthropicFormat:
             return None
         return Usage(_input_tokens(usage), token_count(usage.get("output_tokens")))
 
+    def answer_usage(self, payload: Any) -> Usage | None:
+        usage = payload.get("usage") if isinstance(payload, dict) else None
+        if not isinstance(usage, dict):
+            return None
+        return Usage(_input_tokens(usage), token_count(usage.get("output_tokens")))
+
+    def max_answer_tokens(self, payload: Any) -> int | None:
+        return token_count(payload.get("max_tokens")) if isinstance(payload, dict) else None
+
     def is_usage_only(self, event: SseEvent) -> bool:
         """Always False: Anthropic streams usage unasked, in events the client expects."""
         return False

@@ -210,6 +210,21 @@ class OpenAIFormat:
             token_count(usage.get("prompt_tokens")), token_count(usage.get("completion_tokens"))
         )
 
+    def answer_usage(self, payload: Any) -> Usage | None:
+        usage = payload.get("usage") if isinstance(payload, dict) else None
+        if not isinstance(usage, dict):
+            return None
+        return Usage(
+            token_count(usage.get("prompt_tokens")), token_count(usage.get("completion_tokens"))
+        )
+
+    def max_answer_tokens(self, payload: Any) -> int | None:
+        if not isinstance(payload, dict):
+            return None
+        # max_tokens is deprecated for chat in favour of max_completion_tokens; both are sent.
+        counts = [token_count(payload.get(k)) for k in ("max_completion_tokens", "max_tokens")]
+        return next((c for c in counts if c is not None), None)
+
     def is_usage_only(self, event: SseEvent) -> bool:
         """Whether ``event`` is the chunk ``include_usage`` adds, with usage and no choices."""
         chunk = _usage_chunk(event)

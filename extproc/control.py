@@ -1,0 +1,155 @@
+"""The launcher's side of reloads and suspensions: the admin server's backend.
+
+The launcher validates a new config in full before any worker sees it (so a bad config is
+refused with its error while every worker keeps serving), then orders the workers through
+the control file and SIGHUP and waits for each one's acknowledgement (``reloading.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+
+from extproc.admin import ReloadOutcome
+from extproc.config import LoadedConfig, load_config
+from extproc.metrics import render_metrics
+from extproc.registry import PluginError
+from extproc.reloading import (
+    CONTROL_FILE,
+    Action,
+    Control,
+    ack_path,
+    read_ack,
+    restart_needed,
+    write_control,
+)
+from extproc.runtime import check_config, config_version
+from extproc.yamlsource import ConfigError
+
+log = logging.getLogger("checkstream.admin")
+
+# Compiling a config may load models; a worker busy with that still answers within this.
+_ACK_TIMEOUT_S = 60.0
+# Hop-by-hop and framing headers are not forwarded to Envoy for tenant-info.
+_NOT_FORWARDED = frozenset({"host", "content-length", "connection", "transfer-encoding"})
+
+
+@dataclass(frozen=True)
+class WorkerHandle:
+    port: int
+    process: asyncio.subprocess.Process
+
+
+class GatewayControl:
+    """Implements ``admin.AdminBackend`` for a running gateway."""
+
+    def __init__(
+        self,
+        loaded: LoadedConfig,
+        control_dir: Path,
+        metrics_dir: Path,
+        listener_url: str,
+    ) -> None:
+        self.loaded = loaded
+        self.version = config_version(loaded)
+        self.control_dir = control_dir
+        self.metrics_dir = metrics_dir
+        self.listener_url = listener_url
+        self.workers: Sequence[WorkerHandle] = ()
+        self.serving = False
+        self.suspensions: dict[str, bool] = {}
+        self.generation = 0
+        self.lock = asyncio.Lock()
+
+    # -- AdminBackend ----------------------------------------------------------------------
+    def ready(self) -> bool:
+        return self.serving and all(w.process.returncode is None for w in self.workers)
+
+    def metrics(self) -> tuple[bytes, str]:
+        return render_metrics(self.metrics_dir)
+
+    async def reload(self) -> ReloadOutcome:
+        async with self.lock:
+            path = self.loaded.path
+            try:
+                loaded = await asyncio.to_thread(load_config, path)
+                await asyncio.to_thread(check_config, loaded)
+            except (ConfigError, PluginError) as exc:
+                return self._refused(str(exc))
+            why = restart_needed(self.loaded, loaded)
+            if why is not None:
+                return self._refused(f"{path}: {why}")
+            errors = await self._order("reload")
+            if errors:
+                return self._refused("; ".join(errors))
+            self.loaded = loaded
+            self.version = config_version(loaded)
+            log.info(json.dumps({"event": "reloaded", "version": self.version}))
+            return ReloadOutcome(True, self.version, None)
+
+    async def set_suspended(self, tenant: str, suspended: bool) -> bool:
+        async with self.lock:
+            if tenant not in self.loaded.model.tenants.configs:
+                return False
+            self.suspensions[tenant] = suspended
+            errors = await self._order("suspensions")
+            if errors:
+                raise RuntimeError("; ".join(errors))
+            event = "tenant_suspended" if suspended else "tenant_resumed"
+            log.info(json.dumps({"event": event, "tenant": tenant}))
+            return True
+
+    async def tenant_info(
+        self, headers: Mapping[str, str], path_qs: str
+    ) -> tuple[int, dict[str, str], bytes]:
+        # Through Envoy and extproc, so the tenant is resolved exactly as for traffic.
+        forwarded = {k: v for k, v in headers.items() if k.lower() not in _NOT_FORWARDED}
+        timeout = aiohttp.ClientTimeout(total=10)
+        async with (
+            aiohttp.ClientSession(timeout=timeout) as session,
+            session.get(self.listener_url + path_qs, headers=forwarded) as response,
+        ):
+            body = await response.read()
+            return response.status, dict(response.headers), body
+
+    # -- workers ---------------------------------------------------------------------------
+    def _refused(self, error: str) -> ReloadOutcome:
+        log.error(json.dumps({"event": "reload_refused", "error": error}))
+        return ReloadOutcome(False, self.version, error)
+
+    async def _order(self, action: Action) -> list[str]:
+        """Tell every worker to act; the errors they report (empty when all succeeded)."""
+        self.generation += 1
+        generation = self.generation
+        write_control(
+            self.control_dir / CONTROL_FILE,
+            Control(generation, action, dict(self.suspensions)),
+        )
+        for worker in self.workers:
+            if worker.process.returncode is None:
+                worker.process.send_signal(signal.SIGHUP)
+        errors: list[str] = []
+        deadline = time.monotonic() + _ACK_TIMEOUT_S
+        for worker in self.workers:
+            while True:
+                ack = read_ack(ack_path(self.control_dir, worker.port))
+                if ack is not None and ack.generation >= generation:
+                    if ack.error:
+                        errors.append(f"worker on port {worker.port}: {ack.error}")
+                    break
+                if worker.process.returncode is not None:
+                    errors.append(f"worker on port {worker.port} has exited")
+                    break
+                if time.monotonic() > deadline:
+                    errors.append(f"worker on port {worker.port} did not answer")
+                    break
+                await asyncio.sleep(0.02)
+        return errors

@@ -1,0 +1,333 @@
+"""The usage ledger: one SQLite row per finished request, with its tokens and its cost.
+
+Budgets and the ``checkstream usage`` report both read it, so a recorded request must
+survive a crash: ``record()`` returns only once the row is committed (WAL with
+``synchronous=FULL`` syncs the log at every commit). An fsync per request would cap
+throughput, so one writer thread per ledger drains everything queued meanwhile and commits
+it as one transaction: 100 concurrent requests cost a handful of fsyncs.
+
+Several extproc worker processes write the same file. That needs no coordination of ours:
+SQLite's file locking lets one transaction write at a time, WAL lets readers go on during a
+write, and ``busy_timeout`` makes a writer wait its turn instead of failing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import csv
+import io
+import json
+import queue
+import re
+import sqlite3
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, astuple, dataclass, fields
+from pathlib import Path
+from typing import Literal
+
+from extproc.config import LoadedConfig, Price
+
+# Writes take milliseconds; this only has to outlast other workers' batches.
+_BUSY_TIMEOUT_MS = 10_000
+_PERIOD = re.compile(r"^\d{4}-(0[1-9]|1[0-2])$")
+
+_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS usage (
+        time REAL NOT NULL,
+        period TEXT NOT NULL,
+        request_id TEXT NOT NULL,
+        tenant TEXT NOT NULL,
+        model TEXT NOT NULL,
+        input_tokens INTEGER NOT NULL,
+        output_tokens INTEGER NOT NULL,
+        estimated INTEGER NOT NULL,
+        status INTEGER NOT NULL,
+        latency_ms REAL NOT NULL,
+        cost_usd REAL NOT NULL
+    )""",
+    # cost_usd makes it covering for month_spend, which budgets may call per request.
+    "CREATE INDEX IF NOT EXISTS usage_tenant_period ON usage (tenant, period, cost_usd)",
+)
+_INSERT = "INSERT INTO usage VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+
+
+class UsageError(Exception):
+    """A report that cannot be produced, in the user's terms (no ledger file, bad period)."""
+
+
+class LedgerWriteError(Exception):
+    """The batch holding this record failed to commit; the record was not stored."""
+
+
+@dataclass(frozen=True)
+class UsageRecord:
+    time: float  # epoch seconds when the request finished
+    request_id: str
+    tenant: str
+    model: str  # the model the client asked for ("" if unknown)
+    input_tokens: int
+    output_tokens: int
+    estimated: bool  # tokens were estimated: the backend reported no usage
+    status: int  # HTTP status the client got
+    latency_ms: float
+    cost_usd: float
+
+
+@dataclass(frozen=True)
+class UsageRow:
+    """One line of a report: a tenant's month, or one model of it."""
+
+    tenant: str
+    model: str  # "*" when the report is not grouped by model
+    requests: int
+    input_tokens: int
+    output_tokens: int
+    estimated_requests: int
+    errors: int  # status >= 400
+    cost_usd: float
+
+
+class Pricing:
+    """USD per million tokens, from ``pricing`` in checkstream.yaml."""
+
+    def __init__(self, table: Mapping[str, Price]) -> None:
+        self._table = dict(table)
+        # Longest first, so "gpt-4o-mini" beats "gpt-4o" for "gpt-4o-mini-2024-07-18".
+        self._by_length = sorted(self._table, key=len, reverse=True)
+
+    def _price(self, model: str) -> Price | None:
+        exact = self._table.get(model)
+        if exact is not None:
+            return exact
+        # Backends answer with a dated snapshot of the model the client asked for.
+        for key in self._by_length:
+            if model.startswith(key + "-"):
+                return self._table[key]
+        return None
+
+    def cost(self, model: str, input_tokens: int, output_tokens: int) -> float:
+        """0.0 for a model without a price: usage is still counted, it just costs nothing."""
+        price = self._price(model)
+        if price is None:
+            return 0.0
+        return (input_tokens * price.input + output_tokens * price.output) / 1_000_000
+
+    def knows(self, model: str) -> bool:
+        return self._price(model) is not None
+
+
+def period_of(epoch: float) -> str:
+    """The UTC month ("YYYY-MM") a moment falls in."""
+    return time.strftime("%Y-%m", time.gmtime(epoch))
+
+
+def check_period(period: str) -> str:
+    if not _PERIOD.match(period):
+        raise UsageError(f"period {period!r}: expected YYYY-MM, e.g. 2026-03")
+    return period
+
+
+def resolve_usage_path(loaded: LoadedConfig) -> Path:
+    """``usage.path``, relative to the config file's directory."""
+    return loaded.path.parent / loaded.model.usage.path
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    # Autocommit: transactions are opened explicitly, and a reader's SELECT never holds
+    # a snapshot open between calls.
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = FULL")
+    return conn
+
+
+@dataclass(frozen=True)
+class _Pending:
+    record: UsageRecord
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[None]
+
+    def settle(self, error: Exception | None) -> None:
+        # The caller's loop may have closed (its task gone): nobody is left to tell.
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(_settle, self.future, error)
+
+
+def _settle(future: asyncio.Future[None], error: Exception | None) -> None:
+    if future.done():  # the caller was cancelled; the record was still written
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        # A fresh exception per waiter: one shared instance would collect every task's
+        # traceback.
+        failure = LedgerWriteError(f"usage ledger write failed: {error}")
+        failure.__cause__ = error
+        future.set_exception(failure)
+
+
+class UsageLedger:
+    def __init__(self, path: Path, writer: sqlite3.Connection, reader: sqlite3.Connection) -> None:
+        self.path = path
+        self.commits = 0  # committed batches, for tests and metrics
+        self._writer_conn = writer
+        self._reader = reader
+        self._read_lock = threading.Lock()
+        # Guards closing against a late record(): nothing may be queued behind the stop mark.
+        self._lock = threading.Lock()
+        self._closed = False
+        self._queue: queue.Queue[_Pending | None] = queue.Queue()
+        # Daemon: a ledger nobody closed must not keep the process alive; aclose() flushes.
+        self._writer = threading.Thread(target=self._write, name="usage-ledger", daemon=True)
+        self._writer.start()
+
+    @classmethod
+    def open(cls, path: str | Path) -> UsageLedger:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        writer = _connect(path)
+        try:
+            for statement in _SCHEMA:
+                writer.execute(statement)
+            reader = _connect(path)
+        except BaseException:
+            writer.close()
+            raise
+        return cls(path, writer, reader)
+
+    async def record(self, rec: UsageRecord) -> None:
+        """Return once ``rec`` is committed; raise LedgerWriteError if its batch failed."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("usage ledger is closed")
+            self._queue.put(_Pending(rec, loop, future))
+        await future
+
+    def month_spend(self, tenant: str, period: str) -> float:
+        """``tenant``'s committed cost in ``period`` ("YYYY-MM", UTC), across all workers."""
+        check_period(period)
+        with self._read_lock:
+            (total,) = self._reader.execute(
+                "SELECT TOTAL(cost_usd) FROM usage WHERE tenant = ? AND period = ?",
+                (tenant, period),
+            ).fetchone()
+        return float(total)
+
+    async def aclose(self) -> None:
+        """Commit what is queued, stop the writer, close the connections."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._queue.put(None)
+        await asyncio.to_thread(self._writer.join)
+        with self._read_lock:
+            self._reader.close()
+
+    def _write(self) -> None:
+        try:
+            while True:
+                batch = [self._queue.get()]
+                with contextlib.suppress(queue.Empty):
+                    while True:
+                        batch.append(self._queue.get_nowait())
+                pending = [item for item in batch if item is not None]
+                if pending:
+                    self._commit(pending)
+                if len(pending) < len(batch):
+                    return
+        finally:
+            self._writer_conn.close()
+
+    def _commit(self, batch: list[_Pending]) -> None:
+        conn = self._writer_conn
+        error: Exception | None = None
+        try:
+            # IMMEDIATE takes the write lock up front, where busy_timeout applies.
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany(_INSERT, [_row(p.record) for p in batch])
+            conn.execute("COMMIT")
+            self.commits += 1
+        except Exception as exc:
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            error = exc
+        for pending in batch:
+            pending.settle(error)
+
+
+def _row(rec: UsageRecord) -> tuple[object, ...]:
+    return (
+        rec.time,
+        period_of(rec.time),
+        rec.request_id,
+        rec.tenant,
+        rec.model,
+        rec.input_tokens,
+        rec.output_tokens,
+        int(rec.estimated),
+        rec.status,
+        rec.latency_ms,
+        rec.cost_usd,
+    )
+
+
+def report(path: str | Path, *, tenant: str | None, period: str, by_model: bool) -> list[UsageRow]:
+    """Totals for ``period``: per tenant (all of them when ``tenant`` is None), per model."""
+    check_period(period)
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(
+            f"{path}: no usage ledger (it appears with the first recorded request;"
+            " check usage.path)"
+        )
+    # Only these fixed fragments are spliced into the SQL; values are bound.
+    model = "model" if by_model else "'*'"
+    where = "period = ?" + (" AND tenant = ?" if tenant is not None else "")
+    groups = "tenant, model" if by_model else "tenant"
+    query = (
+        f"SELECT tenant, {model}, COUNT(*), SUM(input_tokens), SUM(output_tokens),"
+        f" SUM(estimated), SUM(status >= 400), TOTAL(cost_usd)"
+        f" FROM usage WHERE {where} GROUP BY {groups} ORDER BY {groups}"
+    )
+    params = (period,) if tenant is None else (period, tenant)
+    conn = sqlite3.connect(path)
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+        return [UsageRow(*row) for row in conn.execute(query, params)]
+    except sqlite3.DatabaseError as exc:
+        raise UsageError(f"{path}: not a usage ledger ({exc})") from None
+    finally:
+        conn.close()
+
+
+def render(rows: Sequence[UsageRow], fmt: Literal["table", "json", "csv"]) -> str:
+    names = [f.name for f in fields(UsageRow)]
+    if fmt == "json":
+        return json.dumps([asdict(row) for row in rows], indent=2) + "\n"
+    if fmt == "csv":
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(names)
+        writer.writerows(astuple(row) for row in rows)
+        return out.getvalue()
+    cells = [names] + [
+        [f"{v:.6f}" if isinstance(v, float) else str(v) for v in astuple(row)] for row in rows
+    ]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(names))]
+    # Text columns (tenant, model) to the left, numbers to the right.
+    return "".join(
+        "  ".join(
+            cell.ljust(width) if i < 2 else cell.rjust(width)
+            for i, (cell, width) in enumerate(zip(line, widths, strict=True))
+        ).rstrip()
+        + "\n"
+        for line in cells
+    )
