@@ -141,16 +141,14 @@ def test_path_not_rewritten_when_unchanged(runtime: Runtime) -> None:
 
 
 def test_path_prefix_query_kept(runtime: Runtime) -> None:
-    response = headers_answer(runtime, 
-        request_headers("/tenant/bare/v1/models?limit=2")
-    )
+    response = headers_answer(runtime, request_headers("/tenant/bare/v1/models?limit=2"))
     assert sets(response)[":path"] == "/v1/models?limit=2"
     assert sets(response)["x-checkstream-route"] == "bare"
 
 
 def test_backend_base_path_is_put_in_front(runtime: Runtime) -> None:
-    response = headers_answer(runtime, 
-        request_headers(CHAT + "?x=1", authorization="Bearer sk-cs-gated")
+    response = headers_answer(
+        runtime, request_headers(CHAT + "?x=1", authorization="Bearer sk-cs-gated")
     )
     assert sets(response)[":path"] == "/proxy/v1/chat/completions?x=1"
 
@@ -243,8 +241,8 @@ async def test_unhashable_model_is_refused_not_crashing(runtime: Runtime) -> Non
 
 
 def test_managed_auth_openai(runtime: Runtime) -> None:
-    response = headers_answer(runtime, 
-        request_headers(CHAT, authorization="Bearer sk-cs-gated", x_api_key="sk-client")
+    response = headers_answer(
+        runtime, request_headers(CHAT, authorization="Bearer sk-cs-gated", x_api_key="sk-client")
     )
     assert sets(response)["authorization"] == f"Bearer {OPENAI_SECRET}"
     assert "x-api-key" not in sets(response)
@@ -253,10 +251,11 @@ def test_managed_auth_openai(runtime: Runtime) -> None:
 
 
 def test_managed_auth_anthropic(runtime: Runtime) -> None:
-    response = headers_answer(runtime, 
+    response = headers_answer(
+        runtime,
         request_headers(
             CHAT, x_tenant_id="claude", x_api_key="sk-client", authorization="Bearer sk-client"
-        )
+        ),
     )
     assert sets(response)["x-api-key"] == ANTHROPIC_SECRET
     assert "authorization" not in sets(response)
@@ -264,24 +263,22 @@ def test_managed_auth_anthropic(runtime: Runtime) -> None:
 
 
 def test_passthrough_keeps_the_clients_own_key(runtime: Runtime) -> None:
-    response = headers_answer(runtime, 
-        request_headers(CHAT, x_tenant_id="plain", authorization="Bearer sk-provider-own")
+    response = headers_answer(
+        runtime, request_headers(CHAT, x_tenant_id="plain", authorization="Bearer sk-provider-own")
     )
     assert removes(response) == []
     assert "authorization" not in sets(response)
 
 
 def test_passthrough_never_forwards_a_checkstream_key(runtime: Runtime) -> None:
-    response = headers_answer(runtime, 
-        request_headers(CHAT, authorization="Bearer sk-cs-plain")
-    )
+    response = headers_answer(runtime, request_headers(CHAT, authorization="Bearer sk-cs-plain"))
     assert sets(response)["x-checkstream-route"] == "plain"
     assert sorted(removes(response)) == ["authorization", "x-api-key"]
 
 
 def test_no_auth_config_strips_client_keys(runtime: Runtime) -> None:
-    response = headers_answer(runtime, 
-        request_headers(CHAT, x_tenant_id="bare", authorization="Bearer sk-provider-own")
+    response = headers_answer(
+        runtime, request_headers(CHAT, x_tenant_id="bare", authorization="Bearer sk-provider-own")
     )
     assert sorted(removes(response)) == ["authorization", "x-api-key"]
 
@@ -298,8 +295,8 @@ def test_unknown_tenant_is_403_openai(runtime: Runtime) -> None:
 
 def test_key_and_header_mismatch_is_403_in_key_tenants_format(runtime: Runtime) -> None:
     status, _, error = immediate(
-        headers_answer(runtime, 
-            request_headers(CHAT, x_tenant_id="plain", x_api_key="sk-cs-claude")
+        headers_answer(
+            runtime, request_headers(CHAT, x_tenant_id="plain", x_api_key="sk-cs-claude")
         )
     )
     assert status == 403
@@ -324,20 +321,16 @@ def test_unknown_key_is_401(runtime: Runtime) -> None:
 
 
 def test_healthz(runtime: Runtime) -> None:
-    status, _, payload = immediate(
-        headers_answer(runtime, request_headers("/healthz"))
-    )
+    status, _, payload = immediate(headers_answer(runtime, request_headers("/healthz")))
     assert (status, payload) == (200, {"status": "ok"})
     runtime.draining = True
-    status, _, payload = immediate(
-        headers_answer(runtime, request_headers("/healthz?probe=lb"))
-    )
+    status, _, payload = immediate(headers_answer(runtime, request_headers("/healthz?probe=lb")))
     assert (status, payload) == (503, {"status": "draining"})
 
 
 def test_tenant_info(runtime: Runtime) -> None:
-    response = headers_answer(runtime, 
-        request_headers("/admin/tenant-info", "GET", x_api_key="sk-cs-claude")
+    response = headers_answer(
+        runtime, request_headers("/admin/tenant-info", "GET", x_api_key="sk-cs-claude")
     )
     raw = response.immediate_response.body
     status, headers, info = immediate(response)
