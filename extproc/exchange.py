@@ -241,7 +241,7 @@ class Exchange:
                         503,
                     )
             elif verdict.action is not None:
-                self._record(plan, verdict, "ingress")
+                self._record(plan, verdict, "ingress", [slot.text for slot in slots])
                 deciding = verdict.deciding
                 assert deciding is not None
                 if verdict.action in ("block", "stop"):
@@ -449,7 +449,7 @@ class Exchange:
             )
         if verdict.action is None:
             return body
-        self._record(plan, verdict, "egress")
+        self._record(plan, verdict, "egress", [slot.text for slot in slots])
         deciding = verdict.deciding
         assert deciding is not None
         if verdict.action in ("block", "stop"):
@@ -593,14 +593,16 @@ class Exchange:
     def _phase_latency(self, plan: TenantPlan, phase: str, started: float) -> None:
         LATENCY.labels(plan.tenant.id, phase).observe((time.perf_counter() - started) * 1000)
 
-    def _midstream_verdict(self, plan: TenantPlan, verdict: Verdict, elapsed_ms: float) -> None:
+    def _midstream_verdict(
+        self, plan: TenantPlan, verdict: Verdict, elapsed_ms: float, window: str
+    ) -> None:
         LATENCY.labels(plan.tenant.id, "midstream").observe(elapsed_ms)
         if verdict.failure is not None:
             self._fails_open(plan, verdict, "midstream")
         elif verdict.action is not None:
-            self._record(plan, verdict, "midstream")
+            self._record(plan, verdict, "midstream", [window])
 
-    def _record(self, plan: TenantPlan, verdict: Verdict, phase: str) -> None:
+    def _record(self, plan: TenantPlan, verdict: Verdict, phase: str, texts: list[str]) -> None:
         tenant = plan.tenant.id
         tally = self.tally
         for trigger in verdict.triggers:
@@ -622,9 +624,12 @@ class Exchange:
                 event["model"] = tally.model
                 if rule.name not in tally.rules:
                     tally.rules.append(rule.name)
-                tally.triggers.append(
-                    {"time": iso_now(), "type": "trigger", **_without(event, "event")}
-                )
+                record = {"time": iso_now(), "type": "trigger", **_without(event, "event")}
+                if self.runtime.accounts.audit.audits(tenant):
+                    excerpt = self.runtime.excerpt(tenant, texts)
+                    if excerpt is not None:
+                        record["excerpt"] = excerpt
+                tally.triggers.append(record)
             # Structured, and never the text itself: prompts and answers may hold PII.
             log.info(json.dumps(event))
 

@@ -64,7 +64,7 @@ class MidstreamGuard:
         holdback_tokens: int,
         drop_usage_chunk: bool,
         fail_open: bool,
-        on_verdict: Callable[[Verdict, float], None],
+        on_verdict: Callable[[Verdict, float, str], None],
     ) -> None:
         self.fmt = fmt
         self.checker = checker
@@ -130,8 +130,9 @@ class MidstreamGuard:
         end = len(self.text)
         start = min(self.checked, max(0, end - self.window_chars))
         started = time.perf_counter()
-        verdict = await self.checker.check(self.plan, [self.text[start:end]], _ANSWER)
-        self.on_verdict(verdict, (time.perf_counter() - started) * 1000)
+        window = self.text[start:end]
+        verdict = await self.checker.check(self.plan, [window], _ANSWER)
+        self.on_verdict(verdict, (time.perf_counter() - started) * 1000, window)
         if verdict.failure is not None:
             if self.fail_open:
                 self.checked = end

@@ -5,21 +5,30 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from extproc.accounting import Accounts
 from extproc.audit import resolve_audit_dirs
-from extproc.config import LoadedConfig
+from extproc.config import AuditConfig, LoadedConfig
+from extproc.formats.texts import apply_redactions
 from extproc.guardrails import Guardrails, TenantGuardrails, compile_guardrails
+from extproc.hookspecs import Classifier
 from extproc.limits import LimiterUnavailable
 from extproc.mutations import Forwarding, build_forwarding
 from extproc.pipeline import Checker
 from extproc.registry import Registry, load_registry
 from extproc.tenancy import Tenant, TenantResolver
 from extproc.usage import Pricing, period_of
+from extproc.yamlsource import ConfigError
 
+# Audit excerpts (audit.include_content) keep this much of the checked text, PII redacted by
+# this classifier type's spans.
+EXCERPT_CHARS = 500
+EXCERPT_PII_TYPE = "pii_detector"
 # Below Envoy's ext_proc message_timeout (5 s), so a slow classifier meets the tenant's fail
 # mode here rather than a bare 504 from Envoy.
 CHECK_TIMEOUT_S = 3.0
@@ -60,6 +69,8 @@ class Runtime:
     version: str
     #: Audited tenants' retention_days.
     audit_retention: dict[str, int]
+    #: Finds the PII to hide in audit excerpts (tenants with audit.include_content).
+    excerpt_pii: Classifier | None
     #: Set on SIGTERM: health turns 503 so load balancers stop sending new traffic.
     draining: bool = field(default=False)
 
@@ -76,7 +87,8 @@ class Runtime:
         ``accounts`` (limits, budgets, usage, audit) carry over from the generation this one
         replaces; without, they are opened here (inside the serving event loop).
         """
-        guardrails = compile_guardrails(loaded, registry or load_registry())
+        registry = registry or load_registry()
+        guardrails = compile_guardrails(loaded, registry)
         resolver = TenantResolver(loaded.model, loaded.secrets)
         model = loaded.model
         audited = resolve_audit_dirs(loaded)
@@ -123,7 +135,20 @@ class Runtime:
             frozenset(known),
             config_version(loaded),
             {t: cfg.retention_days for t, (_path, cfg) in audited.items()},
+            _excerpt_redactor(loaded, registry, audited),
         )
+
+    def excerpt(self, tenant_id: str, texts: Sequence[str]) -> str | None:
+        """The checked text for an audit record, PII redacted; None unless the tenant's
+        audit asks for content."""
+        plan = self.plans[tenant_id]
+        audit = plan.tenant.config.audit
+        if self.excerpt_pii is None or audit is None or not audit.include_content:
+            return None
+        text = "\n".join(t for t in texts if t)[:EXCERPT_CHARS]
+        found = self.excerpt_pii.classify([text])
+        spans = found[0].spans if isinstance(found, Sequence) and found else ()
+        return apply_redactions(text, spans)
 
     async def tenant_info(self, tenant_id: str) -> dict[str, Any]:
         """What a tenant may learn about itself (no secrets, nothing about other tenants)."""
@@ -181,9 +206,31 @@ class Runtime:
 
 def check_config(loaded: LoadedConfig, registry: Registry | None = None) -> None:
     """Everything ``Runtime.from_config`` would refuse, without opening any store."""
-    compile_guardrails(loaded, registry or load_registry())
+    registry = registry or load_registry()
+    compile_guardrails(loaded, registry)
     TenantResolver(loaded.model, loaded.secrets)
-    resolve_audit_dirs(loaded)
+    _excerpt_redactor(loaded, registry, resolve_audit_dirs(loaded))
+
+
+def _excerpt_redactor(
+    loaded: LoadedConfig, registry: Registry, audited: Mapping[str, tuple[Path, AuditConfig]]
+) -> Classifier | None:
+    wanting = [tenant for tenant, (_path, cfg) in audited.items() if cfg.include_content]
+    if not wanting:
+        return None
+    kind = registry.types.get(EXCERPT_PII_TYPE)
+    if kind is None:
+        key = ("tenants", "configs", wanting[0], "audit", "include_content")
+        raise ConfigError(
+            [
+                loaded.doc.problem(
+                    key,
+                    f"needs the '{EXCERPT_PII_TYPE}' classifier type, "
+                    "which redacts PII from audit excerpts, and it is not installed",
+                )
+            ]
+        )
+    return kind.factory("audit_excerpts", {})
 
 
 def config_version(loaded: LoadedConfig) -> str:

@@ -139,7 +139,7 @@ def guard(
         holdback_tokens=holdback,
         drop_usage_chunk=drop_usage,
         fail_open=fail_open,
-        on_verdict=lambda verdict, _ms: verdicts.append(verdict),
+        on_verdict=lambda verdict, _ms, _window: verdicts.append(verdict),
     )
     return g, verdicts
 
