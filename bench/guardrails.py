@@ -155,6 +155,8 @@ def gateway_config(workdir: Path, upstream_port: int, workers: int) -> dict[str,
     no_ingress: dict[str, Any] = {"classifiers": []}
     return {
         "server": server,
+        # Guardrail costs alone; bench/limits.py measures what usage accounting adds.
+        "usage": {"enabled": False},
         "classifiers": {
             "banned": {"type": "keyword", "terms": BANNED_TERMS},
             "never": {"type": "keyword", "terms": [NEVER_TERM]},

@@ -598,6 +598,8 @@ def start_gateway(procs: Processes, upstream_port: int, workers: int) -> Service
         server["extproc_workers"] = workers
     config = {
         "server": server,
+        # The bare pass-through path; bench/limits.py measures what usage accounting adds.
+        "usage": {"enabled": False},
         "tenants": {
             "default_tenant": "bench",
             "configs": {"bench": {"backend_url": f"http://{HOST}:{upstream_port}/v1"}},
