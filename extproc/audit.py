@@ -454,7 +454,9 @@ def resolve_audit_dirs(loaded: LoadedConfig) -> dict[str, tuple[Path, AuditConfi
         audit = tenant.audit
         if audit is None or not audit.enabled:
             continue
-        directory = base / audit.path if audit.path else base / "audit" / tenant_id
+        directory = (
+            base / Path(audit.path).expanduser() if audit.path else base / "audit" / tenant_id
+        )
         owner = owners.setdefault(directory.resolve(), tenant_id)
         if owner != tenant_id:
             problems.append(

@@ -131,8 +131,8 @@ def check_period(period: str) -> str:
 
 
 def resolve_usage_path(loaded: LoadedConfig) -> Path:
-    """``usage.path``, relative to the config file's directory."""
-    return loaded.path.parent / loaded.model.usage.path
+    """``usage.path``, relative to the config file's directory (``~`` is the user's home)."""
+    return loaded.path.parent / Path(loaded.model.usage.path).expanduser()
 
 
 def _connect(path: Path) -> sqlite3.Connection:
