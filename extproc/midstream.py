@@ -24,7 +24,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from extproc.formats import WireFormat
 from extproc.formats.sse import SseDecoder, SseEvent
@@ -82,6 +82,7 @@ class MidstreamGuard:
         self.released = 0  # answer text up to here has been sent to the client
         self.redactions: list[Span] = []  # in answer offsets, never before `released`
         self.stopped = False
+        self.firing: frozenset[str] = frozenset()  # rules the last check triggered
         self.usage: Usage | None = None
 
     async def feed(self, chunk: bytes) -> Release:
@@ -132,7 +133,8 @@ class MidstreamGuard:
         started = time.perf_counter()
         window = self.text[start:end]
         verdict = await self.checker.check(self.plan, [window], _ANSWER)
-        self.on_verdict(verdict, (time.perf_counter() - started) * 1000, window)
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        self.on_verdict(self._news(verdict, self.checked - start), elapsed_ms, window)
         if verdict.failure is not None:
             if self.fail_open:
                 self.checked = end
@@ -150,6 +152,28 @@ class MidstreamGuard:
                     self.redactions.append(Span(s, e, span.label))
         self.checked = end
         return None
+
+    def _news(self, verdict: Verdict, seen: int) -> Verdict:
+        """``verdict`` with only the triggers this check found first.
+
+        Windows overlap (each reaches back over text already checked), so one phrase can
+        trigger a rule in several checks; it must be counted, logged and audited once. A
+        rule that also fired on the previous check is old news, unless its redaction spans
+        reach past the text checked before (``seen`` characters into the window).
+        """
+        fired = frozenset(t.rule.name for t in verdict.triggers)
+        previous, self.firing = self.firing, fired
+        if not previous & fired:
+            return verdict
+        new_spans = bool(verdict.redactions) and any(
+            span.end > seen for span in verdict.redactions[0]
+        )
+        fresh = tuple(
+            t
+            for t in verdict.triggers
+            if t.rule.name not in previous or (t.rule.action == "redact" and new_spans)
+        )
+        return replace(verdict, triggers=fresh)
 
     def _stop(self, rule: str, reason: str) -> Release:
         self.stopped = True
