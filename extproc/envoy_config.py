@@ -199,6 +199,9 @@ def _ext_proc(config: CheckStreamConfig) -> dict[str, Any]:
             "response_trailer_mode": "SKIP",
         },
         "allow_mode_override": True,
+        # "via_upstream" when the backend answered, Envoy's reason otherwise (connection
+        # failure, timeout): only answers from a model are billed (exchange.py).
+        "response_attributes": ["response.code_details"],
         "message_timeout": "5s",
         "metadata_options": {"receiving_namespaces": {"untyped": [METADATA_NAMESPACE]}},
     }

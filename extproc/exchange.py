@@ -20,10 +20,12 @@ Python's cost is per gRPC message, so a plain pass-through request costs one mes
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import time
+from collections.abc import Mapping
 from functools import partial
 from typing import TypeAlias
 
@@ -40,6 +42,7 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import (
     StreamedBodyResponse,
     TrailersResponse,
 )
+from google.protobuf.struct_pb2 import Struct
 
 from extproc.accounting import CLIENT_CLOSED, Tally, iso_now
 from extproc.budgets import seconds_to_next_month
@@ -66,6 +69,7 @@ RULE_HEADER = "x-checkstream-rule"
 _EMPTY_BODY_RESPONSE = ProcessingResponse(request_body=BodyResponse())
 _EMPTY_RESPONSE_HEADERS = ProcessingResponse(response_headers=HeadersResponse())
 _EMPTY_TRAILERS = ProcessingResponse(response_trailers=TrailersResponse())
+_EXT_PROC_ATTRIBUTES = "envoy.filters.http.ext_proc"
 # Client-chosen strings stored in usage records, audit trails and logs are capped.
 _MAX_MODEL_CHARS = 200
 
@@ -303,7 +307,9 @@ class Exchange:
         return ProcessingResponse(request_trailers=TrailersResponse())
 
     # -- response --------------------------------------------------------------------------
-    async def on_response_headers(self, msg: HttpHeaders) -> ProcessingResponse:
+    async def on_response_headers(
+        self, msg: HttpHeaders, attributes: Mapping[str, Struct] | None = None
+    ) -> ProcessingResponse:
         plan = self.plan
         if plan is None:
             return _EMPTY_RESPONSE_HEADERS
@@ -313,7 +319,7 @@ class Exchange:
         sets = []
         if tally is not None:
             tally.status = int(status) if status.isdigit() else 0
-            tally.upstream = True
+            tally.upstream = _from_upstream(attributes)
             if tally.decision is not None:
                 sets = [header(k, v) for k, v in _limit_headers(tally.decision)]
         removes: list[str] = []
@@ -530,6 +536,13 @@ class Exchange:
         if spent < budget:
             return None
         RATE_LIMITED.labels(tenant.id, "budget").inc()
+        limits = tenant.config.rate_limit
+        if limits.limited and self.tally is not None:
+            # Every answer of a limited tenant says where its limits stand, refusals too.
+            with contextlib.suppress(LimiterUnavailable):
+                self.tally.decision = await self.runtime.accounts.limiter.remaining(
+                    tenant.id, limits
+                )
         body = tenant.format.error_body(
             429, f"the tenant's monthly budget of ${budget:g} is spent", "budget_exceeded"
         )
@@ -676,6 +689,16 @@ class Exchange:
             return error_response(fmt, 404, "not found", "not_found", "checkstream_admin")
         info = await self.runtime.tenant_info(found.tenant.id)
         return immediate(200, json.dumps(info, indent=2).encode(), details="checkstream_admin")
+
+
+def _from_upstream(attributes: Mapping[str, Struct] | None) -> bool:
+    """Whether the backend itself answered, rather than Envoy (backend down, timeout)."""
+    if attributes is None:
+        return True  # not asked for (tests, an older bootstrap): assume the backend
+    found = attributes.get(_EXT_PROC_ATTRIBUTES)
+    if found is None or "response.code_details" not in found.fields:
+        return True
+    return found.fields["response.code_details"].string_value == "via_upstream"
 
 
 def _for_admin_server(path: str, method: str) -> bool:

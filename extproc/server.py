@@ -76,7 +76,9 @@ class ExternalProcessor(external_processor_pb2_grpc.ExternalProcessorServicer): 
             elif kind == "request_body":
                 answer = await exchange.on_request_body(request.request_body)
             elif kind == "response_headers":
-                answer = await exchange.on_response_headers(request.response_headers)
+                answer = await exchange.on_response_headers(
+                    request.response_headers, request.attributes
+                )
             elif kind == "response_trailers":
                 answer = await exchange.on_response_trailers(request.response_trailers)
             elif kind == "request_trailers":
