@@ -29,7 +29,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -1047,3 +1047,30 @@ def test_sigkilled_worker_leaves_a_verifiable_trail(
     assert records[3]["prev"] == records[2]["hash"]
     done = _cli("audit", "verify", str(trail))
     assert (done.returncode, done.stdout) == (0, _verified(records))
+
+
+def test_the_running_service_removes_trail_files_past_retention(
+    tmp_path: Path, demo: DemoUpstreamThread
+) -> None:
+    trail = tmp_path / "trail"
+    trail.mkdir()
+    old, recent = trail / "2020-01-01.jsonl", trail / f"{datetime.now(UTC).date()}.jsonl"
+    old.write_text("")
+    recent.write_text("")
+    config = {
+        "server": {"host": "127.0.0.1", **gateway_ports()},
+        "tenants": {
+            "configs": {
+                "kept": {
+                    "backend_url": f"http://127.0.0.1:{demo.port}/v1",
+                    "audit": {"enabled": True, "path": str(trail), "retention_days": 7},
+                }
+            }
+        },
+    }
+    gw = start_gateway(write_config(tmp_path, config))
+    try:
+        _wait_for(lambda: not old.exists(), "the expired day file to be pruned")
+        assert recent.exists()
+    finally:
+        assert gw.stop() == 0, gw.log()[-3000:]
