@@ -41,6 +41,7 @@ import guardrails as gr
 import passthrough as pt
 import yaml
 from envoy.config.core.v3.base_pb2 import HeaderMap, HeaderValue
+from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
 from envoy.service.ext_proc.v3.external_processor_pb2 import (
     HttpBody,
     HttpHeaders,
@@ -95,9 +96,9 @@ def messages(
             )
         )
     ]
-    if plan.needs_request_body:
+    if plan.forwarding.mode.request_body_mode != ProcessingMode.NONE:
         out.append(ProcessingRequest(request_body=HttpBody(body=body, end_of_stream=True)))
-    if plan.needs_response:
+    if plan.reads_answer_usage:
         ctype = "text/event-stream" if stream else "application/json; charset=utf-8"
         out.append(
             ProcessingRequest(
@@ -175,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     for tenant in TENANTS:
         plan = runtime.plans[tenant]
         cases: list[tuple[str, bool, int]] = [("non-streamed", False, 0)]
-        if plan.needs_response:
+        if plan.reads_answer_usage:
             cases += [(f"stream K={k}", True, k) for k in args.events_per_chunk]
         else:
             cases.append(("stream", True, 0))

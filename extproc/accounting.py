@@ -52,8 +52,9 @@ class Tally:
     admitted: bool = False
     decision: Decision | None = None
     status: int = 0
-    #: The backend answered (so the prompt reached a model and may be billed).
-    upstream: bool = False
+    #: A model read the prompt and answered: the backend itself (not Envoy) replied, and
+    #: not with an error (providers do not bill those). Only then are tokens counted.
+    billable: bool = False
     usage: Usage | None = None
     answer_chars: int = 0
     #: Audit records of the policy triggers, written with the summary at the end.
@@ -67,15 +68,15 @@ class Tally:
 
     def tokens(self) -> tuple[int, int, bool]:
         """Input and output tokens, and whether either was estimated."""
-        if not self.upstream:
-            return 0, 0, False  # answered by CheckStream itself: no model read anything
+        if not self.billable:
+            return 0, 0, False  # answered by CheckStream, Envoy, or a backend error
         usage = self.usage
         given_in = usage.input_tokens if usage else None
         given_out = usage.output_tokens if usage else None
         estimated = given_in is None or given_out is None
         tokens_in = given_in if given_in is not None else estimate_tokens(self.prompt_chars)
         tokens_out = given_out if given_out is not None else estimate_tokens(self.answer_chars)
-        return tokens_in, tokens_out, estimated
+        return max(0, tokens_in), max(0, tokens_out), estimated
 
 
 def iso_now() -> str:
@@ -139,10 +140,9 @@ class Accounts:
         limits = config.rate_limit
         if tally.admitted:
             try:
-                await self.limiter.settle(
+                await self.limiter.finish(
                     tenant, limits, tally.reserved_tokens, tokens_in + tokens_out
                 )
-                await self.limiter.release(tenant, limits)
             except LimiterUnavailable as exc:
                 _failed("limiter", tenant, exc)
         cost = pricing.cost(tally.model, tokens_in, tokens_out)

@@ -24,7 +24,7 @@ from typing import Final, Protocol
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from extproc.limits import LimiterUnavailable
+from extproc.limits import LimiterUnavailable, redis_client
 
 NANO: Final = 1_000_000_000
 # Long enough to outlive the month it counts; short enough to clean itself up.
@@ -75,36 +75,50 @@ class MemoryBudgets:
         return None
 
 
+# Adds to an existing counter only: a missing one (new month, restarted or flushed Redis)
+# must first be seeded from the ledger, or the month's spend would restart from zero.
+_LUA_CHARGE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return redis.call('INCRBY', KEYS[1], ARGV[1])
+end
+return false
+"""
+
+
 class RedisBudgets:
     def __init__(self, client: aioredis.Redis, ledger_spend: LedgerSpend) -> None:
         self._client = client
         self._ledger_spend = ledger_spend
-        self._seeded: set[tuple[str, str]] = set()
+        self._charge = client.register_script(_LUA_CHARGE)
 
     @staticmethod
     def _key(tenant: str, period: str) -> str:
         # Tenant ids cannot contain '{', '}' or ':' (config.TenantId): one key, one tenant.
         return f"checkstream:budget:{{{tenant}}}:{period}"
 
-    async def _seed(self, tenant: str, period: str) -> str:
-        key = self._key(tenant, period)
-        if (tenant, period) not in self._seeded:
-            start = to_nano(self._ledger_spend(tenant, period))
-            await self._client.set(key, start, nx=True, ex=_KEY_TTL_S)
-            self._seeded.add((tenant, period))
-        return key
+    async def _seed(self, key: str, tenant: str, period: str) -> None:
+        # NX: when several replicas seed at once, the first wins and the others keep it.
+        start = to_nano(self._ledger_spend(tenant, period))
+        await self._client.set(key, start, nx=True, ex=_KEY_TTL_S)
 
     async def spent(self, tenant: str, period: str) -> float:
+        key = self._key(tenant, period)
         try:
-            value = await self._client.get(await self._seed(tenant, period))
+            value = await self._client.get(key)
+            if value is None:
+                await self._seed(key, tenant, period)
+                value = await self._client.get(key)
         except (redis.exceptions.RedisError, OSError) as exc:
             raise LimiterUnavailable(f"budget store unreachable: {type(exc).__name__}") from exc
         return int(value or 0) / NANO
 
     async def charge(self, tenant: str, period: str, usd: float) -> None:
+        key = self._key(tenant, period)
+        amount = to_nano(usd)
         try:
-            key = await self._seed(tenant, period)
-            await self._client.incrby(key, to_nano(usd))
+            if await self._charge(keys=[key], args=[amount]) is None:
+                await self._seed(key, tenant, period)
+                await self._charge(keys=[key], args=[amount])
         except (redis.exceptions.RedisError, OSError) as exc:
             raise LimiterUnavailable(f"budget store unreachable: {type(exc).__name__}") from exc
 
@@ -116,5 +130,4 @@ def build_budgets(url: str | None, ledger_spend: LedgerSpend) -> Budgets:
     """Redis when ``url`` is given (``limits.backend: redis``), else in-process."""
     if url is None:
         return MemoryBudgets(ledger_spend)
-    client = aioredis.Redis.from_url(url, socket_connect_timeout=1.0, socket_timeout=1.0)
-    return RedisBudgets(client, ledger_spend)
+    return RedisBudgets(redis_client(url), ledger_spend)

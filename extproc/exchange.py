@@ -148,7 +148,7 @@ class Exchange:
         if plan.budget_usd is not None:
             refusal = await self._over_budget(plan)
             if refusal is not None:
-                return await self._local(refusal, 429)
+                return await self._local(refusal)
         limits = tenant.config.rate_limit
         if limits.limited and (not limits.tokens_per_minute or msg.end_of_stream):
             refusal = await self._admit(plan, 0)
@@ -198,8 +198,7 @@ class Exchange:
                     f"request body is not valid JSON: {exc}",
                     "invalid_json",
                     "checkstream_json",
-                ),
-                400,
+                )
             )
         model = payload.get("model") if isinstance(payload, dict) else None
         models = plan.allowed_models
@@ -211,8 +210,7 @@ class Exchange:
                     f"model {model!r} is not enabled for this tenant",
                     "model_not_allowed",
                     "checkstream_model",
-                ),
-                400,
+                )
             )
         slots = fmt.prompt_texts(payload)
         if tally is not None:
@@ -241,8 +239,7 @@ class Exchange:
                             "a guardrail check failed, so the request was not processed",
                             "guardrail_error",
                             "checkstream_classifier",
-                        ),
-                        503,
+                        )
                     )
             elif verdict.action is not None:
                 self._record(plan, verdict, "ingress", [slot.text for slot in slots])
@@ -259,8 +256,7 @@ class Exchange:
                             fmt.policy_error_body(message, rule.name),
                             [(RULE_HEADER, rule.name)],
                             details="checkstream_policy",
-                        ),
-                        400,
+                        )
                     )
                 if verdict.action == "redact":
                     new_body = fmt.redact_request(payload, slots, verdict.redactions)
@@ -281,8 +277,7 @@ class Exchange:
                         "guardrails",
                         "unsupported_parameter",
                         "checkstream_n",
-                    ),
-                    400,
+                    )
                 )
             # Exact token counts need the backend's usage, which OpenAI streams only on
             # request; the extra chunk is removed before the client sees it.
@@ -319,7 +314,7 @@ class Exchange:
         sets = []
         if tally is not None:
             tally.status = int(status) if status.isdigit() else 0
-            tally.upstream = _from_upstream(attributes)
+            tally.billable = _from_upstream(attributes) and tally.status < 400
             if tally.decision is not None:
                 sets = [header(k, v) for k, v in _limit_headers(tally.decision)]
         removes: list[str] = []
@@ -486,8 +481,7 @@ class Exchange:
                     "rate limits cannot be checked right now, so the request was not processed",
                     "limits_unavailable",
                     "checkstream_limits",
-                ),
-                503,
+                )
             )
         if tally is not None:
             tally.decision = decision
@@ -511,8 +505,7 @@ class Exchange:
             message = f"rate limit reached ({limit}); retry after {_ceil(decision.retry_after_s)}s"
         body = tenant.format.error_body(429, message, "rate_limit_exceeded")
         return await self._local(
-            immediate(429, body, _limit_headers(decision, refused=True), "checkstream_limits"),
-            429,
+            immediate(429, body, _limit_headers(decision, refused=True), "checkstream_limits")
         )
 
     async def _over_budget(self, plan: TenantPlan) -> ProcessingResponse | None:
@@ -549,11 +542,11 @@ class Exchange:
         retry = str(_ceil(seconds_to_next_month(now)))
         return immediate(429, body, [("retry-after", retry)], "checkstream_budget")
 
-    async def _local(self, response: ProcessingResponse, status: int) -> ProcessingResponse:
+    async def _local(self, response: ProcessingResponse) -> ProcessingResponse:
         """An answer extproc gives itself: the request ends here, so it is accounted now."""
         tally = self.tally
         if tally is not None:
-            tally.status = status
+            tally.status = response.immediate_response.status.code
             if tally.decision is not None and response.HasField("immediate_response"):
                 names = {h.header.key for h in response.immediate_response.headers.set_headers}
                 extra = [header(k, v) for k, v in _limit_headers(tally.decision) if k not in names]

@@ -123,6 +123,16 @@ class Limiter(Protocol):
     async def release(self, tenant: str, limits: RateLimitConfig) -> None:
         """Free the concurrency slot taken by a successful `acquire`."""
 
+    async def finish(
+        self,
+        tenant: str,
+        limits: RateLimitConfig,
+        reserved_tokens: int,
+        actual_tokens: int,
+        now: float | None = None,
+    ) -> None:
+        """`settle` and `release` together, as one store operation: a request's end."""
+
     async def remaining(
         self, tenant: str, limits: RateLimitConfig, now: float | None = None
     ) -> Decision:
@@ -316,6 +326,18 @@ class MemoryLimiter:
         level = max(0, level + (actual_tokens - reserved_tokens) * WINDOW_MS)
         self._store(tk, level, max(ts, t))
 
+    async def finish(
+        self,
+        tenant: str,
+        limits: RateLimitConfig,
+        reserved_tokens: int,
+        actual_tokens: int,
+        now: float | None = None,
+    ) -> None:
+        await self.settle(tenant, limits, reserved_tokens, actual_tokens, now)
+        if limits.max_concurrent_requests:
+            await self.release(tenant, limits)
+
     async def release(self, tenant: str, limits: RateLimitConfig) -> None:
         _, _, ck = _keys(tenant)
         n = self._in_flight.get(ck, 0)
@@ -434,6 +456,31 @@ end
 return 1
 """
 
+# KEYS: tpm, concurrency. ARGV: now_ms|'', tpm (0: no settling), reserved, actual,
+# release (1/0). Settle and release in one round trip, atomically: a request's end.
+_LUA_FINISH = (
+    _LUA_COMMON
+    + """
+local tpm, reserved, actual = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+if tpm > 0 and reserved ~= actual then
+  local now = clock(ARGV[1])
+  local level, ts = load(KEYS[1], now)
+  level = drain(level, ts, now, tpm)
+  level = math.max(0, level + (actual - reserved) * W)
+  store(KEYS[1], level, math.max(ts, now), tpm)
+end
+if ARGV[5] == '1' then
+  local n = tonumber(redis.call('GET', KEYS[2])) or 0
+  if n <= 1 then
+    redis.call('DEL', KEYS[2])
+  else
+    redis.call('DECR', KEYS[2])
+  end
+end
+return 1
+"""
+)
+
 # KEYS: rpm, tpm, concurrency. ARGV: now_ms|'', rpm, tpm. Read-only.
 _LUA_REMAINING = (
     _LUA_COMMON
@@ -456,6 +503,24 @@ _UNREACHABLE = (
     redis.exceptions.ReadOnlyError,
     OSError,
 )
+
+
+# Concurrent operations beyond this wait for a free connection (up to the timeout) instead
+# of failing: a busy gateway must not turn a healthy Redis into LimiterUnavailable.
+MAX_REDIS_CONNECTIONS: Final = 64
+
+
+def redis_client(url: str, timeout_s: float = 1.0) -> aioredis.Redis:
+    """A client with bounded timeouts (a hung Redis becomes the fail mode quickly, not a
+    stuck request) and a pool that queues rather than refuses when all connections are busy."""
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=MAX_REDIS_CONNECTIONS,
+        timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        socket_timeout=timeout_s,
+    )
+    return aioredis.Redis(connection_pool=pool)
 
 
 def _redacted(url: str) -> str:
@@ -487,13 +552,12 @@ class RedisLimiter:
         self._url = _redacted(url)
         # Bounded timeouts: a hung Redis must turn into LimiterUnavailable (and the fail mode)
         # quickly, not into a request stuck behind it.
-        self._redis = aioredis.Redis.from_url(
-            url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s
-        )
+        self._redis = redis_client(url, timeout_s)
         self._conc_ttl_ms = str(max(1, round(concurrency_ttl_s * 1000)))
         self._acquire = self._redis.register_script(_LUA_ACQUIRE)
         self._settle = self._redis.register_script(_LUA_SETTLE)
         self._release = self._redis.register_script(_LUA_RELEASE)
+        self._finish = self._redis.register_script(_LUA_FINISH)
         self._remaining = self._redis.register_script(_LUA_REMAINING)
 
     async def _run(self, script: AsyncScript, keys: list[str], args: list[str]) -> list[int]:
@@ -538,6 +602,24 @@ class RedisLimiter:
     async def release(self, tenant: str, limits: RateLimitConfig) -> None:
         _, _, ck = _keys(tenant)
         await self._run(self._release, [ck], [])
+
+    async def finish(
+        self,
+        tenant: str,
+        limits: RateLimitConfig,
+        reserved_tokens: int,
+        actual_tokens: int,
+        now: float | None = None,
+    ) -> None:
+        _check_tokens(reserved_tokens, actual_tokens)
+        tpm = limits.tokens_per_minute or 0
+        settles = bool(tpm) and reserved_tokens != actual_tokens
+        releases = bool(limits.max_concurrent_requests)
+        if not settles and not releases:
+            return  # nothing to change: no round trip
+        _, tk, ck = _keys(tenant)
+        args = [_arg_now(now), str(tpm), str(reserved_tokens), str(actual_tokens)]
+        await self._run(self._finish, [tk, ck], [*args, "1" if releases else "0"])
 
     async def remaining(
         self, tenant: str, limits: RateLimitConfig, now: float | None = None

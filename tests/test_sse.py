@@ -714,7 +714,8 @@ def test_anthropic_with_delta_text() -> None:
 
 
 def test_anthropic_usage() -> None:
-    assert ANTHROPIC.usage(one(MESSAGE_START)) == Usage(25, 1)
+    # message_start's output_tokens (1) is a placeholder, not a count.
+    assert ANTHROPIC.usage(one(MESSAGE_START)) == Usage(25, None)
     assert ANTHROPIC.usage(one(MESSAGE_DELTA)) == Usage(None, 15)
     cached = {
         "input_tokens": 50,

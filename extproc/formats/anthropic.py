@@ -147,25 +147,29 @@ class AnthropicFormat:
     def usage(self, event: SseEvent) -> Usage | None:
         """The token counts of ``message_start`` (its ``message.usage``) or ``message_delta``.
 
-        The counts are cumulative, each event's superseding the last; ``message_start``'s
-        output count is only a start, and ``message_delta`` may lack the input counts
-        (None then). See ``Usage`` for how input tokens add up.
+        The counts are cumulative, each event's superseding the last; ``message_delta`` may
+        lack the input counts (None then). ``message_start``'s output count is a placeholder
+        (usually 1), so it is reported as unknown: a stream cut before its ``message_delta``
+        then has its output estimated rather than billed as one token. See ``Usage`` for how
+        input tokens add up.
         """
         if b'"usage"' not in event.raw:
             return None
         payload = json_data(event)
         if not isinstance(payload, dict):
             return None
-        if payload.get("type") == "message_start":
+        kind = payload.get("type")
+        if kind == "message_start":
             message = payload.get("message")
             usage = message.get("usage") if isinstance(message, dict) else None
-        elif payload.get("type") == "message_delta":
+        elif kind == "message_delta":
             usage = payload.get("usage")
         else:
             return None
         if not isinstance(usage, dict):
             return None
-        return Usage(_input_tokens(usage), token_count(usage.get("output_tokens")))
+        output = token_count(usage.get("output_tokens")) if kind == "message_delta" else None
+        return Usage(_input_tokens(usage), output)
 
     def answer_usage(self, payload: Any) -> Usage | None:
         usage = payload.get("usage") if isinstance(payload, dict) else None

@@ -134,5 +134,7 @@ class Usage:
 
 
 def token_count(value: object) -> int | None:
-    """``value`` if it is a token count (an int), else None."""
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+    """``value`` if it is a token count (a non-negative int), else None."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return None
