@@ -7,10 +7,9 @@ Usage (from the repo root, with the project's venv)::
 
 Part 1, in this process: the cost per request of each store, after a warm-up:
 
-- limiter: ``acquire`` + ``settle`` + ``release`` (rpm, tpm and concurrency limits, high
-  enough never to refuse), ``MemoryLimiter`` and ``RedisLimiter`` against a loopback
-  ``redis-server`` this script starts (no persistence);
-- budgets: ``spent`` + ``charge`` (``MemoryBudgets``, ``RedisBudgets``);
+- limiter: ``acquire`` + ``finish`` (rpm, tpm and concurrency limits, high enough never to
+  refuse), without and with a budget riding along (``+budget``), ``MemoryLimiter`` and
+  ``RedisLimiter`` against a loopback ``redis-server`` this script starts (no persistence);
 - the usage ledger: ``record`` (SQLite, WAL, ``synchronous=FULL``, one commit per batch).
 
 Each is run one request at a time (wall µs per request: the latency it adds) and with
@@ -78,9 +77,8 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import (
     ProcessingRequest,
 )
 
-from extproc.budgets import MemoryBudgets, RedisBudgets, build_budgets
 from extproc.config import LimitsConfig, RateLimitConfig, load_config
-from extproc.limits import Limiter, MemoryLimiter, build_limiter
+from extproc.limits import Budget, Charge, Limiter, MemoryLimiter, build_limiter, to_nano
 from extproc.runtime import Runtime
 from extproc.server import ExternalProcessor
 from extproc.usage import UsageLedger, UsageRecord, period_of
@@ -159,25 +157,19 @@ async def _measure(
     return cost
 
 
-def _limiter_step(limiter: Limiter) -> Callable[[], Awaitable[None]]:
+def _limiter_step(limiter: Limiter, with_budget: bool) -> Callable[[], Awaitable[None]]:
+    """One request's limiter work: ``acquire`` then ``finish`` (with the budget check and
+    charge riding along when ``with_budget``), as ``extproc/accounting.py`` does it."""
     limits = RateLimitConfig.model_validate(RATE_LIMIT)
+    period = period_of(time.time())
+    budget = Budget(period, to_nano(1e9)) if with_budget else None
+    charge = Charge(period, to_nano(0.0000123)) if with_budget else None
 
     async def step() -> None:
-        decision = await limiter.acquire("bench", limits, 1027)
+        decision = await limiter.acquire("bench", limits, 1027, budget=budget)
         if not decision.allowed:
             raise RuntimeError(f"the limiter refused: {decision}")
-        await limiter.settle("bench", limits, 1027, 42)
-        await limiter.release("bench", limits)
-
-    return step
-
-
-def _budget_step(budgets: MemoryBudgets | RedisBudgets) -> Callable[[], Awaitable[None]]:
-    period = period_of(time.time())
-
-    async def step() -> None:
-        await budgets.spent("bench", period)
-        await budgets.charge("bench", period, 0.0000123)
+        await limiter.finish("bench", limits, 1027, 42, charge=charge)
 
     return step
 
@@ -195,21 +187,17 @@ async def part1(
 ) -> list[StoreCost]:
     n, c = args.store_requests, args.concurrency
     costs = []
-    memory = MemoryLimiter()
-    costs.append(await _measure("MemoryLimiter", _limiter_step(memory), n * 5, c, None))
-    redis_limiter = build_limiter(LimitsConfig(backend="redis", url=redis_url))
-    try:
-        costs.append(await _measure("RedisLimiter", _limiter_step(redis_limiter), n, c, redis_pid))
-    finally:
-        await redis_limiter.aclose()
-    mem_budgets = MemoryBudgets(lambda tenant, period: 0.0)
-    costs.append(await _measure("MemoryBudgets", _budget_step(mem_budgets), n * 5, c, None))
-    redis_budgets = build_budgets(redis_url, lambda tenant, period: 0.0)
-    assert isinstance(redis_budgets, RedisBudgets)
-    try:
-        costs.append(await _measure("RedisBudgets", _budget_step(redis_budgets), n, c, redis_pid))
-    finally:
-        await redis_budgets.aclose()
+    for with_budget in (False, True):
+        suffix = " +budget" if with_budget else ""
+        memory = MemoryLimiter()
+        step = _limiter_step(memory, with_budget)
+        costs.append(await _measure(f"MemoryLimiter{suffix}", step, n * 5, c, None))
+        redis_limiter = build_limiter(LimitsConfig(backend="redis", url=redis_url))
+        try:
+            step = _limiter_step(redis_limiter, with_budget)
+            costs.append(await _measure(f"RedisLimiter{suffix}", step, n, c, redis_pid))
+        finally:
+            await redis_limiter.aclose()
     ledger = UsageLedger.open(workdir / "part1-usage.db")
     try:
         costs.append(await _measure("UsageLedger.record", _ledger_step(ledger), n // 4, c, None))
@@ -500,8 +488,8 @@ def fmt(value: float, digits: int = 0) -> str:
 def report_part1(costs: list[StoreCost], concurrency: int) -> list[dict[str, Any]]:
     print()
     print(
-        "Part 1: stores alone, µs per request (limiter: acquire + settle + release; budgets: "
-        "spent + charge; ledger: record)"
+        "Part 1: stores alone, µs per request (limiter: acquire + finish, +budget: with the "
+        "budget checked and charged in the same calls; ledger: record)"
     )
     header = (
         f"{'store':<20}{'1 at a time':>13}{f'{concurrency} tasks: wall':>18}"

@@ -7,7 +7,7 @@ made durable, metrics are counted and one JSON log line is written. The exchange
 before the last byte of the response goes out, so nothing is lost when a client hangs up
 right after (design: "durable before the response ends").
 
-``Accounts`` holds the long-lived parts (limiter, budgets, ledger, audit log and the admin's
+``Accounts`` holds the long-lived parts (limiter with budgets, ledger, audit log and the admin's
 suspensions). They outlive a config reload: counts must not reset because a policy changed.
 """
 
@@ -23,10 +23,16 @@ from pathlib import Path
 from typing import Any
 
 from extproc.audit import AuditLog, resolve_audit_dirs
-from extproc.budgets import Budgets, build_budgets
 from extproc.config import LoadedConfig, TenantConfig
 from extproc.formats.texts import Usage
-from extproc.limits import Decision, Limiter, LimiterUnavailable, build_limiter
+from extproc.limits import (
+    Charge,
+    Decision,
+    Limiter,
+    LimiterUnavailable,
+    build_limiter,
+    to_nano,
+)
 from extproc.metering import estimate_tokens
 from extproc.metrics import EXTPROC_ERRORS, LATENCY, REQUESTS, TOKENS, model_label
 from extproc.usage import Pricing, UsageLedger, UsageRecord, period_of, resolve_usage_path
@@ -87,8 +93,7 @@ def iso_now() -> str:
 class Accounts:
     """The long-lived state behind limits, budgets, usage and audit (one per process)."""
 
-    limiter: Limiter
-    budgets: Budgets
+    limiter: Limiter  # rate limits and budgets
     ledger: UsageLedger | None
     audit: AuditLog
     #: Admin overrides of tenants' ``suspended`` flags (tenant id -> suspended).
@@ -100,20 +105,17 @@ class Accounts:
         model = loaded.model
         ledger = UsageLedger.open(resolve_usage_path(loaded)) if model.usage.enabled else None
 
-        def ledger_spend(tenant: str, period: str) -> float:
-            return ledger.month_spend(tenant, period) if ledger is not None else 0.0
+        def ledger_spend(tenant: str, period: str) -> int:
+            return to_nano(ledger.month_spend(tenant, period)) if ledger is not None else 0
 
-        url = model.limits.url if model.limits.backend == "redis" else None
         return cls(
-            limiter=build_limiter(model.limits),
-            budgets=build_budgets(url, ledger_spend),
+            limiter=build_limiter(model.limits, ledger_spend),
             ledger=ledger,
             audit=AuditLog(audit_dirs(loaded)),
         )
 
     async def aclose(self) -> None:
         await self.limiter.aclose()
-        await self.budgets.aclose()
         if self.ledger is not None:
             await self.ledger.aclose()
         await self.audit.aclose()
@@ -138,19 +140,17 @@ class Accounts:
         tokens_in, tokens_out, estimated = tally.tokens()
         now = time.time()
         limits = config.rate_limit
+        cost = pricing.cost(tally.model, tokens_in, tokens_out)
         if tally.admitted:
+            charge = None
+            if cost and config.budget is not None:
+                charge = Charge(period_of(now), to_nano(cost))
             try:
                 await self.limiter.finish(
-                    tenant, limits, tally.reserved_tokens, tokens_in + tokens_out
+                    tenant, limits, tally.reserved_tokens, tokens_in + tokens_out, charge=charge
                 )
             except LimiterUnavailable as exc:
                 _failed("limiter", tenant, exc)
-        cost = pricing.cost(tally.model, tokens_in, tokens_out)
-        if cost and config.budget is not None:
-            try:
-                await self.budgets.charge(tenant, period_of(now), cost)
-            except LimiterUnavailable as exc:
-                _failed("budget", tenant, exc)
         if self.ledger is not None:
             record = UsageRecord(
                 time=now,

@@ -20,7 +20,6 @@ Python's cost is per gRPC message, so a plain pass-through request costs one mes
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -45,9 +44,8 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import (
 from google.protobuf.struct_pb2 import Struct
 
 from extproc.accounting import CLIENT_CLOSED, Tally, iso_now
-from extproc.budgets import seconds_to_next_month
 from extproc.formats.texts import dump_json
-from extproc.limits import Decision, LimiterUnavailable
+from extproc.limits import Budget, Decision, LimiterUnavailable, to_nano
 from extproc.metering import BodyMeter, StreamMeter
 from extproc.metrics import (
     CLASSIFIER_ERRORS,
@@ -145,12 +143,8 @@ class Exchange:
             return await self._admin(found)
         if plan.tracks:
             self.tally = Tally.start(tenant.id, headers.get("x-request-id"))
-        if plan.budget_usd is not None:
-            refusal = await self._over_budget(plan)
-            if refusal is not None:
-                return await self._local(refusal)
         limits = tenant.config.rate_limit
-        if limits.limited and (not limits.tokens_per_minute or msg.end_of_stream):
+        if plan.admits and (not limits.tokens_per_minute or msg.end_of_stream):
             refusal = await self._admit(plan, 0)
             if refusal is not None:
                 return refusal
@@ -468,8 +462,11 @@ class Exchange:
         tenant = plan.tenant
         limits = tenant.config.rate_limit
         accounts = self.runtime.accounts
+        budget = None
+        if plan.budget_usd is not None:
+            budget = Budget(period_of(time.time()), to_nano(plan.budget_usd))
         try:
-            decision = await accounts.limiter.acquire(tenant.id, limits, tokens)
+            decision = await accounts.limiter.acquire(tenant.id, limits, tokens, budget=budget)
         except LimiterUnavailable as exc:
             self._store_failure(plan, "limiter", exc)
             if tenant.config.fail_mode == "open":
@@ -490,6 +487,15 @@ class Exchange:
                 tally.admitted = True
                 tally.reserved_tokens = tokens
             return None
+        if decision.over_budget:
+            RATE_LIMITED.labels(tenant.id, "budget").inc()
+            body = tenant.format.error_body(
+                429,
+                f"the tenant's monthly budget of ${plan.budget_usd:g} is spent",
+                "budget_exceeded",
+            )
+            headers = _limit_headers(decision, refused=True)
+            return await self._local(immediate(429, body, headers, "checkstream_budget"))
         limit = decision.limit_name or "unknown"
         RATE_LIMITED.labels(tenant.id, limit).inc()
         if (
@@ -507,40 +513,6 @@ class Exchange:
         return await self._local(
             immediate(429, body, _limit_headers(decision, refused=True), "checkstream_limits")
         )
-
-    async def _over_budget(self, plan: TenantPlan) -> ProcessingResponse | None:
-        tenant = plan.tenant
-        budget = plan.budget_usd
-        assert budget is not None
-        now = time.time()
-        try:
-            spent = await self.runtime.accounts.budgets.spent(tenant.id, period_of(now))
-        except LimiterUnavailable as exc:
-            self._store_failure(plan, "budget", exc)
-            if tenant.config.fail_mode == "open":
-                return None
-            return error_response(
-                tenant.format,
-                503,
-                "the budget cannot be checked right now, so the request was not processed",
-                "limits_unavailable",
-                "checkstream_limits",
-            )
-        if spent < budget:
-            return None
-        RATE_LIMITED.labels(tenant.id, "budget").inc()
-        limits = tenant.config.rate_limit
-        if limits.limited and self.tally is not None:
-            # Every answer of a limited tenant says where its limits stand, refusals too.
-            with contextlib.suppress(LimiterUnavailable):
-                self.tally.decision = await self.runtime.accounts.limiter.remaining(
-                    tenant.id, limits
-                )
-        body = tenant.format.error_body(
-            429, f"the tenant's monthly budget of ${budget:g} is spent", "budget_exceeded"
-        )
-        retry = str(_ceil(seconds_to_next_month(now)))
-        return immediate(429, body, [("retry-after", retry)], "checkstream_budget")
 
     async def _local(self, response: ProcessingResponse) -> ProcessingResponse:
         """An answer extproc gives itself: the request ends here, so it is accounted now."""

@@ -1,4 +1,5 @@
-"""Per-tenant rate limits: requests per minute, tokens per minute, concurrent requests.
+"""Per-tenant rate limits (requests per minute, tokens per minute, concurrent requests) and
+monthly budgets.
 
 One narrow async interface (`Limiter`) with two backends that make identical decisions:
 `MemoryLimiter` (in-process, exact only with one extproc worker) and `RedisLimiter` (one Lua
@@ -21,6 +22,14 @@ doubles and Python's ints compute the same values; the only division shared with
 `fits` and the updates; everything reported (remaining, reset, retry-after, the tightest limit)
 is computed once, in Python, by `decide`, from the levels the backend returns.
 
+Budgets ride along: `acquire` refuses when the month's spend (integer nano-dollars, so sums
+are exact in Python and Redis alike) has reached the budget, and `finish` adds the request's
+cost, in the same store operation as the limits, so a request's accounting costs two Redis
+round trips in all. A month's counter that does not exist yet (new month, fresh or flushed
+Redis) starts from the usage ledger's sum (``ledger_spend``; ``SET NX``: the first replica to
+seed wins), so a restart does not forget what was spent. A request may overshoot the budget by
+its own cost: it is checked before it runs and charged when its cost is known.
+
 Clocks: the caller passes ``now`` (epoch seconds) so tests control time. ``now=None`` makes
 `RedisLimiter` read Redis ``TIME`` inside the script: the one clock all replicas share, which
 is what cross-replica exactness needs (replicas' own clocks drift). `MemoryLimiter` uses
@@ -36,7 +45,9 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from fractions import Fraction
 from typing import Final, Protocol
 from urllib.parse import urlsplit, urlunsplit
@@ -48,6 +59,11 @@ from redis.commands.core import AsyncScript
 from extproc.config import LimitsConfig, RateLimitConfig
 
 WINDOW_MS: Final = 60_000
+# Spend is counted in integer nano-dollars: exact in Python and Redis alike (float sums
+# drift; micro-dollars would round a cheap model's single-token cost to zero).
+NANO: Final = 1_000_000_000
+# A month's spend counter outlives its month, then cleans itself up.
+_BUDGET_TTL_S: Final = 40 * 24 * 3600
 # A concurrency refusal has no computable end (it lasts until some request finishes): a short
 # fixed hint keeps clients from hammering without pretending to know.
 CONCURRENCY_RETRY_MS: Final = 1_000
@@ -64,6 +80,15 @@ CONCURRENCY: Final = "max_concurrent_requests"
 # another tenant's keys. The braces are a Redis Cluster hash tag: a tenant's keys share a slot,
 # which multi-key scripts require.
 _TENANT_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+#: Reads what a tenant spent in a month ("YYYY-MM") from the durable usage ledger, in
+#: nano-dollars: a month's counter starts there, so restarts do not forget spend.
+LedgerSpend = Callable[[str, str], int]
+
+
+def _NOTHING_SPENT(tenant: str, period: str) -> int:
+    return 0
 
 
 class LimiterUnavailable(Exception):
@@ -85,6 +110,25 @@ class Decision:
     remaining: int | None
     reset: float | None  # epoch seconds when this limit is fully available again
     retry_after_s: float  # 0.0 when allowed
+    #: Refused because the month's budget is spent (then retry_after_s runs to next month,
+    #: and the other fields still describe the tightest rate limit, for the headers).
+    over_budget: bool = False
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A monthly budget checked by `acquire`, in the same store operation as the limits."""
+
+    period: str  # "YYYY-MM", UTC
+    limit_nano: int
+
+
+@dataclass(frozen=True)
+class Charge:
+    """A request's cost added to its month's spend by `finish`."""
+
+    period: str
+    nano: int
 
 
 @dataclass(frozen=True)
@@ -106,9 +150,15 @@ class _Rates:
 
 class Limiter(Protocol):
     async def acquire(
-        self, tenant: str, limits: RateLimitConfig, tokens: int, now: float | None = None
+        self,
+        tenant: str,
+        limits: RateLimitConfig,
+        tokens: int,
+        now: float | None = None,
+        budget: Budget | None = None,
     ) -> Decision:
-        """Take one request, ``tokens`` pre-paid tokens and a concurrency slot, or nothing."""
+        """Take one request, ``tokens`` pre-paid tokens and a concurrency slot, or nothing;
+        nothing either when ``budget`` is given and the month's spend has reached it."""
 
     async def settle(
         self,
@@ -130,8 +180,13 @@ class Limiter(Protocol):
         reserved_tokens: int,
         actual_tokens: int,
         now: float | None = None,
+        charge: Charge | None = None,
     ) -> None:
-        """`settle` and `release` together, as one store operation: a request's end."""
+        """`settle`, `release` and the budget ``charge`` together, as one store operation:
+        a request's end."""
+
+    async def spent(self, tenant: str, period: str) -> int:
+        """Nano-dollars ``tenant`` spent in ``period`` (tenant-info)."""
 
     async def remaining(
         self, tenant: str, limits: RateLimitConfig, now: float | None = None
@@ -235,6 +290,26 @@ def decide(
     )
 
 
+def _over_budget(decision: Decision, now_ms: int) -> Decision:
+    """``decision`` (the rate limits as they stand, nothing taken) refused for the budget."""
+    return replace(
+        decision,
+        allowed=False,
+        retry_after_s=seconds_to_next_month(now_ms / 1000),
+        over_budget=True,
+    )
+
+
+def seconds_to_next_month(now: float) -> float:
+    moment = datetime.fromtimestamp(now, UTC)
+    year, month = (moment.year + 1, 1) if moment.month == 12 else (moment.year, moment.month + 1)
+    return datetime(year, month, 1, tzinfo=UTC).timestamp() - now
+
+
+def to_nano(usd: float) -> int:
+    return round(usd * NANO)
+
+
 def _now_ms(now: float) -> int:
     return round(now * 1000)
 
@@ -244,6 +319,11 @@ def _keys(tenant: str) -> tuple[str, str, str]:
         raise ValueError(f"invalid tenant id for limits: {tenant!r}")
     base = f"checkstream:limits:{{{tenant}}}"
     return f"{base}:rpm", f"{base}:tpm", f"{base}:concurrency"
+
+
+def _budget_key(tenant: str, period: str) -> str:
+    _keys(tenant)  # the same tenant id check
+    return f"checkstream:budget:{{{tenant}}}:{period}"
 
 
 def _check_tokens(*values: int) -> None:
@@ -259,10 +339,22 @@ class MemoryLimiter:
     """Exact for one process. Each method runs without awaiting, so on one event loop every
     operation is atomic; several worker processes each get their own counts (use Redis)."""
 
-    def __init__(self) -> None:
+    def __init__(self, ledger_spend: LedgerSpend = _NOTHING_SPENT) -> None:
         # Same keys as Redis, so both backends are driven by the same tenant validation.
         self._buckets: dict[str, tuple[int, int]] = {}
         self._in_flight: dict[str, int] = {}
+        self._ledger_spend = ledger_spend
+        self._spent: dict[tuple[str, str], int] = {}
+
+    def _month(self, tenant: str, period: str) -> int:
+        key = (tenant, period)
+        value = self._spent.get(key)
+        if value is None:
+            value = self._spent[key] = self._ledger_spend(tenant, period)
+        return value
+
+    async def spent(self, tenant: str, period: str) -> int:
+        return self._month(tenant, period)
 
     def _load(self, key: str, now: int) -> tuple[int, int]:
         return self._buckets.get(key, (0, now))
@@ -275,7 +367,12 @@ class MemoryLimiter:
             self._buckets[key] = (level, ts)
 
     async def acquire(
-        self, tenant: str, limits: RateLimitConfig, tokens: int, now: float | None = None
+        self,
+        tenant: str,
+        limits: RateLimitConfig,
+        tokens: int,
+        now: float | None = None,
+        budget: Budget | None = None,
     ) -> Decision:
         _check_tokens(tokens)
         rk, tk, ck = _keys(tenant)
@@ -288,6 +385,8 @@ class MemoryLimiter:
         if rates.tpm:
             tl = drain(tl, tt, t, rates.tpm)
         in_flight = self._in_flight.get(ck, 0)
+        if budget is not None and self._month(tenant, budget.period) >= budget.limit_nano:
+            return _over_budget(decide(rates, tokens, t, rl, tl, in_flight, taken=False), t)
         ok = (
             (not rates.rpm or fits(rl, rates.rpm, 1))
             and (not rates.tpm or fits(tl, rates.tpm, tokens))
@@ -333,10 +432,14 @@ class MemoryLimiter:
         reserved_tokens: int,
         actual_tokens: int,
         now: float | None = None,
+        charge: Charge | None = None,
     ) -> None:
         await self.settle(tenant, limits, reserved_tokens, actual_tokens, now)
         if limits.max_concurrent_requests:
             await self.release(tenant, limits)
+        if charge is not None and charge.nano:
+            _check_tokens(charge.nano)
+            self._spent[(tenant, charge.period)] = self._month(tenant, charge.period) + charge.nano
 
     async def release(self, tenant: str, limits: RateLimitConfig) -> None:
         _, _, ck = _keys(tenant)
@@ -398,10 +501,18 @@ local function store(key, level, ts, rate)
 end
 """
 
-# KEYS: rpm, tpm, concurrency. ARGV: now_ms|'', rpm, tpm, max_concurrent, tokens, conc_ttl_ms
+# KEYS: rpm, tpm, concurrency[, budget]. ARGV: now_ms|'', rpm, tpm, max_concurrent, tokens,
+# conc_ttl_ms, budget_nano|''. Returns {-1} when the month's budget counter must be seeded
+# first (from the usage ledger, which only the caller can read), having changed nothing.
 _LUA_ACQUIRE = (
     _LUA_COMMON
     + """
+local over = 0
+if ARGV[7] ~= '' then
+  local spent = redis.call('GET', KEYS[4])
+  if not spent then return {-1} end
+  if tonumber(spent) >= tonumber(ARGV[7]) then over = 1 end
+end
 local now = clock(ARGV[1])
 local rpm, tpm, cmax = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local tokens, cttl = tonumber(ARGV[5]), ARGV[6]
@@ -410,7 +521,8 @@ local tl, tt = load(KEYS[2], now)
 if rpm > 0 then rl = drain(rl, rt, now, rpm) end
 if tpm > 0 then tl = drain(tl, tt, now, tpm) end
 local inflight = tonumber(redis.call('GET', KEYS[3])) or 0
-local ok = (rpm == 0 or fits(rl, rpm, 1))
+local ok = over == 0
+  and (rpm == 0 or fits(rl, rpm, 1))
   and (tpm == 0 or fits(tl, tpm, tokens))
   and (cmax == 0 or inflight + 1 <= cmax)
 if ok then
@@ -427,7 +539,7 @@ if ok then
     redis.call('PEXPIRE', KEYS[3], cttl)
   end
 end
-return {ok and 1 or 0, now, rl, tl, inflight}
+return {ok and 1 or 0, now, rl, tl, inflight, over}
 """
 )
 
@@ -456,11 +568,13 @@ end
 return 1
 """
 
-# KEYS: tpm, concurrency. ARGV: now_ms|'', tpm (0: no settling), reserved, actual,
-# release (1/0). Settle and release in one round trip, atomically: a request's end.
+# KEYS: tpm, concurrency[, budget]. ARGV: now_ms|'', tpm (0: no settling), reserved, actual,
+# release (1/0), charge_nano|''. Settle, release and charge in one round trip, atomically: a
+# request's end. Returns -1, having changed nothing, when the budget counter needs seeding.
 _LUA_FINISH = (
     _LUA_COMMON
     + """
+if ARGV[6] ~= '' and redis.call('EXISTS', KEYS[3]) == 0 then return -1 end
 local tpm, reserved, actual = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 if tpm > 0 and reserved ~= actual then
   local now = clock(ARGV[1])
@@ -477,6 +591,7 @@ if ARGV[5] == '1' then
     redis.call('DECR', KEYS[2])
   end
 end
+if ARGV[6] ~= '' then redis.call('INCRBY', KEYS[3], ARGV[6]) end
 return 1
 """
 )
@@ -546,10 +661,12 @@ class RedisLimiter:
         self,
         url: str,
         *,
+        ledger_spend: LedgerSpend = _NOTHING_SPENT,
         timeout_s: float = 1.0,
         concurrency_ttl_s: float = DEFAULT_CONCURRENCY_TTL_S,
     ) -> None:
         self._url = _redacted(url)
+        self._ledger_spend = ledger_spend
         # Bounded timeouts: a hung Redis must turn into LimiterUnavailable (and the fail mode)
         # quickly, not into a request stuck behind it.
         self._redis = redis_client(url, timeout_s)
@@ -567,11 +684,37 @@ class RedisLimiter:
             raise LimiterUnavailable(f"rate-limit store {self._url} is unavailable: {exc}") from exc
         return [int(x) for x in result] if isinstance(result, list) else [int(result)]
 
+    async def _seed(self, tenant: str, period: str) -> None:
+        """Start a month's spend counter from the ledger. NX: when replicas race, the first
+        wins; a counter that exists (this month's spend by every replica) is never replaced."""
+        start = self._ledger_spend(tenant, period)
+        try:
+            await self._redis.set(_budget_key(tenant, period), start, nx=True, ex=_BUDGET_TTL_S)
+        except _UNREACHABLE as exc:
+            raise LimiterUnavailable(f"rate-limit store {self._url} is unavailable: {exc}") from exc
+
+    async def spent(self, tenant: str, period: str) -> int:
+        key = _budget_key(tenant, period)
+        try:
+            value = await self._redis.get(key)
+            if value is None:
+                await self._seed(tenant, period)
+                value = await self._redis.get(key)
+        except _UNREACHABLE as exc:
+            raise LimiterUnavailable(f"rate-limit store {self._url} is unavailable: {exc}") from exc
+        return int(value or 0)
+
     async def acquire(
-        self, tenant: str, limits: RateLimitConfig, tokens: int, now: float | None = None
+        self,
+        tenant: str,
+        limits: RateLimitConfig,
+        tokens: int,
+        now: float | None = None,
+        budget: Budget | None = None,
     ) -> Decision:
         _check_tokens(tokens)
         rates = _Rates.of(limits)
+        keys = list(_keys(tenant))
         args = [
             _arg_now(now),
             str(rates.rpm),
@@ -579,9 +722,19 @@ class RedisLimiter:
             str(rates.concurrency),
             str(tokens),
             self._conc_ttl_ms,
+            "",
         ]
-        ok, t, rl, tl, in_flight = await self._run(self._acquire, list(_keys(tenant)), args)
-        return decide(rates, tokens, t, rl, tl, in_flight, taken=bool(ok))
+        if budget is not None:
+            keys.append(_budget_key(tenant, budget.period))
+            args[-1] = str(budget.limit_nano)
+        result = await self._run(self._acquire, keys, args)
+        if result == [-1]:
+            assert budget is not None
+            await self._seed(tenant, budget.period)
+            result = await self._run(self._acquire, keys, args)
+        ok, t, rl, tl, in_flight, over = result
+        decision = decide(rates, tokens, t, rl, tl, in_flight, taken=bool(ok))
+        return _over_budget(decision, t) if over else decision
 
     async def settle(
         self,
@@ -610,16 +763,27 @@ class RedisLimiter:
         reserved_tokens: int,
         actual_tokens: int,
         now: float | None = None,
+        charge: Charge | None = None,
     ) -> None:
         _check_tokens(reserved_tokens, actual_tokens)
         tpm = limits.tokens_per_minute or 0
         settles = bool(tpm) and reserved_tokens != actual_tokens
         releases = bool(limits.max_concurrent_requests)
-        if not settles and not releases:
+        charges = charge is not None and charge.nano > 0
+        if not (settles or releases or charges):
             return  # nothing to change: no round trip
         _, tk, ck = _keys(tenant)
+        keys = [tk, ck]
         args = [_arg_now(now), str(tpm), str(reserved_tokens), str(actual_tokens)]
-        await self._run(self._finish, [tk, ck], [*args, "1" if releases else "0"])
+        args += ["1" if releases else "0", ""]
+        if charge is not None and charges:
+            _check_tokens(charge.nano)
+            keys.append(_budget_key(tenant, charge.period))
+            args[-1] = str(charge.nano)
+        if await self._run(self._finish, keys, args) == [-1]:
+            assert charge is not None
+            await self._seed(tenant, charge.period)
+            await self._run(self._finish, keys, args)
 
     async def remaining(
         self, tenant: str, limits: RateLimitConfig, now: float | None = None
@@ -633,9 +797,9 @@ class RedisLimiter:
         await self._redis.aclose()
 
 
-def build_limiter(config: LimitsConfig) -> Limiter:
+def build_limiter(config: LimitsConfig, ledger_spend: LedgerSpend = _NOTHING_SPENT) -> Limiter:
     if config.backend == "redis":
         if not config.url:
             raise ValueError("limits.backend redis needs limits.url")
-        return RedisLimiter(config.url)
-    return MemoryLimiter()
+        return RedisLimiter(config.url, ledger_spend=ledger_spend)
+    return MemoryLimiter(ledger_spend)

@@ -17,7 +17,7 @@ from extproc.config import AuditConfig, LoadedConfig
 from extproc.formats.texts import apply_redactions
 from extproc.guardrails import Guardrails, TenantGuardrails, compile_guardrails
 from extproc.hookspecs import Classifier
-from extproc.limits import LimiterUnavailable
+from extproc.limits import NANO, LimiterUnavailable
 from extproc.mutations import Forwarding, build_forwarding
 from extproc.pipeline import Checker
 from extproc.registry import Registry, load_registry
@@ -47,6 +47,8 @@ class TenantPlan:
     #: The answer's usage is needed (counted, or midstream rules need the request's tokens).
     reads_answer_usage: bool
     budget_usd: float | None
+    #: Requests take a share of rate limits or budget before they go on.
+    admits: bool
     allowed_models: frozenset[str] | None
     forwarding: Forwarding  # the client's own key goes upstream (auth_passthrough)
     forwarding_without_key: Forwarding  # the client's key is stripped
@@ -114,6 +116,7 @@ class Runtime:
                 tracks=tracks,
                 reads_answer_usage=reads_answer_usage,
                 budget_usd=cfg.budget.monthly_usd if cfg.budget else None,
+                admits=cfg.rate_limit.limited or cfg.budget is not None,
                 allowed_models=frozenset(cfg.models) if cfg.models is not None else None,
                 forwarding=build_forwarding(tenant, keep_client_key=True, **kw),
                 forwarding_without_key=build_forwarding(tenant, keep_client_key=False, **kw),
@@ -198,7 +201,7 @@ class Runtime:
             return None
         period = period_of(time.time())
         try:
-            spent: float | str = await self.accounts.budgets.spent(tenant_id, period)
+            spent: float | str = await self.accounts.limiter.spent(tenant_id, period) / NANO
         except LimiterUnavailable:
             spent = "unavailable"
         return {"monthly_usd": budget.monthly_usd, "period": period, "spent_usd": spent}
