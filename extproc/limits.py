@@ -64,6 +64,9 @@ WINDOW_MS: Final = 60_000
 NANO: Final = 1_000_000_000
 # A month's spend counter outlives its month, then cleans itself up.
 _BUDGET_TTL_S: Final = 40 * 24 * 3600
+# A counter removed again right after its seed (FLUSHDB, eviction) is seeded again this often.
+_SEED_ATTEMPTS: Final = 3
+_COUNTER_VANISHES: Final = "the budget counter keeps vanishing from Redis (flushed or evicted?)"
 # A concurrency refusal has no computable end (it lasts until some request finishes): a short
 # fixed hint keeps clients from hammering without pretending to know.
 CONCURRENCY_RETRY_MS: Final = 1_000
@@ -434,11 +437,12 @@ class MemoryLimiter:
         now: float | None = None,
         charge: Charge | None = None,
     ) -> None:
+        if charge is not None:
+            _check_tokens(charge.nano)  # before anything changes
         await self.settle(tenant, limits, reserved_tokens, actual_tokens, now)
         if limits.max_concurrent_requests:
             await self.release(tenant, limits)
         if charge is not None and charge.nano:
-            _check_tokens(charge.nano)
             self._spent[(tenant, charge.period)] = self._month(tenant, charge.period) + charge.nano
 
     async def release(self, tenant: str, limits: RateLimitConfig) -> None:
@@ -511,7 +515,10 @@ local over = 0
 if ARGV[7] ~= '' then
   local spent = redis.call('GET', KEYS[4])
   if not spent then return {-1} end
-  if tonumber(spent) >= tonumber(ARGV[7]) then over = 1 end
+  -- Compared as decimal strings (non-negative, no leading zeros): Lua's doubles would round
+  -- amounts above 2^53 nano-dollars (about $9M).
+  local budget = ARGV[7]
+  if #spent > #budget or (#spent == #budget and spent >= budget) then over = 1 end
 end
 local now = clock(ARGV[1])
 local rpm, tpm, cmax = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
@@ -728,10 +735,14 @@ class RedisLimiter:
             keys.append(_budget_key(tenant, budget.period))
             args[-1] = str(budget.limit_nano)
         result = await self._run(self._acquire, keys, args)
-        if result == [-1]:
+        for _ in range(_SEED_ATTEMPTS):
+            if result != [-1]:
+                break
             assert budget is not None
             await self._seed(tenant, budget.period)
             result = await self._run(self._acquire, keys, args)
+        else:
+            raise LimiterUnavailable(_COUNTER_VANISHES)
         ok, t, rl, tl, in_flight, over = result
         decision = decide(rates, tokens, t, rl, tl, in_flight, taken=bool(ok))
         return _over_budget(decision, t) if over else decision
@@ -769,6 +780,8 @@ class RedisLimiter:
         tpm = limits.tokens_per_minute or 0
         settles = bool(tpm) and reserved_tokens != actual_tokens
         releases = bool(limits.max_concurrent_requests)
+        if charge is not None:
+            _check_tokens(charge.nano)  # before anything changes
         charges = charge is not None and charge.nano > 0
         if not (settles or releases or charges):
             return  # nothing to change: no round trip
@@ -777,13 +790,16 @@ class RedisLimiter:
         args = [_arg_now(now), str(tpm), str(reserved_tokens), str(actual_tokens)]
         args += ["1" if releases else "0", ""]
         if charge is not None and charges:
-            _check_tokens(charge.nano)
             keys.append(_budget_key(tenant, charge.period))
             args[-1] = str(charge.nano)
-        if await self._run(self._finish, keys, args) == [-1]:
+        result = await self._run(self._finish, keys, args)
+        for _ in range(_SEED_ATTEMPTS):
+            if result != [-1]:
+                return
             assert charge is not None
             await self._seed(tenant, charge.period)
-            await self._run(self._finish, keys, args)
+            result = await self._run(self._finish, keys, args)
+        raise LimiterUnavailable(_COUNTER_VANISHES)
 
     async def remaining(
         self, tenant: str, limits: RateLimitConfig, now: float | None = None

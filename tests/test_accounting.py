@@ -1,5 +1,6 @@
 """Limits, usage and budgets of whole requests: an ``Exchange`` fed real ext_proc protobuf
-messages (no gRPC, no Envoy) with the real limiter, budgets and SQLite usage ledger.
+messages (no gRPC, no Envoy) with the real limiter (which keeps the budgets too) and SQLite
+usage ledger.
 
 The limiter's clock is fixed (``extproc.limits.time``), so every X-RateLimit-* value and
 every remaining count is exact.
@@ -31,12 +32,11 @@ from prometheus_client import REGISTRY
 from extproc import limits as limits_module
 from extproc.accounting import CLIENT_CLOSED, Accounts, Tally
 from extproc.audit import AuditLog
-from extproc.budgets import MemoryBudgets, build_budgets, seconds_to_next_month
 from extproc.config import BudgetConfig, Price, RateLimitConfig, TenantConfig, load_config
 from extproc.exchange import Exchange
 from extproc.formats.openai import FORMAT as OPENAI
 from extproc.formats.texts import Usage
-from extproc.limits import MemoryLimiter, RedisLimiter
+from extproc.limits import NANO, Charge, MemoryLimiter, RedisLimiter, seconds_to_next_month
 from extproc.metering import estimate_tokens
 from extproc.runtime import Runtime
 from extproc.usage import Pricing, UsageLedger
@@ -80,6 +80,10 @@ tenants:
       backend_url: "http://127.0.0.1:9/v1"
     budgeted:
       backend_url: "http://127.0.0.1:9/v1"
+      budget: {monthly_usd: 0.0001}
+    budgeted-rpm:
+      backend_url: "http://127.0.0.1:9/v1"
+      rate_limit: {requests_per_minute: 10}
       budget: {monthly_usd: 0.0001}
 """
 
@@ -521,16 +525,22 @@ async def test_a_negative_max_tokens_does_not_break_the_request(runtime: Runtime
 # --- budgets -------------------------------------------------------------------------------
 
 
-async def test_budget_is_charged_the_price_and_refuses_once_spent(
-    runtime: Runtime, tmp_path: Path
-) -> None:
+async def spent_usd(runtime: Runtime, tenant: str) -> float:
+    """This month's spend as tenant-info reports it."""
     period = time.strftime("%Y-%m", time.gmtime())
-    budgets = runtime.accounts.budgets
+    return await runtime.accounts.limiter.spent(tenant, period) / NANO
+
+
+async def test_budget_is_charged_the_price_and_refuses_once_spent(
+    runtime: Runtime, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The limiter decides the Retry-After from its clock: the real one here.
+    monkeypatch.setattr(limits_module, "time", time)
     await one_request(runtime, "budgeted", chat(), openai_answer(12, 30))
-    assert await budgets.spent("budgeted", period) == 6.6e-05
+    assert await spent_usd(runtime, "budgeted") == 6.6e-05
     # Under the budget when it starts: it may overshoot by its own cost.
     await one_request(runtime, "budgeted", chat(), openai_answer(12, 30))
-    assert await budgets.spent("budgeted", period) == 0.000132
+    assert await spent_usd(runtime, "budgeted") == 0.000132
     before = time.time()
     _, refused = await send_request(runtime, "budgeted", chat())
     after = time.time()
@@ -540,6 +550,8 @@ async def test_budget_is_charged_the_price_and_refuses_once_spent(
     retry = int(headers["retry-after"])
     assert math.ceil(seconds_to_next_month(after)) <= retry
     assert retry <= math.ceil(seconds_to_next_month(before))
+    # No rate limit configured: none to report.
+    assert set(headers) == {"content-type", "retry-after"}
     assert [row_summary(r)[5:] for r in ledger_rows(runtime)] == [
         (200, 6.6e-05),
         (200, 6.6e-05),
@@ -549,11 +561,37 @@ async def test_budget_is_charged_the_price_and_refuses_once_spent(
     await runtime.accounts.aclose()
     again = Runtime.from_config(load_config(write_config(tmp_path)))
     try:
-        assert await again.accounts.budgets.spent("budgeted", period) == 0.000132
+        assert await spent_usd(again, "budgeted") == 0.000132
         _, refused = await send_request(again, "budgeted", chat())
         assert immediate(refused)[0] == 429
     finally:
         await again.accounts.aclose()
+
+
+async def test_budget_refusal_of_a_rate_limited_tenant_carries_its_headers_and_takes_nothing(
+    runtime: Runtime,
+) -> None:
+    for _ in range(2):
+        await one_request(runtime, "budgeted-rpm", chat(), openai_answer(12, 30))
+    assert await spent_usd(runtime, "budgeted-rpm") == 0.000132
+    _, refused = await send_request(runtime, "budgeted-rpm", chat(), x_request_id="over")
+    status, headers, error = immediate(refused)
+    assert (status, error["error"]["code"]) == (429, "budget_exceeded")
+    # Retry-After runs to next month (on the limiter's fixed clock); the X-RateLimit-*
+    # headers say where the rate limit stands, as on every answer of a limited tenant.
+    assert headers == {
+        "content-type": "application/json",
+        "retry-after": str(math.ceil(seconds_to_next_month(T0))),
+        "x-ratelimit-limit": "10",
+        "x-ratelimit-remaining": "8",
+        "x-ratelimit-reset": str(int(T0) + 12),
+    }
+    # The refusal took no request from the rate limit, and cost nothing.
+    assert await remaining(runtime, "budgeted-rpm") == 8
+    assert await spent_usd(runtime, "budgeted-rpm") == 0.000132
+    [*_, row] = ledger_rows(runtime)
+    assert row["request_id"] == "over"
+    assert row_summary(row) == ("budgeted-rpm", "", 0, 0, 0, 429, 0.0)
 
 
 REDIS_CONFIG = """\
@@ -624,8 +662,12 @@ async def test_budget_store_down_is_recorded_as_the_503_it_answers(
     redis_runtime_for: Callable[[int], Runtime],
 ) -> None:
     runtime = redis_runtime_for(free_port())
+    before = errors_counted("limiter")
     _, refused = await send_request(runtime, "budgeted", chat())
-    assert immediate(refused)[0] == 503
+    status, _, error = immediate(refused)
+    assert (status, error["error"]["code"]) == (503, "limits_unavailable")
+    # The budget lives in the limiter's store: its failure is the limiter's.
+    assert errors_counted("limiter") == before + 1
     [row] = ledger_rows(runtime)
     assert row["status"] == 503
 
@@ -646,8 +688,10 @@ async def test_redis_limits_through_the_exchange(
         "99999",
     )
     await one_request(runtime, "budgeted", chat(), openai_answer(12, 30))
-    period = time.strftime("%Y-%m", time.gmtime())
-    assert await runtime.accounts.budgets.spent("budgeted", period) == 6.6e-05
+    assert await spent_usd(runtime, "budgeted") == 6.6e-05
+    # Another replica (same Redis) sees the same month.
+    replica = redis_runtime_for(redis_server.port)
+    assert await spent_usd(replica, "budgeted") == 6.6e-05
 
 
 async def test_many_concurrent_requests_with_redis_limits(
@@ -710,12 +754,7 @@ async def test_finish_never_raises_and_counts_each_failing_store(tmp_path: Path)
     ledger = UsageLedger.open(tmp_path / "usage.db")
     await ledger.aclose()  # closed: every record fails
     down = f"redis://127.0.0.1:{free_port()}/0"
-    accounts = Accounts(
-        limiter=RedisLimiter(down),
-        budgets=build_budgets(down, lambda tenant, period: 0.0),
-        ledger=ledger,
-        audit=AuditLog({}),
-    )
+    accounts = Accounts(limiter=RedisLimiter(down), ledger=ledger, audit=AuditLog({}))
     config = TenantConfig(
         backend_url="http://127.0.0.1:9",
         rate_limit=RateLimitConfig(tokens_per_minute=1000, max_concurrent_requests=2),
@@ -731,15 +770,16 @@ async def test_finish_never_raises_and_counts_each_failing_store(tmp_path: Path)
     finally:
         await accounts.aclose()
     assert t.done
+    # The charge goes with the limiter's finish (one round trip): one store, one failure.
     assert {kind: errors_counted(kind) - before[kind] for kind in kinds} == {
         "limiter": 1,
-        "budget": 1,
+        "budget": 0,
         "usage_ledger": 1,
     }
 
 
 async def test_finish_never_raises_on_negative_reported_usage(tmp_path: Path) -> None:
-    accounts = Accounts(MemoryLimiter(), MemoryBudgets(lambda t, p: 0.0), None, AuditLog({}))
+    accounts = Accounts(MemoryLimiter(), None, AuditLog({}))
     config = TenantConfig(
         backend_url="http://127.0.0.1:9", rate_limit=RateLimitConfig(tokens_per_minute=1000)
     )
@@ -755,7 +795,7 @@ async def test_finish_never_raises_on_negative_reported_usage(tmp_path: Path) ->
 async def test_finish_settles_and_releases_only_what_was_admitted(tmp_path: Path) -> None:
     limiter = MemoryLimiter()
     ledger = UsageLedger.open(tmp_path / "usage.db")
-    accounts = Accounts(limiter, MemoryBudgets(lambda t, p: 0.0), ledger, AuditLog({}))
+    accounts = Accounts(limiter, ledger, AuditLog({}))
     limits = RateLimitConfig(tokens_per_minute=1000, max_concurrent_requests=1)
     config = TenantConfig(backend_url="http://127.0.0.1:9", rate_limit=limits)
     tokens_only = RateLimitConfig(tokens_per_minute=1000)
@@ -774,6 +814,71 @@ async def test_finish_settles_and_releases_only_what_was_admitted(tmp_path: Path
         await accounts.aclose()
     rows = [row_summary(dict(r))[2:6] for r in _rows(tmp_path / "usage.db")]
     assert rows == [(0, 0, 0, 429), (3, 4, 0, 0)]
+
+
+class RecordingLimiter(MemoryLimiter):
+    """Records each ``finish`` call: what one request's end asks of the store."""
+
+    def __init__(self) -> None:
+        super().__init__(self._ledger_spend)
+        self.finished: list[tuple[int, int, Charge | None]] = []
+        self.ledger_asked: list[str] = []
+
+    def _ledger_spend(self, tenant: str, period: str) -> int:
+        self.ledger_asked.append(tenant)
+        return 0
+
+    async def finish(
+        self,
+        tenant: str,
+        limits: RateLimitConfig,
+        reserved_tokens: int,
+        actual_tokens: int,
+        now: float | None = None,
+        charge: Charge | None = None,
+    ) -> None:
+        self.finished.append((reserved_tokens, actual_tokens, charge))
+        await super().finish(tenant, limits, reserved_tokens, actual_tokens, now, charge)
+
+
+@pytest.mark.parametrize(
+    ("admitted", "budgeted", "model", "charged"),
+    [
+        (True, True, MODEL, True),
+        (False, True, MODEL, False),  # refused: nothing was taken, nothing is finished
+        (True, False, MODEL, False),  # no budget: nothing to charge
+        (True, True, "unpriced-model", False),  # costs nothing
+    ],
+)
+async def test_finish_charges_the_budget_with_the_settle_and_release(
+    admitted: bool, budgeted: bool, model: str, charged: bool
+) -> None:
+    limiter = RecordingLimiter()
+    accounts = Accounts(limiter, None, AuditLog({}))
+    limits = RateLimitConfig(tokens_per_minute=1000, max_concurrent_requests=1)
+    config = TenantConfig(
+        backend_url="http://127.0.0.1:9",
+        rate_limit=limits,
+        budget=BudgetConfig(monthly_usd=10) if budgeted else None,
+    )
+    pricing = Pricing({MODEL: Price(input=0.5, output=2.0)})
+    if admitted:
+        assert (await limiter.acquire("acme", limits, 300)).allowed
+    t = tally(admitted=admitted, reserved_tokens=300, billable=True, usage=Usage(12, 30))
+    t.model = model
+    try:
+        await accounts.finish(t, config, pricing, frozenset())
+    finally:
+        await accounts.aclose()
+    period = time.strftime("%Y-%m", time.gmtime())
+    # 12 * 0.5 + 30 * 2.0 = 66 USD per million tokens: 66 000 nano-dollars.
+    charge = Charge(period, 66_000) if charged else None
+    # Settled, released and charged by one call: a request's end is one store operation.
+    assert limiter.finished == ([(300, 42, charge)] if admitted else [])
+    # Only a charge needs the month's counter, so only then is the ledger read.
+    assert limiter.ledger_asked == (["acme"] if charged else [])
+    assert await limiter.spent("acme", period) == (66_000 if charged else 0)
+    assert (await limiter.remaining("acme", limits)).remaining == (1000 - 42 if admitted else 1000)
 
 
 async def _flushed(url: str) -> None:
