@@ -35,6 +35,7 @@ from extproc.limits import (
 )
 from extproc.metering import estimate_tokens
 from extproc.metrics import EXTPROC_ERRORS, LATENCY, REQUESTS, TOKENS, model_label
+from extproc.suspensions import SharedSuspensions
 from extproc.usage import Pricing, UsageLedger, UsageRecord, period_of, resolve_usage_path
 
 log = logging.getLogger("checkstream.requests")
@@ -96,8 +97,12 @@ class Accounts:
     limiter: Limiter  # rate limits and budgets
     ledger: UsageLedger | None
     audit: AuditLog
-    #: Admin overrides of tenants' ``suspended`` flags (tenant id -> suspended).
+    #: Admin overrides of tenants' ``suspended`` flags (tenant id -> suspended), from this
+    #: gateway's launcher.
     suspensions: dict[str, bool] = field(default_factory=dict)
+    #: The same, shared by every replica through Redis (limits.backend: redis); these win.
+    shared: SharedSuspensions | None = None
+    shared_suspensions: dict[str, bool] = field(default_factory=dict)
 
     @classmethod
     def open(cls, loaded: LoadedConfig) -> Accounts:
@@ -108,14 +113,19 @@ class Accounts:
         def ledger_spend(tenant: str, period: str) -> int:
             return to_nano(ledger.month_spend(tenant, period)) if ledger is not None else 0
 
+        limits = model.limits
+        shared = SharedSuspensions(limits.url) if limits.backend == "redis" and limits.url else None
         return cls(
-            limiter=build_limiter(model.limits, ledger_spend),
+            limiter=build_limiter(limits, ledger_spend),
             ledger=ledger,
             audit=AuditLog(audit_dirs(loaded)),
+            shared=shared,
         )
 
     async def aclose(self) -> None:
         await self.limiter.aclose()
+        if self.shared is not None:
+            await self.shared.aclose()
         if self.ledger is not None:
             await self.ledger.aclose()
         await self.audit.aclose()
@@ -125,7 +135,8 @@ class Accounts:
         self.audit.retarget(audit_dirs(loaded))
 
     def suspended(self, tenant: str, config: TenantConfig) -> bool:
-        return self.suspensions.get(tenant, config.suspended)
+        found = self.shared_suspensions.get(tenant)
+        return found if found is not None else self.suspensions.get(tenant, config.suspended)
 
     async def finish(
         self, tally: Tally, config: TenantConfig, pricing: Pricing, models: frozenset[str]

@@ -32,6 +32,7 @@ from extproc.reloading import (
     write_control,
 )
 from extproc.runtime import check_config, config_version
+from extproc.suspensions import SharedSuspensions
 from extproc.yamlsource import ConfigError
 
 log = logging.getLogger("checkstream.admin")
@@ -100,6 +101,14 @@ class GatewayControl:
             if tenant not in self.loaded.model.tenants.configs:
                 return False
             self.suspensions[tenant] = suspended
+            limits = self.loaded.model.limits
+            if limits.backend == "redis" and limits.url:
+                # Every replica's workers follow this (suspensions.py).
+                shared = SharedSuspensions(limits.url)
+                try:
+                    await shared.set(tenant, suspended)
+                finally:
+                    await shared.aclose()
             errors = await self._order("suspensions")
             if errors:
                 raise RuntimeError("; ".join(errors))

@@ -203,11 +203,15 @@ async def serve(
     # Before the line the launcher waits for: SIGHUP's default action would kill us.
     loop.add_signal_handler(signal.SIGHUP, worker.on_hangup)
     print(f"extproc listening on {host}:{bound}", flush=True)
-    pruner = loop.create_task(_prune_audit(processor))
+    background = [loop.create_task(_prune_audit(processor))]
+    shared = runtime.accounts.shared
+    if shared is not None:
+        background.append(loop.create_task(shared.follow(runtime.accounts.shared_suspensions)))
     await stop.wait()
     processor.runtime.draining = True
     await server.stop(loaded.model.server.drain_timeout_s)
-    pruner.cancel()
+    for task in background:
+        task.cancel()
     if _BACKGROUND:
         await asyncio.wait(set(_BACKGROUND), timeout=5)
     await processor.runtime.accounts.aclose()

@@ -379,6 +379,7 @@ def replicas(
                     "shared-rpm": _tenant(limits_demo, rate_limit={"requests_per_minute": 50}),
                     "shared-budget": _tenant(limits_demo, budget={"monthly_usd": 0.3}),
                     "shared-suspended": _tenant(limits_demo),
+                    "shared-everywhere": _tenant(limits_demo),
                 }
             },
         }
@@ -387,6 +388,7 @@ def replicas(
     client = redis.Redis.from_url(redis_server.url)
     try:
         stale = list(client.scan_iter(match="checkstream:*{shared-*}*"))
+        stale.append(b"checkstream:suspensions")
         if stale:
             client.delete(*stale)
     finally:
@@ -884,6 +886,20 @@ def test_suspension_reaches_every_worker(replicas: Replicas) -> None:
     # Both workers were in rotation (only admitted requests are logged).
     for worker in ("extproc-0", "extproc-1"):
         assert wait_for(partial(logged_request, b, worker, "shared-suspended")), worker
+
+
+def test_a_suspension_sent_to_one_replica_applies_to_all(replicas: Replicas) -> None:
+    a, b = replicas.a, replicas.b
+    assert chat(b.url, "shared-everywhere").status == 200
+    done = admin_post(a.admin_url, "/admin/tenants/shared-everywhere/suspend")
+    assert done.status == 200, done.body
+    assert chat(a.url, "shared-everywhere").status == 403  # at once where it was sent
+    # The other replica's workers follow the shared state (within about a second).
+    assert wait_for(lambda: chat(b.url, "shared-everywhere").status == 403)
+    assert {chat(b.url, "shared-everywhere").status for _ in range(6)} == {403}
+    done = admin_post(b.admin_url, "/admin/tenants/shared-everywhere/resume")
+    assert done.status == 200, done.body
+    assert wait_for(lambda: chat(a.url, "shared-everywhere").status == 200)
 
 
 # -- Redis unreachable -----------------------------------------------------------------------
