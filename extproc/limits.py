@@ -700,6 +700,26 @@ class RedisLimiter:
         except _UNREACHABLE as exc:
             raise LimiterUnavailable(f"rate-limit store {self._url} is unavailable: {exc}") from exc
 
+    async def _run_seeded(
+        self,
+        script: AsyncScript,
+        keys: list[str],
+        args: list[str],
+        tenant: str,
+        period: str | None,
+    ) -> list[int]:
+        """Run a script that answers [-1], having changed nothing, when the month's budget
+        counter is missing: seed it and run again."""
+        result = await self._run(script, keys, args)
+        attempts = 0
+        while result == [-1] and period is not None:
+            if attempts == _SEED_ATTEMPTS:
+                raise LimiterUnavailable(_COUNTER_VANISHES)
+            attempts += 1
+            await self._seed(tenant, period)
+            result = await self._run(script, keys, args)
+        return result
+
     async def spent(self, tenant: str, period: str) -> int:
         key = _budget_key(tenant, period)
         try:
@@ -734,16 +754,10 @@ class RedisLimiter:
         if budget is not None:
             keys.append(_budget_key(tenant, budget.period))
             args[-1] = str(budget.limit_nano)
-        result = await self._run(self._acquire, keys, args)
-        for _ in range(_SEED_ATTEMPTS):
-            if result != [-1]:
-                break
-            assert budget is not None
-            await self._seed(tenant, budget.period)
-            result = await self._run(self._acquire, keys, args)
-        else:
-            raise LimiterUnavailable(_COUNTER_VANISHES)
-        ok, t, rl, tl, in_flight, over = result
+        period = budget.period if budget is not None else None
+        ok, t, rl, tl, in_flight, over = await self._run_seeded(
+            self._acquire, keys, args, tenant, period
+        )
         decision = decide(rates, tokens, t, rl, tl, in_flight, taken=bool(ok))
         return _over_budget(decision, t) if over else decision
 
@@ -792,14 +806,8 @@ class RedisLimiter:
         if charge is not None and charges:
             keys.append(_budget_key(tenant, charge.period))
             args[-1] = str(charge.nano)
-        result = await self._run(self._finish, keys, args)
-        for _ in range(_SEED_ATTEMPTS):
-            if result != [-1]:
-                return
-            assert charge is not None
-            await self._seed(tenant, charge.period)
-            result = await self._run(self._finish, keys, args)
-        raise LimiterUnavailable(_COUNTER_VANISHES)
+        period = charge.period if charge is not None and charges else None
+        await self._run_seeded(self._finish, keys, args, tenant, period)
 
     async def remaining(
         self, tenant: str, limits: RateLimitConfig, now: float | None = None
