@@ -772,13 +772,7 @@ def main(argv: list[str] | None = None) -> int:
             print("interrupted", file=sys.stderr)
             return 130
         except Exception as exc:
-            print(f"benchmark failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-            for service in procs.services:
-                with contextlib.suppress(OSError):
-                    tail = service.log.read_text(errors="replace")[-1500:]
-                    if tail.strip():
-                        print(f"--- {service.name} log (tail) ---\n{tail}", file=sys.stderr)
-            return 1
+            return pt.report_failure(procs, exc)
         finally:
             procs.cleanup()
     return 0

@@ -298,12 +298,7 @@ def main() -> int:
         except KeyboardInterrupt:
             return 130
         except Exception as exc:
-            print(f"investigation failed: {exc!r}", file=sys.stderr)
-            for service in procs.services:
-                tail = service.log.read_text(errors="replace")[-1500:]
-                if tail.strip():
-                    print(f"--- {service.name} ---\n{tail}", file=sys.stderr)
-            return 1
+            return pt.report_failure(procs, exc, "investigation")
         finally:
             procs.cleanup()
     return 0

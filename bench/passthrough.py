@@ -887,6 +887,17 @@ def _workdir(keep: bool) -> Iterator[Path]:
             path.rmdir()
 
 
+def report_failure(procs: Processes, exc: Exception, what: str = "benchmark") -> int:
+    """Say why a run failed, with the tail of each service's log; the exit code."""
+    print(f"{what} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+    for service in procs.services:
+        with contextlib.suppress(OSError):
+            tail = service.log.read_text(errors="replace")[-1500:]
+            if tail.strip():
+                print(f"--- {service.name} log (tail) ---\n{tail}", file=sys.stderr)
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.monotonic()
@@ -943,13 +954,7 @@ def main(argv: list[str] | None = None) -> int:
             print("interrupted", file=sys.stderr)
             return 130
         except Exception as exc:
-            print(f"benchmark failed: {exc}", file=sys.stderr)
-            for service in procs.services:
-                with contextlib.suppress(OSError):
-                    tail = service.log.read_text(errors="replace")[-1500:]
-                    if tail.strip():
-                        print(f"--- {service.name} log (tail) ---\n{tail}", file=sys.stderr)
-            return 1
+            return report_failure(procs, exc)
         finally:
             procs.cleanup()
     return 0
