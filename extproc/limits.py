@@ -48,7 +48,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from fractions import Fraction
 from typing import Final, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
@@ -281,8 +280,12 @@ def decide(
         # All must pass, so the honest Retry-After is the longest wait (first on ties).
         chosen = max(refusing, key=lambda v: v.retry_ms)
     else:
-        # Exact ratio comparison; `min` keeps the first on ties (requests, tokens, concurrency).
-        chosen = min(views, key=lambda v: Fraction(v.remaining, v.limit))
+        # Least remaining share, compared exactly by cross-multiplying (integers); the first
+        # wins on ties (requests, tokens, concurrency).
+        chosen = views[0]
+        for view in views[1:]:
+            if view.remaining * chosen.limit < chosen.remaining * view.limit:
+                chosen = view
     return Decision(
         allowed=not refusing,
         limit_name=chosen.name,
