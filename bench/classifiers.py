@@ -8,17 +8,25 @@ Usage (from the repo root, with the project's venv)::
 Part 1, in this process: each classifier built as the gateway builds it
 (``load_registry().types[TYPE].factory(NAME, settings)``): ``prompt_injection``,
 ``toxicity``, ``pii_detector``, ``keyword`` (20 terms, the list of ``guardrails.py``) and
-``topic`` (``preset: financial_advice``). Input: windows of exactly 128 WordPiece tokens (the
-MiniLM tokenizer, no special tokens; ~600 characters) cut from realistic English text, a
-different window per text of a batch. Per classifier, at batch 1 and batch 16, after a
-warm-up: median and p90 wall time of one ``classify`` call over as many calls as fit in
-``--budget-s`` (at least ``--min-reps``), and per text at batch 16. ``topic`` is async (its
-texts go through a ``MicroBatcher``, 2 ms window, one worker thread), so it is measured
-three ways: ``embed+score`` (the underlying ``shared_minilm().embed`` + ``scores`` in this
-thread, the model's cost), ``async`` (``await classify(texts)`` on an event loop: batch 1 pays
-the batcher's 2 ms window, a 16-text call fills the batch and starts at once), and
-``async 16x1`` (16 concurrent callers of one text each, what concurrent requests do).
+``topic`` (``preset: financial_advice`` and ``medical_advice``). Input: windows of exactly 128
+WordPiece tokens (the MiniLM tokenizer, no special tokens; ~600 characters) cut from
+realistic English text, a different window per text of a batch. Per classifier, at batch 1
+and batch 16, after a warm-up: median and p90 wall time of one ``classify`` call over as
+many calls as fit in ``--budget-s`` (at least ``--min-reps``), and per text at batch 16.
 Target: <= 5 ms per 128-token window at batch 1, per classifier (PASS/FAIL).
+
+``topic``'s cost depends on how far a text gets through its prefilter (``plugins/topic.py``):
+the static stage (~0.3 ms), the first MiniLM layer (~3 ms), or all of MiniLM (~16 ms more).
+So it has one row per path, each with windows that take it: ``stopped by static``
+(financial_advice on prose windows from ``plugins/topics/eval/prose.txt`` that its static
+stage stops), ``stopped by layer 1`` (medical_advice on the support/finance windows above,
+which both presets stop there), ``every stage`` (thresholds that pass everything: the worst
+case, what an on-topic text costs) and ``MiniLM only`` (``prefilter: false``). Those rows
+call ``classify_now`` in this thread; the ``async`` rows ``await classify(texts)`` on an event
+loop (the prefilter in its thread, then MiniLM through the ``MicroBatcher``: 2 ms window, one
+worker thread), for the cheapest and the worst path, and ``every stage 16x1`` has 16
+concurrent callers of one text each. ``--threads`` also times MiniLM on one 128-token window
+with 1 and 2 onnxruntime threads, on an idle machine and with a busy loop on the other core.
 
 Part 2, end to end: reuses ``passthrough.py``/``guardrails.py`` (demo upstream, Envoy alone,
 client, interleaved rounds) with one gateway whose tenants, picked by ``X-Tenant-ID``, are
@@ -47,7 +55,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -153,6 +161,64 @@ def build(type_name: str, settings: dict[str, Any]) -> Any:
     return load_registry().types[type_name].factory(type_name, settings)
 
 
+def topic_cases(windows: list[str]) -> dict[str, tuple[Any, list[str]]]:
+    """The topic rows: name -> (classifier, 16 windows that take that row's path)."""
+    from plugins.eval_topics import PROSE, read_lines, text_windows
+    from plugins.topic import Prefilter, TopicClassifier, load_preset
+
+    fin = build("topic", TOPIC_SETTINGS)
+    med = build("topic", {"preset": "medical_advice"})
+    prose = text_windows(read_lines(PROSE), 40)
+    fin_paths = fin.prefilter_stages(prose)
+    med_paths = med.prefilter_stages(windows)
+    stopped_static = [w for w, r in zip(prose, fin_paths, strict=True) if r == 0]
+    stopped_first = [w for w, r in zip(windows, med_paths, strict=True) if r == 1]
+    if min(len(stopped_static), len(stopped_first)) < max(BATCHES):
+        raise RuntimeError("not enough windows for each topic path: the prefilter changed")
+    labels = load_preset("financial_advice")
+    every = TopicClassifier("topic", labels, Prefilter(static=-1.0, first_layer=-1.0))
+    exact = TopicClassifier("topic", labels, False)
+    return {
+        "topic stopped by static": (fin, stopped_static),
+        "topic stopped by layer 1": (med, stopped_first),
+        "topic every stage": (every, windows),
+        "topic MiniLM only": (exact, windows),
+    }
+
+
+def threads_check(args: argparse.Namespace, window: str) -> dict[str, float]:
+    """Median ms of MiniLM on one 128-token window, 1 and 2 threads, idle and with a busy
+    loop (another process) on the other core."""
+    import subprocess
+
+    from plugins.embeddings import MiniLM
+
+    models = {threads: MiniLM(threads=threads) for threads in (1, 2)}
+    out: dict[str, float] = {}
+    for load in ("idle", "other core busy"):
+        busy = None
+        if load != "idle":
+            busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        try:
+            for threads, model in models.items():
+                times = timed_calls(
+                    functools.partial(model.embed, [window]),
+                    args.budget_s,
+                    args.min_reps,
+                    5000,
+                    args.warmup,
+                )
+                out[f"{threads} thread(s), {load}"] = pt.percentile(times, 50) * 1e3
+        finally:
+            if busy is not None:
+                busy.kill()
+                busy.wait()
+    print(
+        "MiniLM, one 128-token window, p50 ms: " + ", ".join(f"{k} {v:.1f}" for k, v in out.items())
+    )
+    return out
+
+
 def micro(args: argparse.Namespace) -> dict[str, Any]:
     windows = make_windows(max(BATCHES))
     chars = [len(w) for w in windows]
@@ -174,22 +240,21 @@ def micro(args: argparse.Namespace) -> dict[str, Any]:
         built[type_name] = build(type_name, settings)
         build_ms[type_name] = (time.perf_counter() - start) * 1e3
 
-    from plugins.embeddings import shared_minilm
-
     topic = built["topic"]
+    cases = topic_cases(windows)
 
     def sync_call(name: str, texts: list[str]) -> Callable[[], object]:
-        if name == "topic embed+score":
-            return lambda: topic.scores(shared_minilm().embed(texts))
+        if name in cases:
+            return lambda: cases[name][0].classify_now(texts)
         return lambda: built[name].classify(texts)
 
     rows: list[tuple[str, int, list[float]]] = []
     busy_before, wall_before = pt.machine_busy_seconds(), time.monotonic()
     ours_before = time.process_time()
-    names = ["prompt_injection", "toxicity", "pii_detector", "keyword", "topic embed+score"]
+    names = ["prompt_injection", "toxicity", "pii_detector", "keyword", *cases]
     for name in names:
         for batch in BATCHES:
-            texts = windows[:batch]
+            texts = (cases[name][1] if name in cases else windows)[:batch]
             rows.append(
                 (
                     name,
@@ -199,7 +264,7 @@ def micro(args: argparse.Namespace) -> dict[str, Any]:
                     ),
                 )
             )
-    rows += asyncio.run(_topic_async(topic, windows, args))
+    rows += asyncio.run(_topic_async(cases, args))
     # What the ingress check of part 2 classifies: the prompt's texts [system, user], one call.
     prompt_texts = [gr.SYSTEM, gr.USER]  # gr.PROMPT's messages
     prompt_ms = {
@@ -219,9 +284,14 @@ def micro(args: argparse.Namespace) -> dict[str, Any]:
         for name in ("prompt_injection", "toxicity", "pii_detector", "keyword")
     }
     scores["topic"] = round(float(topic.classify_now(windows[:1])[0].score), 3)
+    medical = cases["topic stopped by layer 1"][0]
+    reached = {
+        "financial_advice": topic.prefilter_stages(windows).tolist(),
+        "medical_advice": medical.prefilter_stages(windows).tolist(),
+    }
 
     head = (
-        f"{'classifier':<22}{'batch':>6}{'calls':>7}{'p50 ms':>9}{'p90 ms':>9}"
+        f"{'classifier':<31}{'batch':>6}{'calls':>7}{'p50 ms':>9}{'p90 ms':>9}"
         f"{'p50/text':>10}{'p90/text':>10}   target (batch 1 <= {TARGET_MS_PER_WINDOW:g} ms)"
     )
     print(head)
@@ -234,7 +304,7 @@ def micro(args: argparse.Namespace) -> dict[str, Any]:
             verdict = gr.verdict(p50 <= TARGET_MS_PER_WINDOW)
             out["verdicts"][name] = verdict
         print(
-            f"{name:<22}{batch:>6}{len(times):>7}{_ms(p50):>9}{_ms(p90):>9}"
+            f"{name:<31}{batch:>6}{len(times):>7}{_ms(p50):>9}{_ms(p90):>9}"
             f"{_ms(p50 / batch):>10}{_ms(p90 / batch):>10}   {verdict}"
         )
         out["rows"].append(
@@ -260,10 +330,17 @@ def micro(args: argparse.Namespace) -> dict[str, Any]:
         + f"; scores of window 0: {scores}"
     )
     print(
+        "topic prefilter on the 16 support/finance windows (0 stopped by static, 1 by layer 1, "
+        f"2 reached MiniLM): {reached}"
+    )
+    print(
         f"other processes used {noise:.0f}% of the machine's CPU during part 1"
         + ("  (WARNING: noisy machine)" if noise > 10 else "")
     )
+    threads = threads_check(args, windows[0]) if args.threads else {}
     out.update(
+        threads_ms=threads,
+        topic_paths=reached,
         build_ms=build_ms,
         prompt_ms=prompt_ms,
         scores=scores,
@@ -278,7 +355,7 @@ def _ms(value: float) -> str:
 
 
 async def _topic_async(
-    topic: Any, windows: Sequence[str], args: argparse.Namespace
+    cases: dict[str, tuple[Any, list[str]]], args: argparse.Namespace
 ) -> list[tuple[str, int, list[float]]]:
     async def timed(call: Callable[[], Any]) -> list[float]:
         warm_until = time.perf_counter() + args.budget_s / 2
@@ -295,15 +372,18 @@ async def _topic_async(
         return times
 
     rows = []
-    for batch in BATCHES:
-        texts = list(windows[:batch])
-        rows.append(("topic async", batch, await timed(functools.partial(topic.classify, texts))))
+    for name in ("topic stopped by static", "topic every stage"):
+        classifier, windows = cases[name]
+        for batch in BATCHES:
+            call = functools.partial(classifier.classify, list(windows[:batch]))
+            rows.append((f"{name} async", batch, await timed(call)))
+    classifier, windows = cases["topic every stage"]
     callers = list(windows[:16])
 
     async def concurrent() -> None:
-        await asyncio.gather(*(topic.classify([t]) for t in callers))
+        await asyncio.gather(*(classifier.classify([t]) for t in callers))
 
-    rows.append(("topic async 16x1", 16, await timed(concurrent)))
+    rows.append(("topic every stage 16x1", 16, await timed(concurrent)))
     return rows
 
 
@@ -530,6 +610,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=16, help="part 2: load connections")
     parser.add_argument("--max-seconds", type=float, default=3.0, help="cap on a load phase")
     parser.add_argument("--skip-micro", action="store_true", help="only part 2")
+    parser.add_argument(
+        "--threads", action="store_true", help="part 1: also time MiniLM at 1 and 2 threads"
+    )
     parser.add_argument("--skip-e2e", action="store_true", help="only part 1")
     parser.add_argument("--json", type=Path, help="also write the results to this file")
     parser.add_argument("--keep-logs", action="store_true", help="keep the temp dir with logs")

@@ -3,23 +3,63 @@
     classifiers:
       fin_advice: {type: topic, labels: {financial_advice: ["Which stocks should I buy?", ...]}}
       med_advice: {type: topic, preset: medical_advice}   # a shipped example set
+      exact:      {type: topic, preset: medical_advice, prefilter: false}
 
 Exactly one of ``labels`` (one or more labels, each with one or more example sentences) or
-``preset`` (the name of a file in ``plugins/topics/``) is required. Every example is
-embedded once, at construction, with the shared MiniLM (``plugins.embeddings``). A text's
-score is the largest cosine similarity between its embedding and any example of any label,
-clipped to [0, 1]: "how close is this to the nearest thing we said to catch". There are no
-spans (a sentence embedding says nothing about where in the text the topic is).
+``preset`` (the name of a file in ``plugins/topics/``) is required. A text's score is the
+largest cosine similarity between its MiniLM embedding and any example's, clipped to
+[0, 1]: "how close is this to the nearest thing we said to catch". There are no spans (a
+sentence embedding says nothing about where in the text the topic is). MiniLM reads the
+first 256 tokens of a text only.
 
-Texts are embedded through one ``MicroBatcher`` per event loop shared by every topic
-instance, so concurrent requests, and several topic classifiers looking at the same
-request, share one MiniLM call. MiniLM reads the first 256 tokens of a text only.
+**A prefilter, then MiniLM.** MiniLM costs ~17 ms per 128-token text on one core
+(``plugins.embeddings``), over the 5 ms budget per window, and most traffic is about
+something else. So a text first goes through two cheaper stages, each the same "largest
+cosine to an example" in a cheaper embedding, each with its own threshold:
+
+1. *static*: the centred mean of the text's MiniLM token-embedding rows (no transformer):
+   ~0.3 ms per 128-token window, tokenisation included;
+2. *first layer*: MiniLM's first transformer layer, mean-pooled: ~3 ms more.
+
+A text below either threshold **scores 0** and goes no further; a text that passes both
+gets exactly MiniLM's score (~17 ms more: MiniLM runs again from the start). So a text is
+flagged only if MiniLM alone would flag it, whatever the policy threshold; what the
+prefilter can cost is recall, when it stops a text MiniLM would have flagged. The stages
+judge a text as a whole, so a request buried in a long text about something else is
+stopped (MiniLM alone mostly misses those too; ``bench/README.md`` has the numbers).
+
+Why these stages (measured; ``bench/README.md`` has the table): the static stage alone
+cannot rule out ordinary prose for medical_advice (its examples are close to any text in
+static terms), and the first layer alone costs 3 ms on every window; cutting MiniLM to its
+first layers instead loses the subject (they flag advice-framed requests about anything).
+
+``prefilter`` (default ``true``; ``false`` sends every text to MiniLM):
+
+* a preset uses the thresholds stored in its file, measured on its labelled fixture: at
+  each stage the lowest score of a fixture text the preset should catch, minus
+  ``STATIC_MARGIN`` or ``FIRST_LAYER_MARGIN`` (``python -m plugins.eval_topics`` prints
+  them, with the recall they keep on held-out halves of the fixture);
+* your own ``labels`` get, at each stage, the smallest similarity of an example to its
+  nearest other example (at most ``STATIC_CAP`` for the static stage), minus the margin: a
+  text about the topic is taken to be at least as close to some example as the least
+  typical example is to the others. On the two presets this estimate is more lenient than
+  their fixtures need; it is unchecked on other topics, so measure with a labelled set, or
+  use ``false``. A label set with one example has no prefilter.
+
+Measured (``python -m plugins.eval_topics``): the presets keep every fixture request and
+flag no more than MiniLM alone; 89-97% of short chit-chat and every 128-token window of
+ordinary prose stop before MiniLM, while 50-75% of requests framed as advice about *other*
+subjects reach it and pay the full ~20 ms.
+
+Texts going to MiniLM are embedded through one ``MicroBatcher`` per event loop shared by
+every topic instance, so concurrent requests, and several topic classifiers looking at the
+same request, share one MiniLM call.
 
 Cosine similarities of MiniLM are not probabilities and sit in a narrow band: on the preset
 fixtures, requests the preset should catch have a median score of ~0.5, near misses on the
 same subject ~0.2-0.3 (some above 0.5), an exact example 1.0. Pick thresholds from a labelled
-set (``python -m plugins.eval_topics``); the presets carry their measured recommendation
-(0.40 and 0.32), far below the 0.7-0.9 a policy author might guess.
+set (``python -m plugins.eval_topics``); the presets carry their measured recommendation,
+far below the 0.7-0.9 a policy author might guess.
 """
 
 from __future__ import annotations
@@ -34,7 +74,7 @@ from typing import Annotated, Any, Final, Self
 import numpy as np
 import numpy.typing as npt
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, StringConstraints, model_validator
 
 from extproc.batching import MicroBatcher
 from extproc.hookspecs import Classification, ClassifierFactory, hookimpl
@@ -43,21 +83,33 @@ from plugins.embeddings import DIMENSIONS, shared_minilm
 TYPE_NAME: Final = "topic"
 PRESETS_DIR: Final = Path(__file__).parent / "topics"
 
-#: Batching: a request waits at most this long for others to join its model call. One MiniLM
-#: call on a short prompt takes 10-20 ms here, so a lone request pays little for the wait.
+#: Batching: a request waits at most this long for others to join its MiniLM call. One
+#: call on a 128-token text takes ~16 ms here, so a lone request pays little for the wait.
 WINDOW_MS: Final = 2.0
-#: Measured on the 2-core machine (``eval_topics --latency``): 128-token texts cost ~19 ms
-#: each alone and ~19 ms each in a batch of 16 when the machine is quiet, 55-70 ms versus
-#: ~49 ms when other processes load it. Larger batches gain little more per text, and every
-#: caller of a batch waits for all of it (~0.3-0.8 s at 16 x 128 tokens).
+#: Measured on the 2-core machine (``bench/classifiers.py``): batching saves little per
+#: text (MiniLM's cost is linear in the tokens), and every caller of a batch waits for all of
+#: it (~0.25 s at 16 x 128 tokens), so batches stay small.
 MAX_BATCH: Final = 16
+#: Taken off the lowest score a text to be caught may have at each prefilter stage
+#: (measured on a preset's fixture, or estimated from the examples), so that texts a little
+#: less typical than any seen still go on. Static scores need more: with 0.05 a threshold
+#: chosen on half of the medical fixture's positives lost 5% of the other half (0.08: 1.7%).
+STATIC_MARGIN: Final = 0.08
+FIRST_LAYER_MARGIN: Final = 0.05
+#: The static estimate from examples is never above this (before the margin): the presets'
+#: fixtures needed 0.41 and 0.31.
+STATIC_CAP: Final = 0.30
 
 Embedding = npt.NDArray[np.float32]
 
-# One worker thread: MiniLM already uses both cores of the reference machine for one call
-# (plugins.embeddings.THREADS), so two concurrent calls would only contend. Owned here, not
-# taken from the pipeline's pool, so slow embeddings never starve the other classifiers.
+# One worker thread each. MiniLM: two concurrent calls would only contend for the cores
+# (plugins.embeddings.THREADS). The prefilter: its own thread, so that a text MiniLM does
+# not need never waits behind a MiniLM batch. Owned here, not taken from the pipeline's
+# pool, so slow embeddings never starve the other classifiers.
 _EXECUTOR: Final = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkstream-topic")
+_PREFILTER_EXECUTOR: Final = ThreadPoolExecutor(
+    max_workers=1, thread_name_prefix="checkstream-topic-prefilter"
+)
 # A batcher's timer and futures belong to one event loop; extproc runs one loop, but tests
 # and tools may run several in turn, so each loop gets its own (forgotten with the loop).
 _BATCHERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, MicroBatcher[Embedding]] = (
@@ -66,6 +118,7 @@ _BATCHERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, MicroBatcher[Emb
 
 Text = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
 Labels = Annotated[dict[Text, Annotated[list[Text], Field(min_length=1)]], Field(min_length=1)]
+Threshold = Annotated[float, Field(ge=-1.0, le=1.0)]
 
 
 def presets() -> list[str]:
@@ -73,13 +126,25 @@ def presets() -> list[str]:
     return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
 
 
+class Prefilter(BaseModel):
+    """The two prefilter thresholds: a text reaches MiniLM's remaining five layers only if
+    its static score reaches ``static`` and its first-layer score reaches ``first_layer``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    static: Threshold
+    first_layer: Threshold
+
+
 class PresetFile(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     labels: Labels
+    #: Both measured on the preset's fixture (``python -m plugins.eval_topics``). The
+    #: threshold is the one recommended to policies; the classifier does not use it.
+    threshold: Annotated[float, Field(ge=0.0, le=1.0)]
+    prefilter: Prefilter
 
 
-def load_preset(name: str) -> dict[str, list[str]]:
-    """The labels of preset ``name``; ValueError listing the presets if there is none."""
+def _preset_file(name: str) -> PresetFile:
     available = presets()
     if name not in available:
         raise ValueError(
@@ -87,15 +152,32 @@ def load_preset(name: str) -> dict[str, list[str]]:
         )
     path = PRESETS_DIR / f"{name}.yaml"
     try:
-        return dict(PresetFile.model_validate(yaml.safe_load(path.read_text("utf-8"))).labels)
+        return PresetFile.model_validate(yaml.safe_load(path.read_text("utf-8")))
     except (OSError, yaml.YAMLError, ValueError) as exc:
         raise ValueError(f"topic preset file {path} is invalid: {exc}") from None
+
+
+def load_preset(name: str) -> dict[str, list[str]]:
+    """The labels of preset ``name``; ValueError listing the presets if there is none."""
+    return dict(_preset_file(name).labels)
+
+
+def preset_prefilter(name: str) -> Prefilter:
+    """The prefilter thresholds stored in preset ``name``'s file."""
+    return _preset_file(name).prefilter
+
+
+def preset_threshold(name: str) -> float:
+    """The policy threshold preset ``name`` recommends."""
+    return _preset_file(name).threshold
 
 
 class TopicSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     labels: Labels | None = None
     preset: str | None = None
+    #: true: the preset's measured thresholds, or the examples' estimate; false: none.
+    prefilter: Annotated[bool, Strict()] = True
 
     @model_validator(mode="after")
     def _one_source(self) -> Self:
@@ -114,6 +196,12 @@ class TopicSettings(BaseModel):
     def resolved_labels(self) -> dict[str, list[str]]:
         return dict(self.labels) if self.labels is not None else load_preset(str(self.preset))
 
+    def resolved_prefilter(self) -> Prefilter | bool:
+        """Thresholds, False (none), or True (estimate them from the examples)."""
+        if self.prefilter and self.preset is not None:
+            return preset_prefilter(self.preset)
+        return self.prefilter
+
 
 def _embed_rows(texts: list[str]) -> list[Embedding]:
     # Looked up at call time, not bound once, so every instance uses the process's one model.
@@ -129,43 +217,135 @@ def _batcher() -> MicroBatcher[Embedding]:
     return batcher
 
 
+def _least_typical(examples: Embedding) -> float:
+    """The lowest similarity of an example to its nearest other example (2+ examples)."""
+    similarities = examples @ examples.T
+    np.fill_diagonal(similarities, -np.inf)
+    return float(similarities.max(axis=1).min())
+
+
+def estimated_prefilter(
+    static_examples: Embedding, first_layer_examples: Embedding
+) -> Prefilter | None:
+    """Prefilter thresholds for examples without a labelled set: at each stage, the lowest
+    similarity of an example to its nearest other example (for static scores at most
+    STATIC_CAP) minus the stage's margin; None (no prefilter) for a single example."""
+    if static_examples.shape[0] < 2:
+        return None
+    return Prefilter(
+        static=min(_least_typical(static_examples), STATIC_CAP) - STATIC_MARGIN,
+        first_layer=_least_typical(first_layer_examples) - FIRST_LAYER_MARGIN,
+    )
+
+
 class TopicClassifier:
     produces_spans = False
 
-    def __init__(self, name: str, labels: Mapping[str, Sequence[str]]) -> None:
+    def __init__(
+        self,
+        name: str,
+        labels: Mapping[str, Sequence[str]],
+        prefilter: Prefilter | bool = True,
+    ) -> None:
         if not labels or not all(labels.values()):
             raise ValueError("a topic classifier needs at least one label with one example")
         self.name = name
         self.labels = {label: list(examples) for label, examples in labels.items()}
         examples = [e for label_examples in self.labels.values() for e in label_examples]
-        # [examples, 384], L2-normalised: a matrix product gives every cosine at once.
-        self.examples: Embedding = shared_minilm().embed(examples)
+        minilm = shared_minilm()
+        # [examples, 384] each, L2-normalised: a matrix product gives every cosine at once.
+        self.examples: Embedding = minilm.embed(examples)
+        self.static_examples: Embedding = minilm.embed_static(examples)
+        self.first_layer_examples: Embedding = minilm.embed_first_layer(examples)
+        #: None: every text goes to MiniLM. (True means "estimate"; a bool is never stored.)
+        self.prefilter: Prefilter | None
+        if prefilter is True:
+            self.prefilter = estimated_prefilter(self.static_examples, self.first_layer_examples)
+        elif prefilter is False:
+            self.prefilter = None
+        else:
+            self.prefilter = prefilter
 
     def scores(self, embeddings: Embedding) -> npt.NDArray[np.float64]:
-        """The score of each row of L2-normalised ``embeddings`` ([n, 384])."""
+        """The MiniLM score of each row of L2-normalised ``embeddings`` ([n, 384])."""
+        return np.clip(self._best(embeddings, self.examples), 0.0, 1.0)
+
+    def static_scores(self, static: Embedding) -> npt.NDArray[np.float64]:
+        """The static prefilter score of each row of static embeddings (not clipped)."""
+        return self._best(static, self.static_examples)
+
+    def first_layer_scores(self, first_layer: Embedding) -> npt.NDArray[np.float64]:
+        """The first-layer prefilter score of each row of first-layer embeddings."""
+        return self._best(first_layer, self.first_layer_examples)
+
+    @staticmethod
+    def _best(embeddings: Embedding, examples: Embedding) -> npt.NDArray[np.float64]:
         if embeddings.shape[0] == 0:
             return np.zeros(0)
-        similarities: npt.NDArray[np.float32] = embeddings.reshape(-1, DIMENSIONS) @ self.examples.T
+        similarities: npt.NDArray[np.float32] = embeddings.reshape(-1, DIMENSIONS) @ examples.T
         best: npt.NDArray[np.float64] = similarities.max(axis=1).astype(np.float64)
-        return np.clip(best, 0.0, 1.0)
+        return best
+
+    def prefilter_stages(self, texts: Sequence[str]) -> npt.NDArray[np.int8]:
+        """How far each text gets: 0 stopped by the static stage, 1 by the first layer, 2
+        on to MiniLM (every text, without a prefilter)."""
+        reached = np.full(len(texts), 2, dtype=np.int8)
+        if self.prefilter is None or not texts:
+            return reached
+        minilm = shared_minilm()
+        ids, mask = minilm.encode(list(texts))
+        static = self.static_scores(minilm.static(ids, mask)) >= self.prefilter.static
+        reached[~static] = 0
+        if static.any():
+            rows = np.nonzero(static)[0]
+            # Trim the padding the stopped texts needed.
+            width = int(mask[rows].sum(axis=1).max())
+            first = minilm.first_layer(ids[rows, :width], mask[rows, :width])
+            stopped = self.first_layer_scores(first) < self.prefilter.first_layer
+            reached[rows[stopped]] = 1
+        return reached
+
+    def passes_prefilter(self, texts: Sequence[str]) -> npt.NDArray[np.bool_]:
+        """Which ``texts`` go on to MiniLM (all of them without a prefilter)."""
+        passed: npt.NDArray[np.bool_] = self.prefilter_stages(texts) == 2
+        return passed
 
     def classify_now(self, texts: Sequence[str]) -> list[Classification]:
-        """Score ``texts`` in this thread with one model call (evaluation, tools)."""
-        embeddings = shared_minilm().embed(list(texts))
-        return [Classification(float(s)) for s in self.scores(embeddings)]
+        """Score ``texts`` in this thread, one MiniLM call at most (evaluation, tools)."""
+        passed = self.passes_prefilter(texts)
+        embeddings = shared_minilm().embed([t for t, p in zip(texts, passed, strict=True) if p])
+        return self._merge(passed, self.scores(embeddings))
 
     async def classify(self, texts: Sequence[str]) -> list[Classification]:
-        """Score ``texts``; the model call is shared with concurrent callers."""
+        """Score ``texts``; MiniLM calls are shared with concurrent callers."""
         if not texts:
             return []
-        rows = await _batcher().run(texts)
-        return [Classification(float(s)) for s in self.scores(np.stack(rows))]
+        if self.prefilter is None:
+            passed = np.ones(len(texts), dtype=bool)
+        else:
+            loop = asyncio.get_running_loop()
+            passed = await loop.run_in_executor(
+                _PREFILTER_EXECUTOR, self.passes_prefilter, list(texts)
+            )
+        survivors = [t for t, p in zip(texts, passed, strict=True) if p]
+        if not survivors:
+            return [Classification(0.0) for _ in texts]
+        rows = await _batcher().run(survivors)
+        return self._merge(passed, self.scores(np.stack(rows)))
+
+    @staticmethod
+    def _merge(
+        passed: npt.NDArray[np.bool_], scores: npt.NDArray[np.float64]
+    ) -> list[Classification]:
+        out = np.zeros(len(passed))
+        out[passed] = scores
+        return [Classification(float(s)) for s in out]
 
 
 def create(name: str, settings: Mapping[str, Any]) -> TopicClassifier:
-    """The ``topic`` factory: ``labels`` or ``preset`` (exactly one)."""
+    """The ``topic`` factory: ``labels`` or ``preset`` (exactly one), and ``prefilter``."""
     parsed = TopicSettings.model_validate(dict(settings))
-    return TopicClassifier(name, parsed.resolved_labels())
+    return TopicClassifier(name, parsed.resolved_labels(), parsed.resolved_prefilter())
 
 
 @hookimpl

