@@ -51,6 +51,9 @@ class ServerConfig(Strict):
     drain_timeout_s: Annotated[float, Field(ge=0, le=3600)] = 30.0
     # Largest request body accepted (the prompt is buffered to classify it); more gets 413.
     max_request_bytes: PositiveInt = 8 * 1024 * 1024
+    # /metrics and /readyz through the listener too (always on admin_port). Metrics name every
+    # tenant and its volumes: turn this off where tenants can reach the listener.
+    metrics_on_listener: bool = True
 
 
 class ResolutionStep(Strict):

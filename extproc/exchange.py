@@ -68,6 +68,8 @@ _EMPTY_BODY_RESPONSE = ProcessingResponse(request_body=BodyResponse())
 _EMPTY_RESPONSE_HEADERS = ProcessingResponse(response_headers=HeadersResponse())
 _EMPTY_TRAILERS = ProcessingResponse(response_trailers=TrailersResponse())
 _EXT_PROC_ATTRIBUTES = "envoy.filters.http.ext_proc"
+# Served by the launcher's admin server, through the listener unless the operator says not.
+_OPERATOR_PATHS = frozenset({"/metrics", "/readyz"})
 # Client-chosen strings stored in usage records, audit trails and logs are capped.
 _MAX_MODEL_CHARS = 200
 
@@ -123,9 +125,14 @@ class Exchange:
         path = headers.get(":path", "/")
         if path == "/healthz" or path.startswith("/healthz?"):
             return self._health()
-        if _for_admin_server(path, headers.get(":method", "GET")):
-            return TO_ADMIN
         runtime = self.runtime
+        bare = path.partition("?")[0]
+        if bare in _OPERATOR_PATHS:
+            if runtime.config.model.server.metrics_on_listener:
+                return TO_ADMIN
+            return immediate(404, b'{"error": "not served on this listener"}', details="no_route")
+        if _for_admin_server(bare, headers.get(":method", "GET")):
+            return TO_ADMIN
         found = runtime.resolver.resolve(path, headers)
         if isinstance(found, Refused):
             return error_response(
@@ -666,12 +673,12 @@ def _from_upstream(attributes: Mapping[str, Struct] | None) -> bool:
     return found.fields["response.code_details"].string_value == "via_upstream"
 
 
-def _for_admin_server(path: str, method: str) -> bool:
-    bare = path.partition("?")[0]
-    if bare in ("/metrics", "/readyz"):
-        return True
-    # GET /admin/tenant-info stays here: it resolves the caller's tenant like traffic does.
-    return bare.startswith("/admin/") and not (bare == "/admin/tenant-info" and method == "GET")
+def _for_admin_server(bare_path: str, method: str) -> bool:
+    """Operator /admin/* endpoints go to the admin server, which checks their token;
+    GET /admin/tenant-info stays here: it resolves the caller's tenant like traffic does."""
+    return bare_path.startswith("/admin/") and not (
+        bare_path == "/admin/tenant-info" and method == "GET"
+    )
 
 
 def _ceil(seconds: float) -> int:

@@ -372,6 +372,21 @@ def test_operator_paths_go_to_the_admin_server(runtime: Runtime, path: str) -> N
     assert response.mode_override.response_header_mode == ProcessingMode.SKIP
 
 
+@pytest.mark.parametrize("path", ["/metrics", "/readyz?x=1"])
+def test_metrics_can_be_kept_off_the_listener(tmp_path: Path, path: str) -> None:
+    config = tmp_path / "checkstream.yaml"
+    config.write_text(
+        "server: {metrics_on_listener: false}\nusage: {enabled: false}\n"
+        "tenants: {default_tenant: t, configs: {t: {backend_url: 'http://127.0.0.1:9'}}}\n"
+    )
+    runtime = Runtime.from_config(load_config(config))
+    status, _, body = immediate(headers_answer(runtime, request_headers(path, "GET")))
+    assert (status, body) == (404, {"error": "not served on this listener"})
+    # The operator's own endpoints still go to the admin server, which checks the token.
+    reload = headers_answer(runtime, request_headers("/admin/reload"))
+    assert sets(reload) == {"x-checkstream-route": "_admin"}
+
+
 def test_tenant_info_is_only_get(runtime: Runtime) -> None:
     msg = request_headers("/admin/tenant-info", "POST", x_tenant_id="plain")
     assert sets(headers_answer(runtime, msg)) == {"x-checkstream-route": "_admin"}
