@@ -93,8 +93,8 @@ RATE_LIMIT = {
 }
 BUDGET = {"monthly_usd": 1e9}
 PRICING = {MODEL: {"input": 0.15, "output": 0.6}}
-# Events a gateway logs when a store fails (accounting._failed, exchange._store_failure).
-STORE_FAILURES = ("limiter_error", "budget_error", "usage_ledger_error", "_unavailable")
+# Events a gateway logs when a store fails (accounting.store_failed).
+STORE_FAILURES = ("limiter_error", "usage_ledger_error", "audit_error")
 
 # name, gateway, tenant, limited
 SETUPS = [

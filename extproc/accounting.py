@@ -161,7 +161,7 @@ class Accounts:
                     tenant, limits, tally.reserved_tokens, tokens_in + tokens_out, charge=charge
                 )
             except LimiterUnavailable as exc:
-                _failed("limiter", tenant, exc)
+                store_failed("limiter", tenant, exc)
         if self.ledger is not None:
             record = UsageRecord(
                 time=now,
@@ -178,7 +178,7 @@ class Accounts:
             try:
                 await self.ledger.record(record)
             except Exception as exc:  # the disk, not the request, is at fault
-                _failed("usage_ledger", tenant, exc)
+                store_failed("usage_ledger", tenant, exc)
         if self.audit.audits(tenant):
             summary = {
                 "time": iso_now(),
@@ -196,7 +196,7 @@ class Accounts:
             try:
                 await self.audit.append(tenant, [*tally.triggers, summary])
             except Exception as exc:
-                _failed("audit", tenant, exc)
+                store_failed("audit", tenant, exc)
         status = str(tally.status)
         REQUESTS.labels(tenant, status).inc()
         LATENCY.labels(tenant, "total").observe(latency_ms)
@@ -227,6 +227,9 @@ def audit_dirs(loaded: LoadedConfig) -> dict[str, Path]:
     return {tenant: path for tenant, (path, _cfg) in resolve_audit_dirs(loaded).items()}
 
 
-def _failed(kind: str, tenant: str, exc: Exception) -> None:
+def store_failed(kind: str, tenant: str, exc: Exception, **context: str) -> None:
+    """Count and log a store that failed (limiter, usage_ledger, audit); never the request's
+    text or keys, which a store error does not carry."""
     EXTPROC_ERRORS.labels(kind).inc()
-    log.error(json.dumps({"event": f"{kind}_error", "tenant": tenant, "error": str(exc)}))
+    event = {"event": f"{kind}_error", "tenant": tenant, "error": str(exc), **context}
+    log.error(json.dumps(event))

@@ -43,13 +43,12 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import (
 )
 from google.protobuf.struct_pb2 import Struct
 
-from extproc.accounting import CLIENT_CLOSED, Tally, iso_now
+from extproc.accounting import CLIENT_CLOSED, Tally, iso_now, store_failed
 from extproc.formats.texts import dump_json
 from extproc.limits import Budget, Decision, LimiterUnavailable, to_nano
 from extproc.metering import BodyMeter, StreamMeter
 from extproc.metrics import (
     CLASSIFIER_ERRORS,
-    EXTPROC_ERRORS,
     LATENCY,
     POLICY_TRIGGERS,
     RATE_LIMITED,
@@ -475,7 +474,7 @@ class Exchange:
         try:
             decision = await accounts.limiter.acquire(tenant.id, limits, tokens, budget=budget)
         except LimiterUnavailable as exc:
-            self._store_failure(plan, "limiter", exc)
+            store_failed("limiter", tenant.id, exc, fail_mode=tenant.config.fail_mode)
             if tenant.config.fail_mode == "open":
                 return None
             return await self._local(
@@ -634,20 +633,6 @@ class Exchange:
             )
         )
         return tenant.config.fail_mode == "open"
-
-    def _store_failure(self, plan: TenantPlan, kind: str, exc: Exception) -> None:
-        tenant = plan.tenant
-        EXTPROC_ERRORS.labels(kind).inc()
-        log.error(
-            json.dumps(
-                {
-                    "event": f"{kind}_unavailable",
-                    "tenant": tenant.id,
-                    "error": str(exc),
-                    "fail_mode": tenant.config.fail_mode,
-                }
-            )
-        )
 
     # -- local answers ---------------------------------------------------------------------
     def _health(self) -> ProcessingResponse:

@@ -11,8 +11,8 @@ from tests.support import (
     DemoUpstreamThread,
     Gateway,
     RecordingUpstream,
-    free_port,
     gateway_ports,
+    refusing_port,
     start_gateway,
     write_config,
     write_policy,
@@ -37,10 +37,18 @@ def demo() -> Iterator[DemoUpstreamThread]:
 
 
 @pytest.fixture(scope="session")
+def refused() -> Iterator[int]:
+    """A backend port that stays down for the whole run."""
+    with refusing_port() as port:
+        yield port
+
+
+@pytest.fixture(scope="session")
 def gateway(
     tmp_path_factory: pytest.TempPathFactory,
     upstreams: dict[str, RecordingUpstream],
     demo: DemoUpstreamThread,
+    refused: int,
 ) -> Iterator[Gateway]:
     a, b = upstreams["a"].port, upstreams["b"].port
     directory = tmp_path_factory.mktemp("gw")
@@ -100,9 +108,9 @@ def gateway(
                     "policy_path": str(strict),
                 },
                 "slow": {"backend_url": f"http://127.0.0.1:{a}", "backend_timeout_ms": 300},
-                "down-openai": {"backend_url": f"http://127.0.0.1:{free_port()}"},
+                "down-openai": {"backend_url": f"http://127.0.0.1:{refused}"},
                 "down-anthropic": {
-                    "backend_url": f"http://127.0.0.1:{free_port()}",
+                    "backend_url": f"http://127.0.0.1:{refused}",
                     "streaming_format": "anthropic",
                 },
                 "demo-openai": {"backend_url": f"http://127.0.0.1:{demo.port}/v1"},

@@ -25,6 +25,7 @@ from extproc.demo_upstream import answer_pieces
 from extproc.envoy_config import render_yaml
 from tests.support import (
     DemoUpstreamThread,
+    child_processes,
     gateway_ports,
     request,
     start_gateway,
@@ -70,23 +71,6 @@ def _sse_text(body: bytes) -> str:
     return text
 
 
-def _children(pid: int) -> dict[int, str]:
-    """Direct children of ``pid`` and their command lines (from /proc)."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == pid:
-            found[int(entry.name)] = cmdline
-    return found
-
-
 @pytest.mark.parametrize("tenant", ["demo", "checked"])
 def test_sigterm_lets_in_flight_stream_finish_then_exits_0(
     tmp_path: Path, demo: DemoUpstreamThread, tenant: str
@@ -127,7 +111,7 @@ def test_a_dying_child_stops_the_whole_gateway(
 ) -> None:
     gw = start_gateway(write_config(tmp_path, _config(demo.port, tmp_path)))
     try:
-        children = _children(gw.process.pid)
+        children = child_processes(gw.process.pid)
         marker = "/envoy " if victim == "envoy" else " serve "
         targets = [pid for pid, cmd in children.items() if marker in cmd]
         assert len(targets) == 1, children

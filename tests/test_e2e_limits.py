@@ -24,7 +24,7 @@ import socket
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -45,6 +45,7 @@ from tests.support import (
     gateway_ports,
     request,
     start_gateway,
+    wait_until,
     write_config,
 )
 
@@ -234,16 +235,6 @@ def assert_anthropic_error(reply: Reply, status: int, kind: str, code: str) -> s
     return message
 
 
-def wait_for(condition: Callable[[], bool], timeout: float = 5) -> bool:
-    """Poll ``condition`` briefly, for what happens asynchronously (log lines, hang-ups)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
-
-
 def logged_request(stack: Stack, worker: str, tenant: str) -> bool:
     """Whether ``worker`` of the gateway logged a finished request of ``tenant``."""
     head = f'[{worker}] {{"event": "request", '
@@ -304,7 +295,7 @@ def limits_demo() -> Iterator[DemoUpstreamThread]:
 
 @pytest.fixture(scope="module")
 def gw(
-    tmp_path_factory: pytest.TempPathFactory, limits_demo: DemoUpstreamThread
+    tmp_path_factory: pytest.TempPathFactory, limits_demo: DemoUpstreamThread, refused: int
 ) -> Iterator[Stack]:
     demo = limits_demo
     config: dict[str, Any] = {
@@ -324,7 +315,7 @@ def gw(
                 "conc": _tenant(demo, rate_limit={"max_concurrent_requests": 2}),
                 "conc-abandoned": _tenant(demo, rate_limit={"max_concurrent_requests": 1}),
                 "conc-down": {
-                    "backend_url": f"http://127.0.0.1:{free_port()}/v1",
+                    "backend_url": f"http://127.0.0.1:{refused}/v1",
                     "rate_limit": {"max_concurrent_requests": 1},
                 },
                 "conc-error": _tenant(demo, rate_limit={"max_concurrent_requests": 1}),
@@ -337,7 +328,7 @@ def gw(
                 ),
                 # Nothing listens at its backend: Envoy answers 502 itself.
                 "budget-down": {
-                    "backend_url": f"http://127.0.0.1:{free_port()}/v1",
+                    "backend_url": f"http://127.0.0.1:{refused}/v1",
                     "budget": {"monthly_usd": 10},
                 },
                 "susp-admin": _tenant(demo),
@@ -405,14 +396,14 @@ def replicas(
 
 @pytest.fixture(scope="module")
 def redis_down(
-    tmp_path_factory: pytest.TempPathFactory, limits_demo: DemoUpstreamThread
+    tmp_path_factory: pytest.TempPathFactory, limits_demo: DemoUpstreamThread, refused: int
 ) -> Iterator[Stack]:
     demo = limits_demo
     rpm = {"requests_per_minute": 100}
     config: dict[str, Any] = {
         "server": {"host": "127.0.0.1", **gateway_ports()},
         # Nothing listens there: every limit check fails to connect.
-        "limits": {"backend": "redis", "url": f"redis://127.0.0.1:{free_port()}/0"},
+        "limits": {"backend": "redis", "url": f"redis://127.0.0.1:{refused}/0"},
         "usage": {"path": "./usage.db"},
         "tenants": {
             "configs": {
@@ -857,7 +848,7 @@ def test_two_replicas_share_exact_request_counts(replicas: Replicas) -> None:
     assert [r["requests"] for r in rows] == [100, 100]
     # Both of replica B's workers took part.
     for worker in ("extproc-0", "extproc-1"):
-        assert wait_for(partial(logged_request, replicas.b, worker, "shared-rpm")), worker
+        assert wait_until(partial(logged_request, replicas.b, worker, "shared-rpm")), worker
 
 
 def test_budget_spent_on_one_replica_counts_on_the_other(replicas: Replicas) -> None:
@@ -885,7 +876,7 @@ def test_suspension_reaches_every_worker(replicas: Replicas) -> None:
     assert statuses == [200] * 8
     # Both workers were in rotation (only admitted requests are logged).
     for worker in ("extproc-0", "extproc-1"):
-        assert wait_for(partial(logged_request, b, worker, "shared-suspended")), worker
+        assert wait_until(partial(logged_request, b, worker, "shared-suspended")), worker
 
 
 def test_a_suspension_sent_to_one_replica_applies_to_all(replicas: Replicas) -> None:
@@ -895,10 +886,10 @@ def test_a_suspension_sent_to_one_replica_applies_to_all(replicas: Replicas) -> 
     assert done.status == 200, done.body
     assert chat(a.url, "shared-everywhere").status == 403  # at once where it was sent
     # The other replica's workers (two) each follow the shared state within about a second.
-    assert wait_for(lambda: {chat(b.url, "shared-everywhere").status for _ in range(6)} == {403})
+    assert wait_until(lambda: {chat(b.url, "shared-everywhere").status for _ in range(6)} == {403})
     done = admin_post(b.admin_url, "/admin/tenants/shared-everywhere/resume")
     assert done.status == 200, done.body
-    assert wait_for(lambda: chat(a.url, "shared-everywhere").status == 200)
+    assert wait_until(lambda: chat(a.url, "shared-everywhere").status == 200)
 
 
 # -- Redis unreachable -----------------------------------------------------------------------

@@ -44,10 +44,12 @@ from tests.support import (
     DemoUpstreamThread,
     Gateway,
     Reply,
+    child_processes,
     free_port,
     gateway_ports,
     request,
     start_gateway,
+    wait_until,
     write_config,
 )
 
@@ -157,15 +159,6 @@ def _verified(records: list[dict[str, Any]]) -> str:
     return f"ok: {len(records)} records in {days} file{'s' * (days != 1)}\n"
 
 
-def _wait_for(check: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    """Bounded poll for an effect that happens asynchronously (a relayed log line)."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
-
 def _log_events(gw: Gateway, event: str) -> list[dict[str, Any]]:
     """JSON lines of the extproc workers (relayed as ``[extproc-N] {...}``) of one event."""
     found = []
@@ -174,22 +167,6 @@ def _log_events(gw: Gateway, event: str) -> list[dict[str, Any]]:
             text = line.partition("] ")[2]
             if text.startswith("{") and f'"event": "{event}"' in text:
                 found.append(json.loads(text))
-    return found
-
-
-def _children(pid: int) -> dict[int, str]:
-    """Direct children of ``pid`` and their command lines, from /proc."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-            found[int(entry.name)] = cmdline
     return found
 
 
@@ -522,9 +499,8 @@ def test_one_request_log_line_per_request_and_no_secrets_in_the_log(ops: Ops) ->
     assert sent[3][3].json()["error"]["code"] == "invalid_json"
 
     ids = {rid for rid, *_ in sent}
-    _wait_for(
-        lambda: ids <= {e["request_id"] for e in _log_events(gw, "request")},
-        "one request log line per request",
+    assert wait_until(lambda: ids <= {e["request_id"] for e in _log_events(gw, "request")}), (
+        "one request log line per request"
     )
     lines = [e for e in _log_events(gw, "request") if e["request_id"] in ids]
     assert sorted((e["request_id"], e["tenant"], e["status"]) for e in lines) == sorted(
@@ -869,7 +845,7 @@ def _hangup(reloadable: Reloadable, needle: str) -> str:
     """SIGHUP the ``checkstream run`` process; the log it wrote until ``needle`` showed up."""
     seen = len(reloadable.gw.log())
     os.kill(reloadable.gw.process.pid, signal.SIGHUP)
-    _wait_for(lambda: needle in reloadable.gw.log()[seen:], repr(needle))
+    assert wait_until(lambda: needle in reloadable.gw.log()[seen:]), repr(needle)
     return reloadable.gw.log()[seen:]
 
 
@@ -1018,7 +994,9 @@ def test_sigkilled_worker_leaves_a_verifiable_trail(
             futures = [pool.submit(run, s) for s in streams]
             _all_streaming(started, streams)
             workers = [
-                p for p, cmd in _children(gw.process.pid).items() if "extproc.cli serve" in cmd
+                p
+                for p, cmd in child_processes(gw.process.pid).items()
+                if "extproc.cli serve" in cmd
             ]
             assert len(workers) == 1
             os.kill(workers[0], signal.SIGKILL)
@@ -1070,7 +1048,7 @@ def test_the_running_service_removes_trail_files_past_retention(
     }
     gw = start_gateway(write_config(tmp_path, config))
     try:
-        _wait_for(lambda: not old.exists(), "the expired day file to be pruned")
+        assert wait_until(lambda: not old.exists()), "the expired day file to be pruned"
         assert recent.exists()
     finally:
         assert gw.stop() == 0, gw.log()[-3000:]

@@ -469,8 +469,14 @@ async def test_concurrent_calls_share_model_calls_and_get_their_own_results(
 
 
 async def test_topic_instances_share_one_call_for_the_same_request(
-    fin: TopicClassifier, med: TopicClassifier, counting: CountingEmbed
+    fin: TopicClassifier,
+    med: TopicClassifier,
+    counting: CountingEmbed,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # A window wide enough that a loaded machine cannot split the two callers (each runs its
+    # prefilter first); this loop's batcher is created after the patch.
+    monkeypatch.setattr(topic, "WINDOW_MS", 200.0)
     text = "Can I take ibuprofen before investing my savings?"
     assert fin.passes_prefilter([text])[0] and med.passes_prefilter([text])[0]
     f, m = await asyncio.gather(fin.classify([text]), med.classify([text]))
