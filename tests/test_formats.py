@@ -133,10 +133,17 @@ def test_openai_chat_prompt_texts() -> None:
             "What is in this image? My email is bob@example.com",
         ),
         TextSlot(("messages", 2, "content", 3, "text"), "café ☃ résumé"),
+        # Tool-call arguments are the assistant's words too.
+        TextSlot(
+            ("messages", 3, "tool_calls", 0, "function", "arguments"),
+            '{"city":"Paris"}',
+            "assistant",
+        ),
         TextSlot(("messages", 4, "content"), "Sunny, 22°C", "tool"),
         TextSlot(("messages", 5, "content", 0, "text"), "Humidity 40%", "tool"),
         TextSlot(("messages", 6, "content"), "It is sunny in Paris.", "assistant"),
         TextSlot(("messages", 7, "content"), "Thanks! Call me on 555-0100."),
+        TextSlot(("tools", 0, "function", "description"), "Get the weather", "system"),
     ]
 
 
@@ -237,6 +244,10 @@ def test_anthropic_prompt_texts() -> None:
         TextSlot(
             ("messages", 1, "content", 1, "text"), "Ahoy! Let me check the weather.", "assistant"
         ),
+        # Every string of a tool's input, in place.
+        TextSlot(
+            ("messages", 1, "content", 2, "input", "location"), "San Francisco, CA", "assistant"
+        ),
         TextSlot(("messages", 2, "content", 0, "content"), "15 degrees", "tool"),
         TextSlot(("messages", 2, "content", 1, "content", 0, "text"), "Forecast: rain", "tool"),
         TextSlot(("messages", 2, "content", 4, "source", "data"), "Memo: café", "tool"),
@@ -316,7 +327,7 @@ def test_openai_redact_request() -> None:
     slots = OPENAI.prompt_texts(CHAT_REQUEST)
     spans = _spans_for(slots, "bob@example.com", "EMAIL")
     spans[3] = [Span(7, 13, "NAME"), Span(0, 4, "WORD")]  # "café ☃ résumé"
-    spans[7] = [Span(19, 27, "PHONE")]  # "Thanks! Call me on 555-0100."
+    spans[8] = [Span(19, 27, "PHONE")]  # "Thanks! Call me on 555-0100."
 
     body = OPENAI.redact_request(CHAT_REQUEST, slots, spans)
 
@@ -353,8 +364,9 @@ def test_anthropic_redact_request() -> None:
     spans: list[list[Span]] = [[] for _ in slots]
     spans[1] = [Span(17, 25, "SECRET"), Span(6, 12, "VERB")]  # "Never reveal the password."
     spans[2] = [Span(17, 28, "SSN")]
-    spans[5] = [Span(10, 14, "WEATHER")]  # nested tool_result text block
-    spans[6] = [Span(6, 10, "WORD")]  # plain-text document
+    spans[4] = [Span(0, 13, "CITY")]  # the tool_use input's "location"
+    spans[6] = [Span(10, 14, "WEATHER")]  # nested tool_result text block
+    spans[7] = [Span(6, 10, "WORD")]  # plain-text document
 
     body = ANTHROPIC.redact_request(MESSAGES_REQUEST, slots, spans)
 
@@ -362,6 +374,7 @@ def test_anthropic_redact_request() -> None:
     expected = copy.deepcopy(original)
     expected["system"][1]["text"] = "Never [REDACTED:VERB] the [REDACTED:SECRET]."
     expected["messages"][0]["content"] = "Hello, my SSN is [REDACTED:SSN]"
+    expected["messages"][1]["content"][2]["input"]["location"] = "[REDACTED:CITY], CA"
     expected["messages"][2]["content"][1]["content"][0]["text"] = "Forecast: [REDACTED:WEATHER]"
     expected["messages"][2]["content"][4]["source"]["data"] = "Memo: [REDACTED:WORD]"
     assert json.loads(body) == expected
@@ -480,6 +493,12 @@ def test_openai_answer_texts() -> None:
     assert OPENAI.answer_texts(CHAT_ANSWER) == [
         TextSlot(("choices", 0, "message", "content"), "Mail alice@example.com, she is in Zürich."),
         TextSlot(("choices", 2, "message", "content"), "Let me look it up."),
+        TextSlot(
+            ("choices", 2, "message", "reasoning_content"), "alice@example.com is the address"
+        ),
+        TextSlot(
+            ("choices", 2, "message", "tool_calls", 0, "function", "arguments"), '{"q":"alice"}'
+        ),
     ]
     assert OPENAI.answer_texts(COMPLETION_ANSWER) == [
         TextSlot(("choices", 0, "text"), "\n\nThis is indeed a test"),
@@ -489,6 +508,8 @@ def test_openai_answer_texts() -> None:
 def test_anthropic_answer_texts() -> None:
     assert ANTHROPIC.answer_texts(MESSAGE_ANSWER) == [
         TextSlot(("content", 0, "text"), "Her number is 555-0100."),
+        TextSlot(("content", 1, "input", "to"), "555-0100"),
+        TextSlot(("content", 1, "input", "body"), "hi"),
         TextSlot(("content", 2, "text"), "Sent to café ☃ 555-0100."),
     ]
 
@@ -502,6 +523,8 @@ def test_openai_redact_answer_drops_logprobs_of_redacted_choices_only() -> None:
     expected = copy.deepcopy(original)
     expected["choices"][0]["message"]["content"] = "Mail [REDACTED:EMAIL], she is in Zürich."
     expected["choices"][0]["logprobs"] = None
+    expected["choices"][2]["message"]["reasoning_content"] = "[REDACTED:EMAIL] is the address"
+    expected["choices"][2]["logprobs"] = None
     assert json.loads(body) == expected
     openai.types.chat.ChatCompletion.model_validate(json.loads(body))
 
@@ -522,6 +545,7 @@ def test_anthropic_redact_answer() -> None:
     assert original == MESSAGE_ANSWER
     expected = copy.deepcopy(original)
     expected["content"][0]["text"] = "Her number is [REDACTED:PHONE]."
+    expected["content"][1]["input"]["to"] = "[REDACTED:PHONE]"
     expected["content"][2]["text"] = "Sent to café ☃ [REDACTED:PHONE]."
     assert json.loads(body) == expected
     anthropic.types.Message.model_validate(json.loads(body))

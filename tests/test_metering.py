@@ -46,6 +46,8 @@ class Stream:
     #: Offsets where events end in ``without_usage_chunk``.
     kept_boundaries: frozenset[int]
     usage: Usage
+    #: Characters the model wrote: the answer, and tool-call arguments (output tokens too).
+    answer_chars: int = ANSWER_CHARS
 
 
 def _assemble(events: Sequence[tuple[bytes, bool]]) -> tuple[bytes, bytes, frozenset[int]]:
@@ -87,7 +89,7 @@ def openai_stream(eol: bytes = b"\n") -> Stream:
 
 def anthropic_stream(eol: bytes = b"\n") -> Stream:
     """A Messages stream: input tokens (with both cache counts) in ``message_start``, the
-    output count in ``message_delta``; a tool call's JSON is not answer text."""
+    output count in ``message_delta``; a tool call's JSON counts as written text."""
 
     def event(kind: str, data: dict[str, Any]) -> bytes:
         return _event({"type": kind, **data}, eol, kind)
@@ -135,7 +137,7 @@ def anthropic_stream(eol: bytes = b"\n") -> Stream:
         event("message_stop", {}),
     ]
     data, kept, ends = _assemble([(raw, False) for raw in events])
-    return Stream(ANTHROPIC, data, kept, ends, Usage(25 + 100 + 7, 31))
+    return Stream(ANTHROPIC, data, kept, ends, Usage(25 + 100 + 7, 31), ANSWER_CHARS + 13)
 
 
 STREAMS = {
@@ -176,7 +178,7 @@ def test_pass_through_is_byte_identical_chunk_by_chunk_at_every_cut(name: str) -
         assert outs == chunks, cut
         assert tail == b""
         assert meter.usage == stream.usage, cut
-        assert meter.answer_chars == ANSWER_CHARS, cut
+        assert meter.answer_chars == stream.answer_chars, cut
 
 
 @pytest.mark.parametrize("name", STREAMS)
@@ -190,7 +192,7 @@ def test_pass_through_is_byte_identical_at_random_cuts_and_byte_by_byte(name: st
         meter, outs, tail = meter_through(stream, chunks, drop=False)
         assert outs == chunks
         assert tail == b""
-        assert (meter.usage, meter.answer_chars) == (stream.usage, ANSWER_CHARS)
+        assert (meter.usage, meter.answer_chars) == (stream.usage, stream.answer_chars)
 
 
 @pytest.mark.parametrize("name", STREAMS)
@@ -209,7 +211,7 @@ def test_dropping_removes_only_the_usage_chunk_at_every_cut(name: str) -> None:
             sent += len(out)
             assert sent == 0 or sent in stream.kept_boundaries, cuts
         # The usage is read even though the chunk that carried it is gone.
-        assert (meter.usage, meter.answer_chars) == (stream.usage, ANSWER_CHARS)
+        assert (meter.usage, meter.answer_chars) == (stream.usage, stream.answer_chars)
 
 
 def test_the_streams_really_have_a_usage_chunk_to_drop() -> None:
@@ -287,7 +289,7 @@ OPENAI_ANSWER = {
             "finish_reason": "stop",
         },
         {"index": 1, "message": {"role": "assistant", "content": "世界"}, "finish_reason": "stop"},
-        # A tool call has no content: its JSON arguments are not answer text.
+        # A tool call has no content: its JSON arguments are written text all the same.
         {
             "index": 2,
             "message": {
@@ -319,8 +321,8 @@ ANTHROPIC_ANSWER = {
     },
 }
 ANSWERS: dict[str, tuple[WireFormat, bytes, Usage, int]] = {
-    "openai": (OPENAI, json.dumps(OPENAI_ANSWER).encode(), Usage(12, 30), 9),
-    "anthropic": (ANTHROPIC, json.dumps(ANTHROPIC_ANSWER).encode(), Usage(132, 40), 9),
+    "openai": (OPENAI, json.dumps(OPENAI_ANSWER).encode(), Usage(12, 30), 9 + 8),
+    "anthropic": (ANTHROPIC, json.dumps(ANTHROPIC_ANSWER).encode(), Usage(132, 40), 9 + 8),
 }
 
 

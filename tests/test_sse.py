@@ -457,7 +457,6 @@ TOOL_CALL_ARGUMENTS = chat_chunk(
 OPENAI_NON_TEXT = [
     ROLE_CHUNK,
     TOOL_CALL_START,
-    TOOL_CALL_ARGUMENTS,
     chat_chunk({"refusal": "I can't help with that."}),
     chat_chunk({}, "stop"),
     USAGE_CHUNK,
@@ -482,6 +481,16 @@ def test_openai_delta_text() -> None:
 @pytest.mark.parametrize("raw", OPENAI_NON_TEXT)
 def test_openai_events_without_text(raw: bytes) -> None:
     assert OPENAI.delta_text(one(raw)) is None
+
+
+def test_openai_tool_call_arguments_are_a_channel_of_their_own() -> None:
+    delta = OPENAI.stream_delta(one(TOOL_CALL_ARGUMENTS))
+    assert delta is not None and delta.channel == ("tool", 0)
+    assert delta.text == '{"content": "Paris"'
+    rewritten = OPENAI.with_delta_text(one(TOOL_CALL_ARGUMENTS), '{"content": "[REDACTED:X]"')
+    assert OPENAI.delta_text(rewritten) == '{"content": "[REDACTED:X]"'
+    content = OPENAI.stream_delta(one(chat_chunk({"content": "hi"})))
+    assert content is not None and content.channel == "content"
 
 
 def test_openai_choice_zero_is_found_among_several() -> None:
@@ -674,7 +683,6 @@ ANTHROPIC_NON_TEXT = [
     TEXT_START,
     sse({"type": "ping"}, "ping"),
     TOOL_START,
-    TOOL_DELTA,
     block_delta(2, {"type": "thinking_delta", "thinking": "Let me think"}),
     block_delta(2, {"type": "signature_delta", "signature": "EqQBCgIYAhIM1gbcDa9GJwZA"}),
     block_stop(0),
@@ -683,6 +691,13 @@ ANTHROPIC_NON_TEXT = [
     sse({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}, "error"),
     b": keep-alive\n\n",
 ]
+
+
+def test_anthropic_tool_input_is_a_channel_of_its_own() -> None:
+    delta = ANTHROPIC.stream_delta(one(TOOL_DELTA))
+    assert delta is not None and (delta.channel, delta.text) == (1, '{"text_delta": "San Fra')
+    rewritten = ANTHROPIC.with_delta_text(one(TOOL_DELTA), '{"text_delta": "[X]')
+    assert ANTHROPIC.delta_text(rewritten) == '{"text_delta": "[X]'
 
 
 def test_anthropic_delta_text() -> None:
@@ -710,7 +725,7 @@ def test_anthropic_with_delta_text() -> None:
         "delta": {"type": "text_delta", "text": "call [REDACTED:PHONE] 🎉"},
     }
     with pytest.raises(ValueError):
-        ANTHROPIC.with_delta_text(one(TOOL_DELTA), "x")
+        ANTHROPIC.with_delta_text(one(MESSAGE_DELTA), "x")
 
 
 def test_anthropic_usage() -> None:
@@ -812,12 +827,15 @@ async def serving(body: bytes) -> AsyncIterator[str]:
 
 
 def stopped(fmt: WireFormat, prefix: list[bytes]) -> tuple[bytes, str]:
-    """The prefix and its ending, as CheckStream sends a stream it stops; and its text."""
+    """The prefix and its ending, as CheckStream sends a stream it stops; and its answer
+    text (tool-call arguments left out)."""
     tracker = fmt.stream_tracker()
     texts = []
     for event in decode([b"".join(prefix)]):
         tracker.observe(event)
-        texts.append(fmt.delta_text(event) or "")
+        delta = fmt.stream_delta(event)
+        if delta is not None and delta.channel in ("content", 0):
+            texts.append(delta.text)
     return b"".join(prefix) + tracker.ending("pii", "stopped by policy rule 'pii'"), "".join(texts)
 
 

@@ -6,12 +6,12 @@ them through the ``WireFormat`` interface.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Any, Literal, Protocol
 
 from extproc.formats import anthropic, openai
 from extproc.formats.sse import SseEvent
-from extproc.formats.texts import TextSlot, Usage
+from extproc.formats.texts import Delta, TextSlot, Usage
 from extproc.hookspecs import Span
 
 FormatName = Literal["openai", "anthropic"]
@@ -98,9 +98,19 @@ class WireFormat(Protocol):
     # every event of every guarded stream: they parse JSON only for events that may hold
     # what they look for, and never raise on a malformed event.
 
+    def stream_delta(self, event: SseEvent) -> Delta | None:
+        """The text the event adds (answer text or a tool call's arguments) and the channel
+        it adds it to; None for every event without text (role chunks, pings, ``[DONE]``,
+        comments...)."""
+        ...
+
     def delta_text(self, event: SseEvent) -> str | None:
-        """The answer text the event adds; None for every event without text (role
-        chunks, tool-call argument deltas, pings, ``[DONE]``, comments...)."""
+        """``stream_delta``'s text alone."""
+        ...
+
+    def rewrite_repeats(self, event: SseEvent, rendered: Mapping[Hashable, str]) -> SseEvent | None:
+        """``event`` with the text it repeats of the channels in ``rendered`` (whole texts
+        of a channel, as released to the client) replaced; None if it repeats none."""
         ...
 
     def with_delta_text(self, event: SseEvent, text: str) -> SseEvent:

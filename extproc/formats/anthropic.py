@@ -4,16 +4,18 @@ streamed."""
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from extproc.formats.sse import SseEvent, encode_event, json_data, with_data
 from extproc.formats.texts import (
+    Delta,
     JsonPath,
     TextSlot,
     Usage,
     dump_json,
+    json_string_leaves,
     redactions,
     string_slot,
     token_count,
@@ -58,10 +60,12 @@ class AnthropicFormat:
         """The non-empty texts of a Messages request.
 
         ``system`` and every ``messages[].content``, each a string or a list of blocks:
-        ``text`` blocks, ``tool_result`` blocks (their content a string or text blocks) and
-        plain-text ``document`` blocks (``source.type: "text"``). Images, tool inputs and
-        ``thinking`` blocks are skipped: thinking is signed by Anthropic, so it could not be
-        rewritten anyway. Values of the wrong type are skipped.
+        ``text`` blocks, ``tool_result`` blocks (their content a string or text blocks),
+        ``document`` blocks with plain text (``source.type: "text"``) or text blocks
+        (``source.type: "content"``), ``search_result`` blocks, and every string inside a
+        ``tool_use`` block's ``input`` (checked and redacted in place, so the input stays a
+        valid object). Images and ``thinking`` blocks are skipped: thinking is signed by
+        Anthropic, so it could not be rewritten anyway. Values of the wrong type are skipped.
         """
         if not isinstance(payload, dict):
             return []
@@ -83,15 +87,19 @@ class AnthropicFormat:
         return dump_json(with_values(payload, redactions(slots, spans_per_slot)))
 
     def answer_texts(self, payload: Any) -> list[TextSlot]:
-        """The non-empty ``text`` blocks of a non-streamed ``message``."""
+        """The non-empty ``text`` blocks of a non-streamed ``message``, and every string in
+        its ``tool_use`` blocks' ``input``."""
         if not isinstance(payload, dict) or not isinstance(payload.get("content"), list):
             return []
-        return [
-            slot
-            for i, block in enumerate(payload["content"])
-            if isinstance(block, dict) and block.get("type") == "text"
-            for slot in string_slot(block.get("text"), ("content", i, "text"))
-        ]
+        slots: list[TextSlot] = []
+        for i, block in enumerate(payload["content"]):
+            if not isinstance(block, dict):
+                continue
+            if block.get("type") == "text":
+                slots += string_slot(block.get("text"), ("content", i, "text"))
+            elif block.get("type") == "tool_use":
+                slots += json_string_leaves(block.get("input"), ("content", i, "input"), "user")
+        return slots
 
     def redact_answer(
         self, payload: Any, slots: Sequence[TextSlot], spans_per_slot: Sequence[Sequence[Span]]
@@ -126,23 +134,32 @@ class AnthropicFormat:
     # Streamed answers. Every event of a guarded stream passes through these, so they look
     # for a value in the raw bytes before parsing any JSON.
 
-    def delta_text(self, event: SseEvent) -> str | None:
-        """The answer text of a ``content_block_delta`` with a ``text_delta``, or None.
+    def stream_delta(self, event: SseEvent) -> Delta | None:
+        """The text of a ``content_block_delta`` with a ``text_delta`` or a tool's
+        ``input_json_delta`` (channel: the block's index), or None.
 
-        Tool input (``input_json_delta``: JSON for a program), thinking (signed by
-        Anthropic, so it could not be rewritten), citations, pings and every other event
-        carry no text.
+        Thinking (signed by Anthropic, so it could not be rewritten), citations, pings and
+        every other event carry no text.
         """
         found = _stream_text(event)
-        return None if found is None else found[1]
+        return None if found is None else found[2]
+
+    def delta_text(self, event: SseEvent) -> str | None:
+        """The text ``stream_delta`` finds, whatever its channel."""
+        found = _stream_text(event)
+        return None if found is None else found[2].text
 
     def with_delta_text(self, event: SseEvent, text: str) -> SseEvent:
-        """``event`` with its ``text_delta`` text replaced; ``ValueError`` if it has none."""
+        """``event`` with its delta's text replaced; ``ValueError`` if it has none."""
         found = _stream_text(event)
         if found is None:
             raise ValueError("the event carries no answer text")
-        payload = with_values(found[0], {("delta", "text"): text})
+        payload = with_values(found[0], {("delta", found[1]): text})
         return with_data(event, dump_json(payload).decode())
+
+    def rewrite_repeats(self, event: SseEvent, rendered: Mapping[Hashable, str]) -> SseEvent | None:
+        """Always None: Messages streams never repeat their text."""
+        return None
 
     def usage(self, event: SseEvent) -> Usage | None:
         """The token counts of ``message_start`` (its ``message.usage``) or ``message_delta``.
@@ -289,21 +306,37 @@ def _content(content: object, path: JsonPath) -> list[TextSlot]:
             if isinstance(source, dict) and source.get("type") == "text":
                 data = string_slot(source.get("data"), (*path, j, "source", "data"))
                 slots += with_source(data, "tool")
+            elif isinstance(source, dict) and source.get("type") == "content":
+                inner = _content(source.get("content"), (*path, j, "source", "content"))
+                slots += with_source(inner, "tool")
+        elif kind == "search_result":
+            inner = _content(block.get("content"), (*path, j, "content"))
+            slots += with_source(inner, "tool")
+        elif kind == "tool_use":
+            slots += json_string_leaves(block.get("input"), (*path, j, "input"), "user")
     return slots
 
 
-def _stream_text(event: SseEvent) -> tuple[dict[str, Any], str] | None:
-    """The parsed event and its non-empty ``text_delta`` text, if it has one."""
-    if b"text_delta" not in event.raw:
+_DELTA_FIELDS = {"text_delta": "text", "input_json_delta": "partial_json"}
+
+
+def _stream_text(event: SseEvent) -> tuple[dict[str, Any], str, Delta] | None:
+    """The parsed event, the delta's text field and the delta, if it has non-empty text."""
+    raw = event.raw
+    if b"text_delta" not in raw and b"input_json_delta" not in raw:
         return None
     payload = json_data(event)
     if not isinstance(payload, dict) or payload.get("type") != "content_block_delta":
         return None
     delta = payload.get("delta")
-    if not isinstance(delta, dict) or delta.get("type") != "text_delta":
+    field = _DELTA_FIELDS.get(delta.get("type")) if isinstance(delta, dict) else None
+    if field is None:
         return None
-    text = delta.get("text")
-    return (payload, text) if isinstance(text, str) and text else None
+    assert isinstance(delta, dict)
+    text = delta.get(field)
+    if not isinstance(text, str) or not text:
+        return None
+    return payload, field, Delta(payload.get("index", 0), text)
 
 
 def _input_tokens(usage: dict[str, Any]) -> int | None:

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from extproc.formats.sse import SseEvent, encode_event, json_data, with_data
 from extproc.formats.texts import (
+    Delta,
     JsonPath,
     TextSlot,
     Usage,
@@ -63,12 +64,14 @@ class OpenAIFormat:
 
         Chat: ``messages[].content`` of every role (system, developer, user, assistant,
         tool), as a string or as its ``text`` parts; image, audio, file and refusal parts
-        are skipped. Only human-readable content is taken: assistant ``tool_calls`` and
-        ``function_call`` arguments are JSON the model wrote for a program, not prose, and
-        rewriting them would break the tool call. Completions: ``prompt`` (a string or a list
-        of strings) and ``suffix``. Embeddings: ``input`` (a string or a list of strings).
-        Token-id prompts and inputs (lists of integers) are skipped: they cannot be read
-        without the model's tokenizer. Values of the wrong type are skipped.
+        are skipped. Assistant ``tool_calls`` (and legacy ``function_call``) arguments are
+        checked as the assistant's words: a model can be steered through them, and PII in
+        them reaches the backend like any text (a redaction inside a JSON string value
+        keeps the arguments valid JSON). ``tools[].function.description`` is the
+        operator's text. Completions: ``prompt`` (a string or a list of strings) and
+        ``suffix``. Embeddings: ``input`` (a string or a list of strings). Token-id prompts
+        and inputs (lists of integers) are skipped: they cannot be read without the model's
+        tokenizer. Values of the wrong type are skipped.
         """
         if not isinstance(payload, dict):
             return []
@@ -79,7 +82,15 @@ class OpenAIFormat:
                 if isinstance(message, dict):
                     source = _ROLE_SOURCES.get(message.get("role"), "user")
                     found = _content(message.get("content"), ("messages", i, "content"))
+                    found += _tool_arguments(message, ("messages", i))
                     slots += with_source(found, source)
+        tools = payload.get("tools")
+        if isinstance(tools, list):
+            for i, tool in enumerate(tools):
+                function = tool.get("function") if isinstance(tool, dict) else None
+                if isinstance(function, dict):
+                    path = ("tools", i, "function", "description")
+                    slots += with_source(string_slot(function.get("description"), path), "system")
         for key in ("prompt", "suffix", "input"):
             slots += _strings(payload.get(key), (key,))
         return slots
@@ -91,11 +102,12 @@ class OpenAIFormat:
         return dump_json(with_values(payload, redactions(slots, spans_per_slot)))
 
     def answer_texts(self, payload: Any) -> list[TextSlot]:
-        """The non-empty texts of a non-streamed chat completion or completion.
+        """The non-empty texts of a non-streamed chat completion or completion, every choice.
 
-        Chat: each ``choices[].message.content`` string (``refusal`` is OpenAI's own
-        wording, not model output to check; audio answers are not covered). Completions:
-        each ``choices[].text``.
+        Chat: each ``choices[].message.content`` string, its ``tool_calls`` (and legacy
+        ``function_call``) arguments, and ``reasoning_content`` (vLLM, DeepSeek)
+        (``refusal`` is OpenAI's own wording, not model output to check; audio answers are
+        not covered). Completions: each ``choices[].text``.
         """
         if not isinstance(payload, dict) or not isinstance(payload.get("choices"), list):
             return []
@@ -105,7 +117,10 @@ class OpenAIFormat:
                 continue
             message = choice.get("message")
             if isinstance(message, dict):
-                slots += string_slot(message.get("content"), ("choices", i, "message", "content"))
+                path: JsonPath = ("choices", i, "message")
+                slots += string_slot(message.get("content"), (*path, "content"))
+                slots += string_slot(message.get("reasoning_content"), (*path, "reasoning_content"))
+                slots += _tool_arguments(message, path)
             slots += string_slot(choice.get("text"), ("choices", i, "text"))
         return slots
 
@@ -172,17 +187,28 @@ class OpenAIFormat:
     # Streamed answers. Every event of a guarded stream passes through these, so they look
     # for a key in the raw bytes before parsing any JSON (servers never \u-escape keys).
 
-    def delta_text(self, event: SseEvent) -> str | None:
-        """The answer text a stream chunk adds, or None if it adds none.
+    def stream_delta(self, event: SseEvent) -> Delta | None:
+        """The text a stream chunk adds, or None if it adds none.
 
-        Chat: ``delta.content`` of the choice with ``index`` 0; completions: its ``text``.
-        With ``n`` > 1 the other choices' chunks are interleaved in the same stream; they
-        count as events without text, so they pass unchecked. Role chunks, ``tool_calls``
-        and ``function_call`` argument deltas (JSON for a program), ``refusal`` deltas
-        (OpenAI's own wording), the usage chunk and ``[DONE]`` carry no text.
+        Chat: ``delta.content`` of the choice with ``index`` 0 (channel ``"content"``), its
+        ``reasoning_content`` (``"reasoning"``), or the arguments of one of its
+        ``tool_calls`` (``("tool", index)``; legacy ``function_call``: ``("tool", -1)``);
+        completions: its ``text``. With ``n`` > 1 the other choices' chunks are interleaved
+        in the same stream; streamed guarded requests with ``n`` > 1 are refused before they
+        start. ``refusal`` deltas (OpenAI's own wording), role chunks, the usage chunk and
+        ``[DONE]`` carry no text.
         """
         found = _stream_text(event)
         return None if found is None else found[2]
+
+    def delta_text(self, event: SseEvent) -> str | None:
+        """The text ``stream_delta`` finds, whatever its channel."""
+        found = _stream_text(event)
+        return None if found is None else found[2].text
+
+    def rewrite_repeats(self, event: SseEvent, rendered: Mapping[Hashable, str]) -> SseEvent | None:
+        """Always None: chat and completions streams never repeat their text."""
+        return None
 
     def with_delta_text(self, event: SseEvent, text: str) -> SseEvent:
         """``event`` with the text ``delta_text`` finds replaced by ``text``.
@@ -317,10 +343,31 @@ def _strings(value: object, path: JsonPath) -> list[TextSlot]:
     return [slot for i, item in enumerate(value) for slot in string_slot(item, (*path, i))]
 
 
-def _stream_text(event: SseEvent) -> tuple[dict[str, Any], JsonPath, str] | None:
-    """The parsed chunk, path and text of choice 0's non-empty text, if the event has one."""
+def _tool_arguments(message: dict[str, Any], path: JsonPath) -> list[TextSlot]:
+    """The arguments of a message's ``tool_calls`` and legacy ``function_call``."""
+    slots: list[TextSlot] = []
+    calls = message.get("tool_calls")
+    if isinstance(calls, list):
+        for j, call in enumerate(calls):
+            function = call.get("function") if isinstance(call, dict) else None
+            if isinstance(function, dict):
+                where = (*path, "tool_calls", j, "function", "arguments")
+                slots += string_slot(function.get("arguments"), where)
+    legacy = message.get("function_call")
+    if isinstance(legacy, dict):
+        slots += string_slot(legacy.get("arguments"), (*path, "function_call", "arguments"))
+    return slots
+
+
+def _stream_text(event: SseEvent) -> tuple[dict[str, Any], JsonPath, Delta] | None:
+    """The parsed chunk, path and delta of choice 0's non-empty text, if the event has one."""
     raw = event.raw
-    if b'"content"' not in raw and b'"text"' not in raw:
+    if (
+        b'"content"' not in raw
+        and b'"text"' not in raw
+        and b'"arguments"' not in raw
+        and b'"reasoning_content"' not in raw
+    ):
         return None
     chunk = json_data(event)
     if not isinstance(chunk, dict) or not isinstance(chunk.get("choices"), list):
@@ -329,12 +376,30 @@ def _stream_text(event: SseEvent) -> tuple[dict[str, Any], JsonPath, str] | None
         if not isinstance(choice, dict) or choice.get("index", 0) != 0:
             continue
         delta = choice.get("delta")
-        path: JsonPath
-        if isinstance(delta, dict):
-            path, text = ("choices", i, "delta", "content"), delta.get("content")
-        else:
-            path, text = ("choices", i, "text"), choice.get("text")
-        return (chunk, path, text) if isinstance(text, str) and text else None
+        if not isinstance(delta, dict):
+            text = choice.get("text")
+            if isinstance(text, str) and text:
+                return chunk, ("choices", i, "text"), Delta("content", text)
+            return None
+        base: JsonPath = ("choices", i, "delta")
+        for key, channel in (("content", "content"), ("reasoning_content", "reasoning")):
+            text = delta.get(key)
+            if isinstance(text, str) and text:
+                return chunk, (*base, key), Delta(channel, text)
+        calls = delta.get("tool_calls")
+        if isinstance(calls, list):
+            for j, call in enumerate(calls):
+                function = call.get("function") if isinstance(call, dict) else None
+                args = function.get("arguments") if isinstance(function, dict) else None
+                if isinstance(args, str) and args:
+                    index = call.get("index", j)
+                    where = (*base, "tool_calls", j, "function", "arguments")
+                    return chunk, where, Delta(("tool", index), args)
+        legacy = delta.get("function_call")
+        args = legacy.get("arguments") if isinstance(legacy, dict) else None
+        if isinstance(args, str) and args:
+            return chunk, (*base, "function_call", "arguments"), Delta(("tool", -1), args)
+        return None
     return None
 
 

@@ -7,7 +7,7 @@ as ``TextSlot``s; this module rewrites the texts and the body without knowing ei
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -118,6 +118,37 @@ def _set(node: Any, path: JsonPath, value: object) -> Any:
 def dump_json(payload: Any) -> bytes:
     """``payload`` as the compact UTF-8 JSON body CheckStream sends on."""
     return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+@dataclass(frozen=True, slots=True)
+class Delta:
+    """The text one stream event adds, and the channel it adds it to.
+
+    A stream may write several texts side by side (an answer and a tool call's arguments, or
+    several output items); ``channel`` names which one, so that text an event repeats later
+    (the Responses API's ``*.done`` events) can be rewritten from that channel's text.
+    """
+
+    channel: Hashable
+    text: str
+
+
+def json_string_leaves(value: object, path: JsonPath, source: str) -> list[TextSlot]:
+    """Every non-empty string inside a JSON value (a tool's input object), as slots, so each
+    can be checked and redacted in place without breaking the value's structure."""
+    if isinstance(value, str):
+        return [TextSlot(path, value, source)] if value else []
+    if isinstance(value, dict):
+        return [
+            slot
+            for key, item in value.items()
+            for slot in json_string_leaves(item, (*path, key), source)
+        ]
+    if isinstance(value, list):
+        return [
+            slot for i, item in enumerate(value) for slot in json_string_leaves(item, (*path, i), source)
+        ]
+    return []
 
 
 @dataclass(frozen=True)
