@@ -167,6 +167,17 @@ class TenantConfig(Strict):
     audit: AuditConfig | None = None  # absent: no audit trail
     fail_mode: Literal["closed", "open"] = "closed"
     suspended: bool = False
+    # Paths (after any /tenant/<id> prefix) whose bodies no guardrail can read, forwarded
+    # unchecked because the operator named them; any other unknown endpoint is refused.
+    passthrough_paths: list[str] = []
+
+    @field_validator("passthrough_paths")
+    @classmethod
+    def _absolute_paths(cls, value: list[str]) -> list[str]:
+        for path in value:
+            if not path.startswith("/") or "?" in path:
+                raise ValueError(f"{path!r}: expected an absolute path without a query")
+        return value
 
     @field_validator("backend_url")
     @classmethod

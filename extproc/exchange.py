@@ -25,6 +25,7 @@ import logging
 import math
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 from functools import partial
 from typing import TypeAlias
 
@@ -44,16 +45,28 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import (
 from google.protobuf.struct_pb2 import Struct
 
 from extproc.accounting import CLIENT_CLOSED, Tally, iso_now, store_failed
-from extproc.formats.texts import dump_json
+from extproc.answers import (
+    AnswerHandler,
+    CheckedBody,
+    CheckedStream,
+    Decoded,
+    MeteredBody,
+    MeteredStream,
+    PassThrough,
+    Unreadable,
+)
+from extproc.encodings import DECODABLE, decode_body
+from extproc.formats import WireFormat
+from extproc.formats.endpoints import Endpoint, find_endpoint
+from extproc.formats.texts import dump_json, readable
 from extproc.limits import Budget, Decision, LimiterUnavailable, to_nano
-from extproc.metering import BodyMeter, StreamMeter
 from extproc.metrics import (
     CLASSIFIER_ERRORS,
     LATENCY,
     POLICY_TRIGGERS,
     RATE_LIMITED,
 )
-from extproc.midstream import MidstreamGuard, Release
+from extproc.midstream import MidstreamGuard
 from extproc.mutations import TO_ADMIN, error_response, header, header_map, immediate
 from extproc.pipeline import Verdict
 from extproc.runtime import Runtime, TenantPlan
@@ -73,6 +86,7 @@ _OPERATOR_PATHS = frozenset({"/metrics", "/readyz"})
 _MAX_MODEL_CHARS = 200
 
 Answer: TypeAlias = ProcessingResponse | list[ProcessingResponse] | None
+_PASS_THROUGH = PassThrough()
 
 
 def _streamed(body: bytes, end_of_stream: bool) -> ProcessingResponse:
@@ -91,13 +105,13 @@ class Exchange:
     """The state of one request between its ext_proc messages."""
 
     __slots__ = (
-        "answer",
-        "checking_answer",
         "drop_usage_chunk",
-        "meter",
-        "midstream",
+        "endpoint",
+        "fmt",
+        "handler",
         "plan",
         "request_body",
+        "request_encoding",
         "runtime",
         "tally",
     )
@@ -106,13 +120,13 @@ class Exchange:
         self.runtime = runtime
         self.plan: TenantPlan | None = None
         self.request_body = bytearray()
-        #: The non-streamed answer, held back until it has been checked whole (egress).
-        self.answer = bytearray()
-        self.checking_answer = False
-        #: The streamed answer's guard, when its tenant has midstream rules.
-        self.midstream: MidstreamGuard | None = None
-        #: Reads usage from an answer no guardrail reads.
-        self.meter: StreamMeter | BodyMeter | None = None
+        #: The API this request is for; None: not one CheckStream reads (passed through).
+        self.endpoint: Endpoint | None = None
+        #: The wire format of the endpoint (or, without one, of the tenant).
+        self.fmt: WireFormat | None = None
+        self.request_encoding = ""
+        #: What happens to the answer's body, chosen at its headers.
+        self.handler: AnswerHandler = _PASS_THROUGH
         #: CheckStream asked the backend for stream usage; the client did not.
         self.drop_usage_chunk = False
         #: What is counted about this request (usage, limits, audit), when its tenant counts.
@@ -147,6 +161,37 @@ class Exchange:
             )
         if found.path.startswith("/admin/"):
             return await self._admin(found)
+        endpoint = find_endpoint(found.path)
+        self.endpoint = endpoint
+        self.fmt = endpoint.fmt if endpoint is not None else fmt
+        bare = found.path.partition("?")[0]
+        if (
+            endpoint is None
+            and not msg.end_of_stream
+            and plan.guarded
+            and bare not in plan.passthrough_paths
+        ):
+            # A body no guardrail can read would pass every check unseen.
+            return error_response(
+                fmt,
+                400,
+                f"{bare} is not an endpoint this gateway checks; the operator can allow it "
+                "with the tenant's passthrough_paths",
+                "unsupported_endpoint",
+                "checkstream_endpoint",
+            )
+        encoding = headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in ("", "identity") and plan.guarded and endpoint is not None:
+            if encoding not in DECODABLE:
+                return error_response(
+                    fmt,
+                    415,
+                    f"request bodies encoded with {encoding!r} cannot be checked: send "
+                    "identity, gzip or deflate",
+                    "unsupported_content_encoding",
+                    "checkstream_encoding",
+                )
+            self.request_encoding = encoding
         if plan.tracks:
             self.tally = Tally.start(tenant.id, headers.get("x-request-id"))
         limits = tenant.config.rate_limit
@@ -158,9 +203,12 @@ class Exchange:
         fwd = plan.forwarding if keep_key else plan.forwarding_without_key
         upstream_path = tenant.backend.upstream_path(found.path)
         sets = list(fwd.set_headers)
+        removes = list(fwd.remove_headers)
         if upstream_path != path:
             sets.append(header(":path", upstream_path))
-        mutation = HeaderMutation(set_headers=sets, remove_headers=fwd.remove_headers)
+        if self.request_encoding:
+            removes.append("content-encoding")  # the decoded body goes on
+        mutation = HeaderMutation(set_headers=sets, remove_headers=removes)
         response = ProcessingResponse(
             request_headers=HeadersResponse(
                 response=CommonResponse(header_mutation=mutation, clear_route_cache=True)
@@ -187,10 +235,28 @@ class Exchange:
                 if refusal is not None:
                     return refusal
             return _EMPTY_BODY_RESPONSE
+        # Errors answer in the tenant's format (what its clients speak); texts are found
+        # where the endpoint's format puts them.
         fmt = plan.tenant.format
+        endpoint = self.endpoint
+        if endpoint is None:
+            # Bodies of paths the operator passes through are not read, only forwarded.
+            if pending_admission:
+                refusal = await self._admit(plan, 0)
+                if refusal is not None:
+                    return refusal
+            return _EMPTY_BODY_RESPONSE
+        raw = bytes(self.request_body)
+        if self.request_encoding:
+            try:
+                raw = decode_body(raw, self.request_encoding, plan.max_request_bytes)
+            except ValueError as exc:
+                return await self._local(
+                    error_response(fmt, 400, str(exc), "invalid_encoding", "checkstream_encoding")
+                )
         try:
-            payload = json.loads(self.request_body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            payload = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             return await self._local(
                 error_response(
                     fmt,
@@ -212,12 +278,13 @@ class Exchange:
                     "checkstream_model",
                 )
             )
-        slots = fmt.prompt_texts(payload)
+        api = endpoint.fmt
+        slots = [replace(slot, text=readable(slot.text)) for slot in api.prompt_texts(payload)]
         if tally is not None:
             tally.model = model[:_MAX_MODEL_CHARS] if isinstance(model, str) else ""
             tally.prompt_chars = sum(len(slot.text) for slot in slots)
         if pending_admission:
-            answer = fmt.max_answer_tokens(payload) or limits.default_max_tokens
+            answer = api.max_answer_tokens(payload) or limits.default_max_tokens
             prompt = -(-sum(len(slot.text) for slot in slots) // 4)
             refusal = await self._admit(plan, prompt + answer)
             if refusal is not None:
@@ -259,8 +326,10 @@ class Exchange:
                         )
                     )
                 if verdict.action == "redact":
-                    new_body = fmt.redact_request(payload, slots, verdict.redactions)
+                    new_body = api.redact_request(payload, slots, verdict.redactions)
                     payload = json.loads(new_body)
+        if new_body is None and self.request_encoding:
+            new_body = raw
         if plan.reads_answer_usage:
             if (
                 plan.guardrails.midstream.rules
@@ -281,7 +350,7 @@ class Exchange:
                 )
             # Exact token counts need the backend's usage, which OpenAI streams only on
             # request; the extra chunk is removed before the client sees it.
-            with_usage = fmt.ensure_stream_usage(payload)
+            with_usage = api.ensure_stream_usage(payload)
             if with_usage is not None:
                 self.drop_usage_chunk = True
                 new_body = dump_json(with_usage)
@@ -318,34 +387,28 @@ class Exchange:
             if tally.decision is not None:
                 sets = [header(k, v) for k, v in _limit_headers(tally.decision)]
         removes: list[str] = []
-        fmt = plan.tenant.format
         if msg.end_of_stream:
             await self._finish()
-        elif status != "200":
-            pass  # the backend's own errors pass unchanged
-        elif "text/event-stream" in headers.get("content-type", ""):
-            rails = plan.guardrails
-            if rails.midstream.rules:
-                self.midstream = MidstreamGuard(
-                    fmt,
-                    self.runtime.checker,
-                    rails.midstream,
-                    window_tokens=rails.window_tokens,
-                    holdback_tokens=rails.holdback_tokens,
-                    drop_usage_chunk=self.drop_usage_chunk,
-                    fail_open=plan.tenant.config.fail_mode == "open",
-                    on_verdict=partial(self._midstream_verdict, plan),
-                )
-            elif tally is not None:
-                self.meter = StreamMeter(fmt, drop_usage_chunk=self.drop_usage_chunk)
-            if self.midstream is not None or self.drop_usage_chunk:
+        elif status.startswith("2"):
+            # Every success is read, not only 200: a 201 or 203 carries an answer too. The
+            # backend's own errors pass unchanged.
+            handler = self._answer_handler(plan, headers)
+            encoding = headers.get("content-encoding", "identity").strip().lower()
+            if handler is not _PASS_THROUGH and encoding not in ("", "identity"):
+                if encoding in DECODABLE:
+                    handler = Decoded(handler, encoding)
+                    removes.append("content-encoding")
+                elif plan.checks_answers and plan.tenant.config.fail_mode == "closed":
+                    handler = Unreadable(self.fmt or plan.tenant.format, encoding)
+                    removes.append("content-encoding")
+                else:
+                    handler = _PASS_THROUGH
+            self.handler = handler
+            keeps_length = isinstance(handler, MeteredBody) or (
+                isinstance(handler, MeteredStream) and not self.drop_usage_chunk
+            )
+            if handler is not _PASS_THROUGH and not keeps_length:
                 removes.append("content-length")  # the answer's length may change
-        elif plan.guardrails.midstream.rules:
-            # A whole answer is checked before any of it is released (egress).
-            self.checking_answer = True
-            removes.append("content-length")
-        elif tally is not None:
-            self.meter = BodyMeter(fmt)
         if not sets and not removes:
             return _EMPTY_RESPONSE_HEADERS
         return ProcessingResponse(
@@ -356,110 +419,65 @@ class Exchange:
             )
         )
 
+    def _answer_handler(self, plan: TenantPlan, headers: Mapping[str, str]) -> AnswerHandler:
+        """The handler for a successful answer: checked, metered or passed."""
+        fmt = self.fmt or plan.tenant.format
+        endpoint = self.endpoint
+        rails = plan.guardrails
+        checks = endpoint is not None and endpoint.checks_answer and bool(rails.midstream.rules)
+        streamed = _is_event_stream(headers.get("content-type", ""))
+        fail_open = plan.tenant.config.fail_mode == "open"
+        if streamed and checks:
+            return CheckedStream(
+                MidstreamGuard(
+                    fmt,
+                    self.runtime.checker,
+                    rails.midstream,
+                    window_tokens=rails.window_tokens,
+                    holdback_tokens=rails.holdback_tokens,
+                    drop_usage_chunk=self.drop_usage_chunk,
+                    fail_open=fail_open,
+                    on_verdict=partial(self._midstream_verdict, plan),
+                )
+            )
+        if checks:
+            # A whole answer is checked before any of it is released (egress).
+            return CheckedBody(
+                fmt,
+                self.runtime.checker,
+                rails.egress,
+                fail_open=fail_open,
+                on_verdict=partial(self._egress_verdict, plan),
+            )
+        if self.tally is None or endpoint is None:
+            return _PASS_THROUGH
+        if streamed:
+            return MeteredStream(fmt, drop_usage_chunk=self.drop_usage_chunk)
+        return MeteredBody(fmt)
+
     async def on_response_body(self, msg: HttpBody) -> Answer:
-        guard = self.midstream
-        end = msg.end_of_stream
-        if guard is not None:
-            if guard.stopped:
-                return None  # the client's response has ended; the rest is discarded
-            release = await guard.feed(msg.body)
-            if end and not release.end:
-                tail = await guard.finish()
-                release = Release(release.body + tail.body, end=True)
-            if release.end:
-                await self._finish_guarded(guard)
-            if not release.body and not release.end:
-                return None  # held back: full-duplex mode needs no answer per chunk
-            return _streamed(release.body, release.end)
-        if self.checking_answer:
-            self.answer += msg.body
-            if not end:
-                return None  # held back: full-duplex mode needs no answer per chunk
-            body = await self._checked_answer()
-            await self._finish()
-            return _streamed(body, True)
-        meter = self.meter
-        if meter is None:
-            # FULL_DUPLEX_STREAMED: whatever is not sent back is lost, so pass-through echoes.
-            if end:
-                await self._finish()
-            return _streamed(msg.body, end)
-        if isinstance(meter, BodyMeter):
-            meter.feed(msg.body)
-            if end:
-                self._take_body_usage(meter)
-                await self._finish()
-            return _streamed(msg.body, end)
-        out = meter.feed(msg.body)
+        handler = self.handler
+        if handler.closed:
+            return None  # the client's response has ended; the rest is discarded
+        out = await handler.feed(msg.body)
+        end: bool = handler.closed  # a stream the guard stopped ends here
+        if msg.end_of_stream and not end:
+            out += await handler.finish()
+            end = True
         if end:
-            out += meter.finish()
-            self._take_stream_usage(meter)
-            await self._finish()
+            await self._finish_answer()
         elif not out:
-            return None
+            return None  # held back: full-duplex mode needs no answer per chunk
         return _streamed(out, end)
 
     async def on_response_trailers(self, msg: HttpTrailers) -> Answer:
-        guard = self.midstream
-        if guard is not None and not guard.stopped:
-            tail = (await guard.finish()).body
-            await self._finish_guarded(guard)
-            return [_streamed(tail, False), _EMPTY_TRAILERS]
-        if self.checking_answer:
-            # The body ended with trailers rather than end_of_stream: release it now.
-            body = await self._checked_answer()
-            await self._finish()
-            return [_streamed(body, False), _EMPTY_TRAILERS]
-        meter = self.meter
-        if isinstance(meter, StreamMeter):
-            tail = meter.finish()
-            self._take_stream_usage(meter)
-            await self._finish()
-            return [_streamed(tail, False), _EMPTY_TRAILERS] if tail else _EMPTY_TRAILERS
-        if isinstance(meter, BodyMeter):
-            self._take_body_usage(meter)
-        await self._finish()
-        return _EMPTY_TRAILERS
-
-    async def _checked_answer(self) -> bytes:
-        """The held-back answer after egress checks: unchanged, redacted or replaced."""
-        plan = self.plan
-        assert plan is not None
-        self.checking_answer = False
-        body = bytes(self.answer)
-        fmt = plan.tenant.format
-        try:
-            payload = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            return body  # not an answer we know how to read, e.g. an error page
-        slots = fmt.answer_texts(payload)
-        tally = self.tally
-        if tally is not None:
-            tally.usage = fmt.answer_usage(payload)
-            tally.answer_chars = sum(len(slot.text) for slot in slots)
-        started = time.perf_counter()
-        verdict = await self.runtime.checker.check(
-            plan.guardrails.egress, [slot.text for slot in slots], ["answer"] * len(slots)
-        )
-        self._phase_latency(plan, "egress", started)
-        if verdict.failure is not None:
-            if self._fails_open(plan, verdict, "egress"):
-                return body
-            return fmt.blocked_answer(
-                payload, "the answer was withheld: its guardrail check failed", "guardrail_error"
-            )
-        if verdict.action is None:
-            return body
-        self._record(plan, verdict, "egress", [slot.text for slot in slots])
-        deciding = verdict.deciding
-        assert deciding is not None
-        if verdict.action in ("block", "stop"):
-            rule = deciding.rule
-            message = rule.message or f"the answer was withheld by policy rule '{rule.name}'"
-            return fmt.blocked_answer(payload, message, rule.name)
-        if verdict.action == "redact":
-            return fmt.redact_answer(payload, slots, verdict.redactions)
-        return body
+        handler = self.handler
+        tail = b""
+        if not handler.closed:
+            # The body ended with trailers rather than end_of_stream: release the rest now.
+            tail = await handler.finish()
+        await self._finish_answer()
+        return [_streamed(tail, False), _EMPTY_TRAILERS] if tail else _EMPTY_TRAILERS
 
     # -- accounting ------------------------------------------------------------------------
     async def _admit(self, plan: TenantPlan, tokens: int) -> ProcessingResponse | None:
@@ -542,34 +560,20 @@ class Exchange:
             tally, plan.tenant.config, runtime.pricing, runtime.known_models
         )
 
-    async def _finish_guarded(self, guard: MidstreamGuard) -> None:
+    async def _finish_answer(self) -> None:
         tally = self.tally
         if tally is not None:
-            tally.usage = guard.usage
-            tally.answer_chars = len(guard.text)
+            tally.usage, tally.answer_chars = self.handler.result()
         await self._finish()
-
-    def _take_stream_usage(self, meter: StreamMeter) -> None:
-        tally = self.tally
-        if tally is not None:
-            tally.usage = meter.usage
-            tally.answer_chars = meter.answer_chars
-
-    def _take_body_usage(self, meter: BodyMeter) -> None:
-        tally = self.tally
-        if tally is not None:
-            tally.usage, tally.answer_chars = meter.result()
 
     async def abandon(self) -> None:
         """The gRPC stream ended before the response did (client gone, Envoy reset)."""
         tally = self.tally
         if tally is None or tally.done:
             return
-        guard, meter = self.midstream, self.meter
-        if guard is not None:
-            tally.usage, tally.answer_chars = guard.usage, len(guard.text)
-        elif isinstance(meter, StreamMeter):
-            self._take_stream_usage(meter)
+        usage, chars = self.handler.result()
+        if usage is not None or chars:
+            tally.usage, tally.answer_chars = usage, chars
         tally.status = CLIENT_CLOSED
         await self._finish()
 
@@ -580,11 +584,22 @@ class Exchange:
     def _midstream_verdict(
         self, plan: TenantPlan, verdict: Verdict, elapsed_ms: float, window: str
     ) -> None:
-        LATENCY.labels(plan.tenant.id, "midstream").observe(elapsed_ms)
+        self._verdict(plan, "midstream", verdict, elapsed_ms, [window])
+
+    def _egress_verdict(
+        self, plan: TenantPlan, verdict: Verdict, elapsed_ms: float, texts: list[str]
+    ) -> None:
+        self._verdict(plan, "egress", verdict, elapsed_ms, texts)
+
+    def _verdict(
+        self, plan: TenantPlan, phase: str, verdict: Verdict, elapsed_ms: float, texts: list[str]
+    ) -> None:
+        """Count, log and audit what a check of the answer found; the handler acts on it."""
+        LATENCY.labels(plan.tenant.id, phase).observe(elapsed_ms)
         if verdict.failure is not None:
-            self._fails_open(plan, verdict, "midstream")
+            self._fails_open(plan, verdict, phase)
         elif verdict.action is not None:
-            self._record(plan, verdict, "midstream", [window])
+            self._record(plan, verdict, phase, texts)
 
     def _record(self, plan: TenantPlan, verdict: Verdict, phase: str, texts: list[str]) -> None:
         tenant = plan.tenant.id
@@ -656,6 +671,11 @@ def _from_upstream(attributes: Mapping[str, Struct] | None) -> bool:
     if found is None or "response.code_details" not in found.fields:
         return True
     return found.fields["response.code_details"].string_value == "via_upstream"
+
+
+def _is_event_stream(content_type: str) -> bool:
+    """``text/event-stream`` in any case, with or without parameters (``; charset=utf-8``)."""
+    return content_type.partition(";")[0].strip().lower() == "text/event-stream"
 
 
 def _for_admin_server(bare_path: str, method: str) -> bool:

@@ -89,6 +89,10 @@ def build_forwarding(
     cfg = tenant.config
     sets = [header(ROUTE_HEADER, tenant.id)]
     sets += [header(name, value) for name, value in cfg.headers.items()]
+    if needs_response:
+        # An answer that is read (checked or metered) must be readable: compressed answers
+        # would pass every check unseen. Encodings a backend sends anyway are decoded.
+        sets.append(header("accept-encoding", "identity"))
     removes: list[str] = []
     if tenant.secret is not None:
         sets.append(header(tenant.format.auth_header, tenant.format.auth_value(tenant.secret)))

@@ -17,6 +17,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
 
+from extproc.formats.texts import mask_placeholders
 from extproc.guardrails import STRENGTH, PhasePlan, Rule
 from extproc.hookspecs import Classification, Classifier, Span
 from extproc.metrics import CLASSIFIER_LATENCY
@@ -74,6 +75,7 @@ class Checker:
         holds (``extproc.formats.texts.SOURCES``), for classifiers that read only some."""
         if not plan.rules or not any(texts):
             return CLEAN
+        texts = [mask_placeholders(text) for text in texts]
         names = tuple(dict.fromkeys(rule.classifier for rule in plan.rules))
         picks = {name: self._picks(name, sources) for name in names}
         n = len(texts)

@@ -50,6 +50,12 @@ class TenantPlan:
     #: Requests take a share of rate limits or budget before they go on.
     admits: bool
     allowed_models: frozenset[str] | None
+    #: Any guardrail reads this tenant's traffic: bodies it cannot read are refused.
+    guarded: bool
+    #: Its answers are checked (midstream or egress rules).
+    checks_answers: bool
+    passthrough_paths: frozenset[str]
+    max_request_bytes: int
     forwarding: Forwarding  # the client's own key goes upstream (auth_passthrough)
     forwarding_without_key: Forwarding  # the client's key is stripped
 
@@ -118,6 +124,10 @@ class Runtime:
                 budget_usd=cfg.budget.monthly_usd if cfg.budget else None,
                 admits=cfg.rate_limit.limited or cfg.budget is not None,
                 allowed_models=frozenset(cfg.models) if cfg.models is not None else None,
+                guarded=bool(rails.ingress.rules or rails.midstream.rules),
+                checks_answers=bool(rails.midstream.rules),
+                passthrough_paths=frozenset(cfg.passthrough_paths),
+                max_request_bytes=model.server.max_request_bytes,
                 forwarding=build_forwarding(tenant, keep_client_key=True, **kw),
                 forwarding_without_key=build_forwarding(tenant, keep_client_key=False, **kw),
             )

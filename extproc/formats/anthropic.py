@@ -329,10 +329,11 @@ def _stream_text(event: SseEvent) -> tuple[dict[str, Any], str, Delta] | None:
     if not isinstance(payload, dict) or payload.get("type") != "content_block_delta":
         return None
     delta = payload.get("delta")
-    field = _DELTA_FIELDS.get(delta.get("type")) if isinstance(delta, dict) else None
+    if not isinstance(delta, dict):
+        return None
+    field = _DELTA_FIELDS.get(str(delta.get("type")))
     if field is None:
         return None
-    assert isinstance(delta, dict)
     text = delta.get(field)
     if not isinstance(text, str) or not text:
         return None

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from extproc.formats import WireFormat
-from extproc.formats import anthropic, openai, responses
+from extproc.formats import WireFormat, anthropic, openai, responses
 
 
 @dataclass(frozen=True)

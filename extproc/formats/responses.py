@@ -1,7 +1,7 @@
 """OpenAI's Responses API (``/v1/responses``): the texts guardrails check, whole or streamed.
 
 Errors, auth and everything else about the wire are OpenAI's, so this format extends the
-chat one and replaces what differs: where the texts sit (``instructions`` and ``input`` in
+chat one and supplies what differs: where the texts sit (``instructions`` and ``input`` in
 all its shapes; ``output`` items), the stream's typed events, and how a stopped stream ends.
 
 A Responses stream repeats its text: ``response.output_text.done``,
@@ -19,7 +19,7 @@ from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from extproc.formats.openai import OpenAIFormat
+from extproc.formats.openai import FORMAT as _OPENAI
 from extproc.formats.sse import SseEvent, encode_event, json_data, with_data
 from extproc.formats.texts import (
     Delta,
@@ -47,7 +47,24 @@ _FINAL = frozenset({"response.completed", "response.incomplete", "response.faile
 
 
 @dataclass(frozen=True)
-class ResponsesFormat(OpenAIFormat):
+class ResponsesFormat:
+    name: str = "openai"
+    auth_header: str = "authorization"
+
+    def error_body(self, status: int, message: str, code: str | None = None) -> bytes:
+        return _OPENAI.error_body(status, message, code)
+
+    def auth_value(self, secret: str) -> str:
+        return _OPENAI.auth_value(secret)
+
+    def policy_error_body(self, message: str, rule: str) -> bytes:
+        return _OPENAI.policy_error_body(message, rule)
+
+    def redact_request(
+        self, payload: Any, slots: Sequence[TextSlot], spans_per_slot: Sequence[Sequence[Span]]
+    ) -> bytes:
+        return dump_json(with_values(payload, redactions(slots, spans_per_slot)))
+
     def prompt_texts(self, payload: Any) -> list[TextSlot]:
         """``instructions``, ``input`` (a string, or items: messages with string or
         ``input_text``/``output_text`` parts, ``function_call`` arguments,

@@ -7,6 +7,7 @@ as ``TextSlot``s; this module rewrites the texts and the body without knowing ei
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -48,6 +49,29 @@ def string_slot(value: object, path: JsonPath) -> list[TextSlot]:
     Anything else is malformed or not text; an empty string has nothing to check.
     """
     return [TextSlot(path, value)] if isinstance(value, str) and value else []
+
+
+_PLACEHOLDER = re.compile(r"\[REDACTED:[A-Z0-9_]{1,40}\]")
+
+
+def mask_placeholders(text: str) -> str:
+    """``text`` with every ``[REDACTED:<LABEL>]`` CheckStream wrote turned into spaces of the
+    same length: a conversation carries earlier redacted turns, and the gateway's own
+    placeholder must never raise a classifier's score; offsets stay valid."""
+    if "[REDACTED:" not in text:
+        return text
+    return _PLACEHOLDER.sub(lambda found: " " * len(found.group()), text)
+
+
+def readable(text: str) -> str:
+    """``text`` with lone surrogates (valid JSON escapes such as ``"\\ud800"``, but no
+    character) replaced one for one by U+FFFD, so classifiers can take it; offsets stay
+    valid."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "".join("\ufffd" if "\ud800" <= c <= "\udfff" else c for c in text)
+    return text
 
 
 def apply_redactions(text: str, spans: Iterable[Span]) -> str:
@@ -146,7 +170,9 @@ def json_string_leaves(value: object, path: JsonPath, source: str) -> list[TextS
         ]
     if isinstance(value, list):
         return [
-            slot for i, item in enumerate(value) for slot in json_string_leaves(item, (*path, i), source)
+            slot
+            for i, item in enumerate(value)
+            for slot in json_string_leaves(item, (*path, i), source)
         ]
     return []
 
