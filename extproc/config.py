@@ -170,6 +170,9 @@ class TenantConfig(Strict):
     # Paths (after any /tenant/<id> prefix) whose bodies no guardrail can read, forwarded
     # unchecked because the operator named them; any other unknown endpoint is refused.
     passthrough_paths: list[str] = []
+    # Images, audio and files in prompts cannot be read by text classifiers: a guarded
+    # tenant refuses them unless the operator accepts that they pass unchecked.
+    passthrough_media: bool = False
 
     @field_validator("passthrough_paths")
     @classmethod

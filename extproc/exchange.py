@@ -279,6 +279,18 @@ class Exchange:
                 )
             )
         api = endpoint.fmt
+        media = api.media_parts(payload) if plan.refuses_media else []
+        if media:
+            return await self._local(
+                error_response(
+                    fmt,
+                    400,
+                    f"this tenant's guardrails cannot check {media[0]} content, so it is not "
+                    "accepted (the operator can allow it with passthrough_media)",
+                    "unsupported_content",
+                    "checkstream_media",
+                )
+            )
         slots = [replace(slot, text=readable(slot.text)) for slot in api.prompt_texts(payload)]
         if tally is not None:
             tally.model = model[:_MAX_MODEL_CHARS] if isinstance(model, str) else ""

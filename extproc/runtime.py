@@ -55,6 +55,8 @@ class TenantPlan:
     #: Its answers are checked (midstream or egress rules).
     checks_answers: bool
     passthrough_paths: frozenset[str]
+    #: Refuse prompts with images, audio or files (guarded, and the operator did not opt out).
+    refuses_media: bool
     max_request_bytes: int
     forwarding: Forwarding  # the client's own key goes upstream (auth_passthrough)
     forwarding_without_key: Forwarding  # the client's key is stripped
@@ -127,6 +129,7 @@ class Runtime:
                 guarded=bool(rails.ingress.rules or rails.midstream.rules),
                 checks_answers=bool(rails.midstream.rules),
                 passthrough_paths=frozenset(cfg.passthrough_paths),
+                refuses_media=bool(rails.ingress.rules) and not cfg.passthrough_media,
                 max_request_bytes=model.server.max_request_bytes,
                 forwarding=build_forwarding(tenant, keep_client_key=True, **kw),
                 forwarding_without_key=build_forwarding(tenant, keep_client_key=False, **kw),

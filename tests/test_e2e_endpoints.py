@@ -216,6 +216,12 @@ def gw(tmp_path_factory: pytest.TempPathFactory, backend: RealisticBackend) -> I
                     "policy_path": str(block),
                 },
                 "open": {"backend_url": url},
+                "media-ok": {
+                    "backend_url": url,
+                    "classifiers": ["pii_detector"],
+                    "policy_path": str(block),
+                    "passthrough_media": True,
+                },
             },
         },
     }
@@ -382,3 +388,13 @@ def test_the_gateways_own_placeholder_passes(gw: Gateway) -> None:
     ]
     reply = _post(gw, "blocking", "/v1/chat/completions", {"model": "m", "messages": messages})
     assert reply.status == 200, reply.body
+
+
+def test_images_are_refused_unless_the_tenant_passes_them(gw: Gateway) -> None:
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+    messages = [{"role": "user", "content": [{"type": "text", "text": "what is this?"}, image]}]
+    body = {"model": "m", "messages": messages}
+    refused = _post(gw, "blocking", "/v1/chat/completions", body)
+    assert refused.status == 400
+    assert json.loads(refused.body)["error"]["code"] == "unsupported_content"
+    assert _post(gw, "media-ok", "/v1/chat/completions", body).status == 200

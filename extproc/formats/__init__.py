@@ -63,6 +63,11 @@ class WireFormat(Protocol):
         """Every text of a request body the classifiers must see, in body order."""
         ...
 
+    def media_parts(self, payload: Any) -> list[str]:
+        """The types of the request's parts no text classifier can read (images, audio,
+        files), in body order; a guarded tenant refuses them unless it opts to pass them."""
+        ...
+
     def redact_request(
         self, payload: Any, slots: Sequence[TextSlot], spans_per_slot: Sequence[Sequence[Span]]
     ) -> bytes:

@@ -80,6 +80,17 @@ class AnthropicFormat:
                     slots += found
         return slots
 
+    def media_parts(self, payload: Any) -> list[str]:
+        """Images, and documents that are not text (a PDF), in messages and tool results."""
+        messages = payload.get("messages") if isinstance(payload, dict) else None
+        if not isinstance(messages, list):
+            return []
+        found: list[str] = []
+        for message in messages:
+            if isinstance(message, dict):
+                _media(message.get("content"), found)
+        return found
+
     def redact_request(
         self, payload: Any, slots: Sequence[TextSlot], spans_per_slot: Sequence[Sequence[Span]]
     ) -> bytes:
@@ -318,6 +329,24 @@ def _content(content: object, path: JsonPath) -> list[TextSlot]:
 
 
 _DELTA_FIELDS = {"text_delta": "text", "input_json_delta": "partial_json"}
+
+
+def _media(content: object, found: list[str]) -> None:
+    if not isinstance(content, list):
+        return
+    for block in content:
+        if not isinstance(block, dict):
+            continue
+        kind = block.get("type")
+        source = block.get("source")
+        if kind == "image":
+            found.append("image")
+        elif kind == "document" and not (
+            isinstance(source, dict) and source.get("type") in ("text", "content")
+        ):
+            found.append("document")
+        elif kind == "tool_result":
+            _media(block.get("content"), found)
 
 
 def _stream_text(event: SseEvent) -> tuple[dict[str, Any], str, Delta] | None:

@@ -95,6 +95,20 @@ class OpenAIFormat:
             slots += _strings(payload.get(key), (key,))
         return slots
 
+    def media_parts(self, payload: Any) -> list[str]:
+        """Chat content parts other than ``text`` and ``refusal`` (``image_url``,
+        ``input_audio``, ``file``)."""
+        messages = payload.get("messages") if isinstance(payload, dict) else None
+        if not isinstance(messages, list):
+            return []
+        return [
+            str(part.get("type"))
+            for message in messages
+            if isinstance(message, dict) and isinstance(message.get("content"), list)
+            for part in message["content"]
+            if isinstance(part, dict) and part.get("type") not in ("text", "refusal")
+        ]
+
     def redact_request(
         self, payload: Any, slots: Sequence[TextSlot], spans_per_slot: Sequence[Sequence[Span]]
     ) -> bytes:

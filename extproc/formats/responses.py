@@ -87,6 +87,19 @@ class ResponsesFormat:
                     slots += with_source(found, "system")
         return slots
 
+    def media_parts(self, payload: Any) -> list[str]:
+        """Input parts other than text (``input_image``, ``input_file``, ``input_audio``)."""
+        items = payload.get("input") if isinstance(payload, dict) else None
+        if not isinstance(items, list):
+            return []
+        return [
+            str(part.get("type"))
+            for item in items
+            if isinstance(item, dict) and isinstance(item.get("content"), list)
+            for part in item["content"]
+            if isinstance(part, dict) and part.get("type") not in _TEXT_PARTS | {"refusal"}
+        ]
+
     def answer_texts(self, payload: Any) -> list[TextSlot]:
         """Every ``output_text`` part of the ``message`` items of ``output``, and every
         ``function_call``'s arguments."""
