@@ -157,8 +157,14 @@ class Accounts:
             if cost and config.budget is not None:
                 charge = Charge(period_of(now), to_nano(cost))
             try:
+                lease = tally.decision.lease if tally.decision is not None else None
                 await self.limiter.finish(
-                    tenant, limits, tally.reserved_tokens, tokens_in + tokens_out, charge=charge
+                    tenant,
+                    limits,
+                    tally.reserved_tokens,
+                    tokens_in + tokens_out,
+                    charge=charge,
+                    lease=lease,
                 )
             except LimiterUnavailable as exc:
                 store_failed("limiter", tenant, exc)

@@ -219,6 +219,9 @@ class ClassifierEntry(BaseModel):
 class LimitsConfig(Strict):
     backend: Literal["memory", "redis"] = "memory"
     url: str | None = None
+    # Concurrency slots are leases renewed while their request lives: a dead replica's slots
+    # free within this many seconds (limits.py).
+    lease_s: Annotated[float, Field(ge=1, le=3600)] = 30.0
 
 
 class UsageConfig(Strict):
