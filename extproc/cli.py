@@ -259,6 +259,15 @@ def _cmd_audit_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_fleet_status(args: argparse.Namespace) -> int:
+    from extproc.admin import admin_token_from_env
+    from extproc.fleet import fleet_status, render
+
+    table, ok = render(fleet_status(args.urls, admin_token_from_env()))
+    sys.stdout.write(table)
+    return 0 if ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="checkstream", description="Multi-tenant guardrail gateway for LLM traffic."
@@ -345,6 +354,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     audit_prune.add_argument("-c", "--config", default=DEFAULT_CONFIG)
     audit_prune.set_defaults(handler=_cmd_audit_prune)
+
+    fleet = commands.add_parser("fleet", help="several replicas of one gateway")
+    fleet_commands = fleet.add_subparsers(dest="fleet_command", required=True)
+    fleet_status = fleet_commands.add_parser(
+        "status", help="each replica's config version, health and drift (admin token from env)"
+    )
+    fleet_status.add_argument("urls", nargs="+", metavar="URL", help="admin base URLs")
+    fleet_status.set_defaults(handler=_cmd_fleet_status)
     return parser
 
 

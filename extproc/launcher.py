@@ -1,7 +1,8 @@
 """``checkstream run``: start extproc worker(s) and Envoy, supervise them, stop them cleanly.
 
 There is never a half-alive gateway: if any child exits, the others are stopped and ``run``
-exits non-zero. On SIGTERM or Ctrl-C, Envoy stops accepting connections, in-flight requests
+exits non-zero. Config and policy files are watched and reloaded when they change
+(``watching.py``). On SIGTERM or Ctrl-C, Envoy stops accepting connections, in-flight requests
 get up to ``server.drain_timeout_s`` to finish, then Envoy and the workers stop and ``run``
 exits 0.
 """
@@ -27,6 +28,7 @@ from extproc.admin import admin_token_from_env, start_admin
 from extproc.config import LoadedConfig
 from extproc.control import GatewayControl, WorkerHandle
 from extproc.envoy_config import render_yaml
+from extproc.watching import watch_config
 
 _STARTUP_TIMEOUT_S = 30.0
 _ACTIVE_REQUESTS_STAT = "http.checkstream.downstream_rq_active"
@@ -201,6 +203,8 @@ async def _supervise(
             raise StartupError(message) from None
         control.serving = True
         loop.add_signal_handler(signal.SIGHUP, on_hangup)
+        # Config and policy files changed on disk (a ConfigMap update) reload like SIGHUP.
+        watcher = loop.create_task(watch_config(lambda: control.loaded, lambda: _reload(control)))
     except StartupError as exc:
         _say(f"cannot start: {exc}")
         await _stop_all(children, server.drain_timeout_s)
@@ -221,6 +225,7 @@ async def _supervise(
     code = 0
     control.serving = False  # /readyz turns 503 at once
     loop.remove_signal_handler(signal.SIGHUP)
+    watcher.cancel()
     if stop_wait in done:
         _say("stopping: draining in-flight requests")
         await _drain(server.envoy_admin_port, server.drain_timeout_s)

@@ -34,6 +34,8 @@ from extproc.reloading import (
     write_ack,
 )
 from extproc.runtime import Runtime
+from extproc.suspensions import SuspensionStoreUnavailable
+from extproc.watching import watch_config
 from extproc.yamlsource import ConfigError
 
 log = logging.getLogger("checkstream.extproc")
@@ -147,12 +149,18 @@ class Worker:
                 await self.reload()
                 return
             accounts = self.processor.runtime.accounts
-            accounts.suspensions.clear()
-            accounts.suspensions.update(control.suspensions)
+            version, error = self.processor.runtime.version, None
+            if accounts.shared is None:
+                accounts.suspensions.clear()
+                accounts.suspensions.update(control.suspensions)
+            elif control.action == "suspensions":
+                # At once on the replica that took the order; the follower would within 0.5 s.
+                try:
+                    await accounts.shared.refresh(accounts.suspensions)
+                except SuspensionStoreUnavailable as exc:
+                    error = f"suspensions cannot be read from Redis: {exc}"
             if control.action == "reload":
                 version, error = await self.reload()
-            else:
-                version, error = self.processor.runtime.version, None
             assert self.control_dir is not None
             write_ack(
                 ack_path(self.control_dir, self.port), Ack(control.generation, version, error)
@@ -204,9 +212,13 @@ async def serve(
     loop.add_signal_handler(signal.SIGHUP, worker.on_hangup)
     print(f"extproc listening on {host}:{bound}", flush=True)
     background = [loop.create_task(_prune_audit(processor))]
+    if control_dir is None:  # on its own (a sidecar): nobody else watches the files
+        background.append(
+            loop.create_task(watch_config(lambda: processor.runtime.config, worker.hangup))
+        )
     shared = runtime.accounts.shared
     if shared is not None:
-        background.append(loop.create_task(shared.follow(runtime.accounts.shared_suspensions)))
+        background.append(loop.create_task(shared.follow(runtime.accounts.suspensions)))
     await stop.wait()
     processor.runtime.draining = True
     await server.stop(loaded.model.server.drain_timeout_s)
