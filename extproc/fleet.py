@@ -45,8 +45,8 @@ def ask(url: str, token: str | None) -> ReplicaStatus:
         reason = "admin token missing or wrong" if exc.code in (401, 403) else exc.reason
         return ReplicaStatus(base, None, f"unreachable: HTTP {exc.code} ({reason})")
     except (OSError, ValueError) as exc:
-        reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
-        return ReplicaStatus(base, None, f"unreachable: {reason}")
+        why = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+        return ReplicaStatus(base, None, f"unreachable: {why}")
     version = str(data.get("config_version"))
     workers = tuple(
         str(w.get("config_version")) for w in data.get("workers", []) if isinstance(w, dict)
