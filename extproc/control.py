@@ -142,15 +142,7 @@ class GatewayControl:
     async def tenant_info(
         self, headers: Mapping[str, str], path_qs: str
     ) -> tuple[int, dict[str, str], bytes]:
-        # Through Envoy and extproc, so the tenant is resolved exactly as for traffic.
-        forwarded = {k: v for k, v in headers.items() if k.lower() not in _NOT_FORWARDED}
-        timeout = aiohttp.ClientTimeout(total=10)
-        async with (
-            aiohttp.ClientSession(timeout=timeout) as session,
-            session.get(self.listener_url + path_qs, headers=forwarded) as response,
-        ):
-            body = await response.read()
-            return response.status, dict(response.headers), body
+        return await proxy_tenant_info(self.listener_url, headers, path_qs)
 
     # -- workers ---------------------------------------------------------------------------
     def _refused(self, error: str) -> ReloadOutcome:
@@ -186,3 +178,24 @@ class GatewayControl:
                     break
                 await asyncio.sleep(0.02)
         return errors
+
+
+async def proxy_tenant_info(
+    listener_url: str, headers: Mapping[str, str], path_qs: str
+) -> tuple[int, dict[str, str], bytes]:
+    """Ask Envoy's listener, so the tenant is resolved exactly as for traffic."""
+    forwarded = {k: v for k, v in headers.items() if k.lower() not in _NOT_FORWARDED}
+    timeout = aiohttp.ClientTimeout(total=10)
+    async with (
+        aiohttp.ClientSession(timeout=timeout) as session,
+        session.get(listener_url + path_qs, headers=forwarded) as response,
+    ):
+        body = await response.read()
+        return response.status, dict(response.headers), body
+
+
+def listener_url(loaded: LoadedConfig) -> str:
+    """Envoy's listener as this host reaches it."""
+    host = loaded.model.server.host
+    host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    return f"http://{host}:{loaded.model.server.port}"

