@@ -423,7 +423,7 @@ class _LeaseBook:
             await asyncio.sleep(self.interval_s)
             try:
                 await self._beat()
-            except LimiterUnavailable as exc:
+            except Exception as exc:  # the heartbeat must outlive any one failure
                 if not failing:  # one line per outage, not one per beat
                     log.error(json.dumps({"event": "lease_heartbeat_failed", "error": str(exc)}))
                 failing = True
