@@ -468,6 +468,8 @@ def test_a_redis_stall_while_streams_end_does_not_lock_the_tenant_out(
         for thread, out in streams:
             thread.join(30)
             assert isinstance(out[0], Reply) and out[0].status == 200, out
+        # The streams' ends really met the stall: their releases failed.
+        assert '"event": "limiter_error"' in replica.gateway.log()
         assert wait_until(lambda: chat(replica.url, "leased").status == 200, timeout=LEASE_S + 1)
         print(f"tenant admitted again {time.monotonic() - resumed:.2f}s after the stall")
         # Both slots are back, not one: nothing stays leaked.
