@@ -289,6 +289,28 @@ def test_the_pods_containers_run_as_written_and_serve_a_request(
         )
         assert status.status == 200, status.body
         assert status.json()["replica"] == "checkstream-7d4f9-abcde"
+        # A ConfigMap update of the policy reaches the extproc with no launcher around.
+        version = status.json()["config_version"]
+        policy = mounts["/etc/checkstream"] / "acme-policy.yaml"
+        policy.write_text(policy.read_text().replace("action: redact", "action: block"))
+
+        def status_now() -> dict[str, Any]:
+            answer = request(
+                f"http://127.0.0.1:{ports['admin_port']}/admin/status",
+                headers={"x-checkstream-admin-token": secrets["admin-token"]},
+            )
+            data: dict[str, Any] = answer.json()
+            return data
+
+        assert wait_until(lambda: status_now()["config_version"] != version, timeout=5.0)
+        assert status_now()["reload_error"] is None
+        env = {**os.environ, "CHECKSTREAM_ADMIN_TOKEN": secrets["admin-token"]}
+        fleet = subprocess.run(
+            [str(BIN / "checkstream"), "fleet", "status", f"http://127.0.0.1:{ports['admin_port']}"],
+            env=env, capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert fleet.returncode == 0, fleet.stdout + fleet.stderr
+        assert status_now()["config_version"] in fleet.stdout
         # What the kubelet does at termination: each container's preStop, then SIGTERM.
         for name in ("envoy", "extproc"):
             hook = container(name)["lifecycle"]["preStop"]["exec"]["command"]
