@@ -228,7 +228,7 @@ class Limiter(Protocol):
     async def aclose(self) -> None: ...
 
 
-# --- Shared arithmetic. `drain` and `fits` are mirrored line for line in _LUA_COMMON. ---
+# --- Shared arithmetic. `drain` and `fits` are mirrored line for line in lua/common.lua. ---
 
 
 def drain(level: int, ts: int, now: int, rate: int) -> int:
