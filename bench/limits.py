@@ -168,7 +168,7 @@ def _limiter_step(limiter: Limiter, with_budget: bool) -> Callable[[], Awaitable
         decision = await limiter.acquire("bench", limits, 1027, budget=budget)
         if not decision.allowed:
             raise RuntimeError(f"the limiter refused: {decision}")
-        await limiter.finish("bench", limits, 1027, 42, charge=charge)
+        await limiter.finish("bench", limits, 1027, 42, charge=charge, lease=decision.lease)
 
     return step
 

@@ -35,7 +35,7 @@ from extproc.limits import (
 )
 from extproc.metering import estimate_tokens
 from extproc.metrics import EXTPROC_ERRORS, LATENCY, REQUESTS, TOKENS, model_label
-from extproc.suspensions import SharedSuspensions
+from extproc.suspensions import SharedSuspensions, shared_suspensions
 from extproc.usage import Pricing, UsageLedger, UsageRecord, period_of, resolve_usage_path
 
 log = logging.getLogger("checkstream.requests")
@@ -97,12 +97,10 @@ class Accounts:
     limiter: Limiter  # rate limits and budgets
     ledger: UsageLedger | None
     audit: AuditLog
-    #: Admin overrides of tenants' ``suspended`` flags (tenant id -> suspended), from this
-    #: gateway's launcher.
-    suspensions: dict[str, bool] = field(default_factory=dict)
-    #: The same, shared by every replica through Redis (limits.backend: redis); these win.
+    #: Tenants suspended by an admin (suspensions.py): followed from Redis when ``shared``,
+    #: else handed over by this gateway's launcher.
+    suspensions: set[str] = field(default_factory=set)
     shared: SharedSuspensions | None = None
-    shared_suspensions: dict[str, bool] = field(default_factory=dict)
 
     @classmethod
     def open(cls, loaded: LoadedConfig) -> Accounts:
@@ -114,7 +112,7 @@ class Accounts:
             return to_nano(ledger.month_spend(tenant, period)) if ledger is not None else 0
 
         limits = model.limits
-        shared = SharedSuspensions(limits.url) if limits.backend == "redis" and limits.url else None
+        shared = shared_suspensions(loaded)
         return cls(
             limiter=build_limiter(limits, ledger_spend),
             ledger=ledger,
@@ -135,8 +133,8 @@ class Accounts:
         self.audit.retarget(audit_dirs(loaded))
 
     def suspended(self, tenant: str, config: TenantConfig) -> bool:
-        found = self.shared_suspensions.get(tenant)
-        return found if found is not None else self.suspensions.get(tenant, config.suspended)
+        # The config's flag always holds; an admin can add suspensions, never lift it.
+        return config.suspended or tenant in self.suspensions
 
     async def finish(
         self, tally: Tally, config: TenantConfig, pricing: Pricing, models: frozenset[str]
@@ -157,8 +155,14 @@ class Accounts:
             if cost and config.budget is not None:
                 charge = Charge(period_of(now), to_nano(cost))
             try:
+                lease = tally.decision.lease if tally.decision is not None else None
                 await self.limiter.finish(
-                    tenant, limits, tally.reserved_tokens, tokens_in + tokens_out, charge=charge
+                    tenant,
+                    limits,
+                    tally.reserved_tokens,
+                    tokens_in + tokens_out,
+                    charge=charge,
+                    lease=lease,
                 )
             except LimiterUnavailable as exc:
                 store_failed("limiter", tenant, exc)

@@ -10,7 +10,11 @@ resolved). Every other ``/admin/*`` endpoint changes the gateway and needs the h
 - ``POST /admin/reload``: 200 ``{"status": "reloaded", "version"}``, or 400
   ``{"status": "refused", "error", "version"}`` with the version still serving;
 - ``POST /admin/tenants/{tenant}/suspend`` and ``/resume``: 200
-  ``{"tenant", "suspended"}``, 404 for an unknown tenant.
+  ``{"tenant", "suspended"}``, 404 for an unknown tenant, 409 to resume a tenant whose
+  config says ``suspended: true`` (only the config can lift that), 503 when the store the
+  suspensions live in (Redis) cannot be reached, nothing changed;
+- ``GET /admin/status``: ``{"status", "config_version", "replica", "workers"}``, what
+  ``checkstream fleet status`` compares across replicas.
 
 Unknown paths answer 404 and wrong methods 405 before the token is looked at: the
 endpoint list is public, only acting on it is not. Every answer is JSON (except
@@ -26,9 +30,11 @@ import logging
 import os
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from aiohttp import web
+
+from extproc.suspensions import SuspensionOutcome
 
 log = logging.getLogger("checkstream.admin")
 
@@ -65,8 +71,12 @@ class AdminBackend(Protocol):
         """Reload the configuration files, keeping the old configuration if they are invalid."""
         ...
 
-    async def set_suspended(self, tenant: str, suspended: bool) -> bool:
-        """Suspend or resume a tenant; False when there is no such tenant."""
+    async def set_suspended(self, tenant: str, suspended: bool) -> SuspensionOutcome:
+        """Suspend or resume a tenant; a refusal changes nothing anywhere."""
+        ...
+
+    async def status(self) -> dict[str, Any]:
+        """Health and config version of this gateway and each of its workers (JSON-able)."""
         ...
 
     async def tenant_info(
@@ -163,10 +173,17 @@ async def _reload(request: web.Request) -> web.Response:
 
 async def _set_suspended(request: web.Request, suspended: bool) -> web.Response:
     tenant = request.match_info["tenant"]
-    if not await _backend(request).set_suspended(tenant, suspended):
-        return _error(404, f"unknown tenant: {tenant}")
+    outcome = await _backend(request).set_suspended(tenant, suspended)
+    if outcome.status != 200:
+        log.warning("tenant %s not %s: %s", tenant, "suspended" if suspended else "resumed",
+                    outcome.error)  # fmt: skip
+        return _error(outcome.status, outcome.error or "refused")
     log.info("tenant %s %s", tenant, "suspended" if suspended else "resumed")
     return web.json_response({"tenant": tenant, "suspended": suspended})
+
+
+async def _status(request: web.Request) -> web.Response:
+    return web.json_response(await _backend(request).status())
 
 
 async def _suspend(request: web.Request) -> web.Response:
@@ -188,6 +205,7 @@ def build_admin_app(backend: AdminBackend, token: str | None) -> web.Application
     app.router.add_get("/metrics", _metrics, name="metrics")
     app.router.add_get("/admin/tenant-info", _tenant_info, name="tenant_info")
     app.router.add_post("/admin/reload", _reload, name="reload")
+    app.router.add_get("/admin/status", _status, name="status")
     app.router.add_post("/admin/tenants/{tenant}/suspend", _suspend, name="suspend")
     app.router.add_post("/admin/tenants/{tenant}/resume", _resume, name="resume")
     return app

@@ -82,7 +82,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     port = args.port if args.port is not None else loaded.model.server.extproc_port
     control = Path(args.control_dir) if args.control_dir else None
     try:
-        asyncio.run(serve(loaded, args.host, port, control))
+        asyncio.run(serve(loaded, args.host, port, control, admin=args.admin))
     except ConfigError as exc:
         print(f"checkstream: invalid configuration\n{exc}", file=sys.stderr)
         return 1
@@ -122,7 +122,22 @@ def _cmd_envoy_render(args: argparse.Namespace) -> int:
     loaded = _load(args.config, require_secrets=False)
     if loaded is None:
         return 1
-    sys.stdout.write(render_yaml(loaded.model))
+    rendered = render_yaml(loaded.model)
+    if args.output is None:
+        sys.stdout.write(rendered)
+    else:
+        Path(args.output).write_text(rendered)
+    return 0
+
+
+def _cmd_envoy_drain(args: argparse.Namespace) -> int:
+    from extproc.launcher import drain_envoy
+
+    loaded = _load(args.config, require_secrets=False)
+    if loaded is None:
+        return 1
+    server = loaded.model.server
+    asyncio.run(drain_envoy(server.envoy_admin_port, server.drain_timeout_s))
     return 0
 
 
@@ -259,6 +274,15 @@ def _cmd_audit_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_fleet_status(args: argparse.Namespace) -> int:
+    from extproc.admin import admin_token_from_env
+    from extproc.fleet import fleet_status, render
+
+    table, ok = render(fleet_status(args.urls, admin_token_from_env()))
+    sys.stdout.write(table)
+    return 0 if ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="checkstream", description="Multi-tenant guardrail gateway for LLM traffic."
@@ -284,6 +308,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="default: server.extproc_port")
     # Set by `run`: where the launcher leaves reload and suspension orders (reloading.py).
     serve.add_argument("--control-dir", help=argparse.SUPPRESS)
+    serve.add_argument(
+        "--admin",
+        action="store_true",
+        help="also serve the admin API on server.admin_port (no `run` launcher: a sidecar)",
+    )
     serve.set_defaults(handler=_cmd_serve)
 
     classifiers = commands.add_parser("classifiers", help="classifiers for other gateways")
@@ -303,7 +332,15 @@ def build_parser() -> argparse.ArgumentParser:
     envoy_commands = envoy.add_subparsers(dest="envoy_command", required=True)
     render = envoy_commands.add_parser("render", help="print the Envoy bootstrap run uses")
     render.add_argument("-c", "--config", default=DEFAULT_CONFIG)
+    render.add_argument("-o", "--output", metavar="FILE", help="write here, not to stdout")
     render.set_defaults(handler=_cmd_envoy_render)
+    drain = envoy_commands.add_parser(
+        "drain",
+        help="stop Envoy taking connections and wait (up to server.drain_timeout_s) until "
+        "no request is in flight: a Kubernetes preStop hook",
+    )
+    drain.add_argument("-c", "--config", default=DEFAULT_CONFIG)
+    drain.set_defaults(handler=_cmd_envoy_drain)
 
     config = commands.add_parser("config", help="configuration files")
     config_commands = config.add_subparsers(dest="config_command", required=True)
@@ -345,6 +382,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     audit_prune.add_argument("-c", "--config", default=DEFAULT_CONFIG)
     audit_prune.set_defaults(handler=_cmd_audit_prune)
+
+    fleet = commands.add_parser("fleet", help="several replicas of one gateway")
+    fleet_commands = fleet.add_subparsers(dest="fleet_command", required=True)
+    fleet_status = fleet_commands.add_parser(
+        "status", help="each replica's config version, health and drift (admin token from env)"
+    )
+    fleet_status.add_argument("urls", nargs="+", metavar="URL", help="admin base URLs")
+    fleet_status.set_defaults(handler=_cmd_fleet_status)
     return parser
 
 

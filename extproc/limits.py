@@ -1,10 +1,11 @@
 """Per-tenant rate limits (requests per minute, tokens per minute, concurrent requests) and
 monthly budgets.
 
-One narrow async interface (`Limiter`) with two backends that make identical decisions:
-`MemoryLimiter` (in-process, exact only with one extproc worker) and `RedisLimiter` (one Lua
-script per operation, so several workers and replicas share exact counts; design.md "Scaling
-out"). The shape follows envoyproxy/ratelimit: a small interface, atomicity from the store.
+Run by each extproc worker. One narrow async interface (`Limiter`) with two backends that
+make identical decisions: `MemoryLimiter` (in-process, exact only with one extproc worker)
+and `RedisLimiter` (one Lua script per operation, so several workers and replicas share
+exact counts; design.md "Scaling out"). The shape follows envoyproxy/ratelimit: a small
+interface, atomicity from the store.
 
 Algorithm: GCRA, in its leaky-bucket form, per minute for requests and for tokens.
     Each limit ``L`` per minute is a bucket holding a *level* in integer units: one request (or
@@ -35,6 +36,14 @@ Clocks: the caller passes ``now`` (epoch seconds) so tests control time. ``now=N
 is what cross-replica exactness needs (replicas' own clocks drift). `MemoryLimiter` uses
 ``time.time()`` for None. A clock that goes backwards drains nothing (never a free refill).
 
+Concurrency slots are leases (``limits.lease_s``): `acquire` adds a random lease id to the
+tenant's sorted set, scored by its expiry; a heartbeat renews the leases this process holds
+while their requests live, and `finish`/`release` remove them. A replica that dies (SIGKILL)
+or a release lost to a Redis stall leaves leases nobody renews: they expire within
+``lease_s`` however much traffic the tenant has (a counter with a TTL that every acquire
+renewed stayed capped forever under traffic). A failed release is also retried by the next
+heartbeat. The Lua scripts live in ``lua/`` (package data), one file per operation.
+
 Limits that refuse: all-or-nothing. `acquire` takes one request, the pre-paid tokens and a
 concurrency slot only if every configured limit allows it; otherwise nothing changes. A token
 cost larger than ``tokens_per_minute`` can never fit: it is refused with a full window as
@@ -44,11 +53,16 @@ retry-after (the caller may prefer to answer 413).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import logging
 import re
 import time
+import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Final, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
@@ -57,6 +71,8 @@ import redis.exceptions
 from redis.commands.core import AsyncScript
 
 from extproc.config import LimitsConfig, RateLimitConfig
+
+log = logging.getLogger("checkstream.limits")
 
 WINDOW_MS: Final = 60_000
 # Spend is counted in integer nano-dollars: exact in Python and Redis alike (float sums
@@ -70,9 +86,12 @@ _COUNTER_VANISHES: Final = "the budget counter keeps vanishing from Redis (flush
 # A concurrency refusal has no computable end (it lasts until some request finishes): a short
 # fixed hint keeps clients from hammering without pretending to know.
 CONCURRENCY_RETRY_MS: Final = 1_000
-# Redis only: a replica that dies mid-request never releases its slots; the counter expires
-# after this long without any acquire for the tenant, so leaked slots cannot block forever.
-DEFAULT_CONCURRENCY_TTL_S: Final = 900.0
+# A concurrency slot is a lease that expires unless its holder renews it: a replica killed
+# mid-request (or a release lost to a Redis stall) frees its slots within this long.
+DEFAULT_LEASE_S: Final = 30.0
+# The holder renews its leases this many times per lease, so one or two missed heartbeats
+# (a stalled Redis, a busy event loop) never expire a lease whose request is alive.
+HEARTBEATS_PER_LEASE: Final = 3
 
 REQUESTS: Final = "requests_per_minute"
 TOKENS: Final = "tokens_per_minute"
@@ -116,6 +135,9 @@ class Decision:
     #: Refused because the month's budget is spent (then retry_after_s runs to next month,
     #: and the other fields still describe the tightest rate limit, for the headers).
     over_budget: bool = False
+    #: The concurrency slot taken (allowed, with max_concurrent_requests): give it back to
+    #: `release` or `finish`. Random per request, so no client-chosen id can share a slot.
+    lease: str | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -173,8 +195,9 @@ class Limiter(Protocol):
     ) -> None:
         """Reconcile the pre-paid tokens with the real usage: refund or charge the difference."""
 
-    async def release(self, tenant: str, limits: RateLimitConfig) -> None:
-        """Free the concurrency slot taken by a successful `acquire`."""
+    async def release(self, tenant: str, limits: RateLimitConfig, lease: str) -> None:
+        """Free the concurrency slot (``Decision.lease``) taken by a successful `acquire`;
+        a lease already freed or expired is ignored."""
 
     async def finish(
         self,
@@ -184,9 +207,15 @@ class Limiter(Protocol):
         actual_tokens: int,
         now: float | None = None,
         charge: Charge | None = None,
+        lease: str | None = None,
     ) -> None:
-        """`settle`, `release` and the budget ``charge`` together, as one store operation:
-        a request's end."""
+        """`settle`, `release` (of ``lease``) and the budget ``charge`` together, as one
+        store operation: a request's end."""
+
+    async def renew(self, now: float | None = None) -> None:
+        """Extend every lease this limiter holds by ``lease_s`` from ``now`` (the heartbeat,
+        which runs on its own every ``lease_s / HEARTBEATS_PER_LEASE`` while leases are held;
+        tests with their own clock call it)."""
 
     async def spent(self, tenant: str, period: str) -> int:
         """Nano-dollars ``tenant`` spent in ``period`` (tenant-info)."""
@@ -199,7 +228,7 @@ class Limiter(Protocol):
     async def aclose(self) -> None: ...
 
 
-# --- Shared arithmetic. `drain` and `fits` are mirrored line for line in _LUA_COMMON. ---
+# --- Shared arithmetic. `drain` and `fits` are mirrored line for line in lua/common.lua. ---
 
 
 def drain(level: int, ts: int, now: int, rate: int) -> int:
@@ -325,7 +354,9 @@ def _keys(tenant: str) -> tuple[str, str, str]:
     if not _TENANT_RE.match(tenant):
         raise ValueError(f"invalid tenant id for limits: {tenant!r}")
     base = f"checkstream:limits:{{{tenant}}}"
-    return f"{base}:rpm", f"{base}:tpm", f"{base}:concurrency"
+    # "leases", not the first round's "concurrency" counter: a rolling update must not meet
+    # a key of the old type (WRONGTYPE).
+    return f"{base}:rpm", f"{base}:tpm", f"{base}:leases"
 
 
 def _budget_key(tenant: str, period: str) -> str:
@@ -339,6 +370,74 @@ def _check_tokens(*values: int) -> None:
             raise ValueError(f"token counts are never negative (got {value})")
 
 
+# --- Leases: the part of concurrency both backends share. ---
+
+
+def _new_lease() -> str:
+    return uuid.uuid4().hex
+
+
+class _LeaseBook:
+    """The leases one limiter holds and the heartbeat that renews them while their requests
+    live. Releases that failed (Redis stalled or down) wait here and are retried by the
+    heartbeat; meanwhile their lease is no longer renewed, so it frees itself within
+    ``lease_s`` even if Redis never answers this replica again."""
+
+    def __init__(self, lease_s: float, beat: Callable[[], Any], heartbeat: bool) -> None:
+        self.lease_ms = max(1, round(lease_s * 1000))
+        self.interval_s = lease_s / HEARTBEATS_PER_LEASE
+        #: lease id -> the tenant's lease key
+        self.held: dict[str, str] = {}
+        self.unreleased: dict[str, str] = {}
+        self._beat = beat
+        self._heartbeat = heartbeat
+        self._task: asyncio.Task[None] | None = None
+
+    def taken(self, lease: str, key: str) -> None:
+        self.held[lease] = key
+        if self._heartbeat and self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def freed(self, lease: str, key: str) -> None:
+        # Only for its own tenant's key: a lease named with another tenant freed nothing.
+        if self.held.get(lease) == key:
+            del self.held[lease]
+        if self.unreleased.get(lease) == key:
+            del self.unreleased[lease]
+
+    def lost(self, lease: str) -> None:
+        """Its release failed: stop renewing it, retry the release at the next beat."""
+        key = self.held.pop(lease, None)
+        if key is not None:
+            self.unreleased[lease] = key
+
+    def by_key(self, leases: dict[str, str]) -> dict[str, list[str]]:
+        grouped: dict[str, list[str]] = {}
+        for lease, key in leases.items():
+            grouped.setdefault(key, []).append(lease)
+        return grouped
+
+    async def _run(self) -> None:
+        failing = False
+        while True:
+            await asyncio.sleep(self.interval_s)
+            try:
+                await self._beat()
+            except Exception as exc:  # the heartbeat must outlive any one failure
+                if not failing:  # one line per outage, not one per beat
+                    log.error(json.dumps({"event": "lease_heartbeat_failed", "error": str(exc)}))
+                failing = True
+            else:
+                failing = False
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+
 # --- In-process backend. ---
 
 
@@ -346,10 +445,18 @@ class MemoryLimiter:
     """Exact for one process. Each method runs without awaiting, so on one event loop every
     operation is atomic; several worker processes each get their own counts (use Redis)."""
 
-    def __init__(self, ledger_spend: LedgerSpend = _NOTHING_SPENT) -> None:
+    def __init__(
+        self,
+        ledger_spend: LedgerSpend = _NOTHING_SPENT,
+        *,
+        lease_s: float = DEFAULT_LEASE_S,
+        heartbeat: bool = True,
+    ) -> None:
         # Same keys as Redis, so both backends are driven by the same tenant validation.
         self._buckets: dict[str, tuple[int, int]] = {}
-        self._in_flight: dict[str, int] = {}
+        #: lease key -> {lease id: expiry in ms}, as Redis's sorted sets.
+        self._leases: dict[str, dict[str, int]] = {}
+        self._book = _LeaseBook(lease_s, self.renew, heartbeat)
         self._ledger_spend = ledger_spend
         self._spent: dict[tuple[str, str], int] = {}
 
@@ -391,7 +498,7 @@ class MemoryLimiter:
             rl = drain(rl, rt, t, rates.rpm)
         if rates.tpm:
             tl = drain(tl, tt, t, rates.tpm)
-        in_flight = self._in_flight.get(ck, 0)
+        in_flight = self._live_leases(ck, t) if rates.concurrency else 0
         if budget is not None and self._month(tenant, budget.period) >= budget.limit_nano:
             return _over_budget(decide(rates, tokens, t, rl, tl, in_flight, taken=False), t)
         ok = (
@@ -399,6 +506,7 @@ class MemoryLimiter:
             and (not rates.tpm or fits(tl, rates.tpm, tokens))
             and (not rates.concurrency or in_flight + 1 <= rates.concurrency)
         )
+        lease = None
         if ok:
             if rates.rpm:
                 rl += WINDOW_MS
@@ -407,9 +515,29 @@ class MemoryLimiter:
                 tl += tokens * WINDOW_MS
                 self._store(tk, tl, max(tt, t))
             if rates.concurrency:
+                lease = _new_lease()
+                self._leases.setdefault(ck, {})[lease] = t + self._book.lease_ms
+                self._book.taken(lease, ck)
                 in_flight += 1
-                self._in_flight[ck] = in_flight
-        return decide(rates, tokens, t, rl, tl, in_flight, taken=ok)
+        decision = decide(rates, tokens, t, rl, tl, in_flight, taken=ok)
+        return replace(decision, lease=lease) if lease else decision
+
+    def _live_leases(self, key: str, now: int) -> int:
+        leases = self._leases.get(key)
+        if not leases:
+            return 0
+        for lease in [lease for lease, expiry in leases.items() if expiry <= now]:
+            del leases[lease]
+        if not leases:
+            del self._leases[key]
+        return len(leases)
+
+    async def renew(self, now: float | None = None) -> None:
+        t = _now_ms(time.time() if now is None else now)
+        for lease, key in self._book.held.items():
+            leases = self._leases.get(key)
+            if leases is not None and lease in leases:  # never revive an expired lease
+                leases[lease] = t + self._book.lease_ms
 
     async def settle(
         self,
@@ -440,22 +568,24 @@ class MemoryLimiter:
         actual_tokens: int,
         now: float | None = None,
         charge: Charge | None = None,
+        lease: str | None = None,
     ) -> None:
         if charge is not None:
             _check_tokens(charge.nano)  # before anything changes
         await self.settle(tenant, limits, reserved_tokens, actual_tokens, now)
-        if limits.max_concurrent_requests:
-            await self.release(tenant, limits)
+        if lease is not None:
+            await self.release(tenant, limits, lease)
         if charge is not None and charge.nano:
             self._spent[(tenant, charge.period)] = self._month(tenant, charge.period) + charge.nano
 
-    async def release(self, tenant: str, limits: RateLimitConfig) -> None:
+    async def release(self, tenant: str, limits: RateLimitConfig, lease: str) -> None:
         _, _, ck = _keys(tenant)
-        n = self._in_flight.get(ck, 0)
-        if n <= 1:
-            self._in_flight.pop(ck, None)
-        else:
-            self._in_flight[ck] = n - 1
+        leases = self._leases.get(ck)
+        if leases is not None:
+            leases.pop(lease, None)
+            if not leases:
+                del self._leases[ck]
+        self._book.freed(lease, ck)
 
     async def remaining(
         self, tenant: str, limits: RateLimitConfig, now: float | None = None
@@ -467,160 +597,23 @@ class MemoryLimiter:
         tl, tt = self._load(tk, t)
         rl = drain(rl, rt, t, rates.rpm) if rates.rpm else 0
         tl = drain(tl, tt, t, rates.tpm) if rates.tpm else 0
-        in_flight = self._in_flight.get(ck, 0)
+        leases = self._leases.get(ck, {})
+        in_flight = sum(1 for expiry in leases.values() if expiry > t)
         return decide(rates, 0, t, rl, tl, in_flight, taken=False)
 
     async def aclose(self) -> None:
-        return None
+        await self._book.aclose()
 
 
 # --- Redis backend. ---
 
-# Mirrors `drain`, `fits`, `MemoryLimiter._load/_store`. Numbers are written with '%d': Redis
-# would otherwise format Lua numbers with '%.14g' and round levels above 1e14.
-_LUA_COMMON = """
-local W = 60000
-local function clock(arg)
-  if arg ~= '' then return tonumber(arg) end
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
-local function load(key, now)
-  local v = redis.call('HMGET', key, 'l', 't')
-  return tonumber(v[1]) or 0, tonumber(v[2]) or now
-end
-local function drain(level, ts, now, rate)
-  if now <= ts then return level end
-  local elapsed = now - ts
-  if elapsed > level / rate then return 0 end
-  return level - elapsed * rate
-end
-local function fits(level, rate, cost)
-  return level + cost * W <= rate * W
-end
-local function store(key, level, ts, rate)
-  if level <= 0 then
-    redis.call('DEL', key)
-    return
-  end
-  redis.call('HSET', key, 'l', string.format('%d', level), 't', string.format('%d', ts))
-  -- The key lives until the bucket has drained (plus a margin), then empty == absent.
-  redis.call('PEXPIRE', key, string.format('%d', math.ceil(level / rate) + 1000))
-end
-"""
 
-# KEYS: rpm, tpm, concurrency[, budget]. ARGV: now_ms|'', rpm, tpm, max_concurrent, tokens,
-# conc_ttl_ms, budget_nano|''. Returns {-1} when the month's budget counter must be seeded
-# first (from the usage ledger, which only the caller can read), having changed nothing.
-_LUA_ACQUIRE = (
-    _LUA_COMMON
-    + """
-local over = 0
-if ARGV[7] ~= '' then
-  local spent = redis.call('GET', KEYS[4])
-  if not spent then return {-1} end
-  -- Compared as decimal strings (non-negative, no leading zeros): Lua's doubles would round
-  -- amounts above 2^53 nano-dollars (about $9M).
-  local budget = ARGV[7]
-  if #spent > #budget or (#spent == #budget and spent >= budget) then over = 1 end
-end
-local now = clock(ARGV[1])
-local rpm, tpm, cmax = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local tokens, cttl = tonumber(ARGV[5]), ARGV[6]
-local rl, rt = load(KEYS[1], now)
-local tl, tt = load(KEYS[2], now)
-if rpm > 0 then rl = drain(rl, rt, now, rpm) end
-if tpm > 0 then tl = drain(tl, tt, now, tpm) end
-local inflight = tonumber(redis.call('GET', KEYS[3])) or 0
-local ok = over == 0
-  and (rpm == 0 or fits(rl, rpm, 1))
-  and (tpm == 0 or fits(tl, tpm, tokens))
-  and (cmax == 0 or inflight + 1 <= cmax)
-if ok then
-  if rpm > 0 then
-    rl = rl + W
-    store(KEYS[1], rl, math.max(rt, now), rpm)
-  end
-  if tpm > 0 then
-    tl = tl + tokens * W
-    store(KEYS[2], tl, math.max(tt, now), tpm)
-  end
-  if cmax > 0 then
-    inflight = redis.call('INCR', KEYS[3])
-    redis.call('PEXPIRE', KEYS[3], cttl)
-  end
-end
-return {ok and 1 or 0, now, rl, tl, inflight, over}
-"""
-)
+def _script(name: str, *, common: bool = True) -> str:
+    """A Lua script shipped in ``lua/`` (package data), with the shared functions first."""
+    here = Path(__file__).parent / "lua"
+    body = (here / f"{name}.lua").read_text()
+    return (here / "common.lua").read_text() + body if common else body
 
-# KEYS: tpm. ARGV: now_ms|'', tpm, reserved, actual
-_LUA_SETTLE = (
-    _LUA_COMMON
-    + """
-local now = clock(ARGV[1])
-local tpm, reserved, actual = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local level, ts = load(KEYS[1], now)
-level = drain(level, ts, now, tpm)
-level = math.max(0, level + (actual - reserved) * W)
-store(KEYS[1], level, math.max(ts, now), tpm)
-return 1
-"""
-)
-
-# KEYS: concurrency.
-_LUA_RELEASE = """
-local n = tonumber(redis.call('GET', KEYS[1])) or 0
-if n <= 1 then
-  redis.call('DEL', KEYS[1])
-else
-  redis.call('DECR', KEYS[1])
-end
-return 1
-"""
-
-# KEYS: tpm, concurrency[, budget]. ARGV: now_ms|'', tpm (0: no settling), reserved, actual,
-# release (1/0), charge_nano|''. Settle, release and charge in one round trip, atomically: a
-# request's end. Returns -1, having changed nothing, when the budget counter needs seeding.
-_LUA_FINISH = (
-    _LUA_COMMON
-    + """
-if ARGV[6] ~= '' and redis.call('EXISTS', KEYS[3]) == 0 then return -1 end
-local tpm, reserved, actual = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-if tpm > 0 and reserved ~= actual then
-  local now = clock(ARGV[1])
-  local level, ts = load(KEYS[1], now)
-  level = drain(level, ts, now, tpm)
-  level = math.max(0, level + (actual - reserved) * W)
-  store(KEYS[1], level, math.max(ts, now), tpm)
-end
-if ARGV[5] == '1' then
-  local n = tonumber(redis.call('GET', KEYS[2])) or 0
-  if n <= 1 then
-    redis.call('DEL', KEYS[2])
-  else
-    redis.call('DECR', KEYS[2])
-  end
-end
-if ARGV[6] ~= '' then redis.call('INCRBY', KEYS[3], ARGV[6]) end
-return 1
-"""
-)
-
-# KEYS: rpm, tpm, concurrency. ARGV: now_ms|'', rpm, tpm. Read-only.
-_LUA_REMAINING = (
-    _LUA_COMMON
-    + """
-local now = clock(ARGV[1])
-local rpm, tpm = tonumber(ARGV[2]), tonumber(ARGV[3])
-local rl, rt = load(KEYS[1], now)
-local tl, tt = load(KEYS[2], now)
-if rpm > 0 then rl = drain(rl, rt, now, rpm) else rl = 0 end
-if tpm > 0 then tl = drain(tl, tt, now, tpm) else tl = 0 end
-local inflight = tonumber(redis.call('GET', KEYS[3])) or 0
-return {now, rl, tl, inflight}
-"""
-)
 
 _UNREACHABLE = (
     redis.exceptions.ConnectionError,
@@ -678,19 +671,23 @@ class RedisLimiter:
         *,
         ledger_spend: LedgerSpend = _NOTHING_SPENT,
         timeout_s: float = 1.0,
-        concurrency_ttl_s: float = DEFAULT_CONCURRENCY_TTL_S,
+        lease_s: float = DEFAULT_LEASE_S,
+        heartbeat: bool = True,
     ) -> None:
         self._url = _redacted(url)
         self._ledger_spend = ledger_spend
         # Bounded timeouts: a hung Redis must turn into LimiterUnavailable (and the fail mode)
         # quickly, not into a request stuck behind it.
         self._redis = redis_client(url, timeout_s)
-        self._conc_ttl_ms = str(max(1, round(concurrency_ttl_s * 1000)))
-        self._acquire = self._redis.register_script(_LUA_ACQUIRE)
-        self._settle = self._redis.register_script(_LUA_SETTLE)
-        self._release = self._redis.register_script(_LUA_RELEASE)
-        self._finish = self._redis.register_script(_LUA_FINISH)
-        self._remaining = self._redis.register_script(_LUA_REMAINING)
+        self._book = _LeaseBook(lease_s, self.renew, heartbeat)
+        self._lease_ms = str(self._book.lease_ms)
+        register = self._redis.register_script
+        self._acquire = register(_script("acquire"))
+        self._settle = register(_script("settle"))
+        self._release = register(_script("release", common=False))
+        self._renew = register(_script("renew"))
+        self._finish = register(_script("finish"))
+        self._remaining = register(_script("remaining"))
         self._pending: list[_Call] = []
         self._flush_scheduled = False
         self._sending: set[asyncio.Task[None]] = set()
@@ -800,18 +797,23 @@ class RedisLimiter:
             str(rates.tpm),
             str(rates.concurrency),
             str(tokens),
-            self._conc_ttl_ms,
-            "",
+            self._lease_ms,
+            "" if budget is None else str(budget.limit_nano),
+            lease := _new_lease(),
         ]
         if budget is not None:
             keys.append(_budget_key(tenant, budget.period))
-            args[-1] = str(budget.limit_nano)
         period = budget.period if budget is not None else None
         ok, t, rl, tl, in_flight, over = await self._run_seeded(
             self._acquire, keys, args, tenant, period
         )
         decision = decide(rates, tokens, t, rl, tl, in_flight, taken=bool(ok))
-        return _over_budget(decision, t) if over else decision
+        if over:
+            return _over_budget(decision, t)
+        if ok and rates.concurrency:
+            self._book.taken(lease, keys[2])
+            return replace(decision, lease=lease)
+        return decision
 
     async def settle(
         self,
@@ -829,9 +831,33 @@ class RedisLimiter:
         args = [_arg_now(now), str(rate), str(reserved_tokens), str(actual_tokens)]
         await self._run(self._settle, [tk], args)
 
-    async def release(self, tenant: str, limits: RateLimitConfig) -> None:
+    async def release(self, tenant: str, limits: RateLimitConfig, lease: str) -> None:
         _, _, ck = _keys(tenant)
-        await self._run(self._release, [ck], [])
+        try:
+            await self._run(self._release, [ck], [lease])
+        except LimiterUnavailable:
+            self._book.lost(lease)
+            raise
+        self._book.freed(lease, ck)
+
+    async def renew(self, now: float | None = None) -> None:
+        book = self._book
+        calls = [
+            self._run(self._renew, [key], [_arg_now(now), self._lease_ms, *leases])
+            for key, leases in book.by_key(book.held).items()
+        ]
+        retried = list(book.by_key(book.unreleased).items())
+        calls += [self._run(self._release, [key], leases) for key, leases in retried]
+        # One pipeline for all of them (same event-loop turn).
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        outcomes = results[len(calls) - len(retried) :]
+        for (key, leases), result in zip(retried, outcomes, strict=True):
+            if not isinstance(result, BaseException):
+                for lease in leases:
+                    book.freed(lease, key)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
 
     async def finish(
         self,
@@ -841,11 +867,12 @@ class RedisLimiter:
         actual_tokens: int,
         now: float | None = None,
         charge: Charge | None = None,
+        lease: str | None = None,
     ) -> None:
         _check_tokens(reserved_tokens, actual_tokens)
         tpm = limits.tokens_per_minute or 0
         settles = bool(tpm) and reserved_tokens != actual_tokens
-        releases = bool(limits.max_concurrent_requests)
+        releases = lease is not None
         if charge is not None:
             _check_tokens(charge.nano)  # before anything changes
         charges = charge is not None and charge.nano > 0
@@ -854,12 +881,19 @@ class RedisLimiter:
         _, tk, ck = _keys(tenant)
         keys = [tk, ck]
         args = [_arg_now(now), str(tpm), str(reserved_tokens), str(actual_tokens)]
-        args += ["1" if releases else "0", ""]
+        args += [lease or "", ""]
         if charge is not None and charges:
             keys.append(_budget_key(tenant, charge.period))
             args[-1] = str(charge.nano)
         period = charge.period if charge is not None and charges else None
-        await self._run_seeded(self._finish, keys, args, tenant, period)
+        try:
+            await self._run_seeded(self._finish, keys, args, tenant, period)
+        except LimiterUnavailable:
+            if lease is not None:
+                self._book.lost(lease)
+            raise
+        if lease is not None:
+            self._book.freed(lease, ck)
 
     async def remaining(
         self, tenant: str, limits: RateLimitConfig, now: float | None = None
@@ -870,6 +904,7 @@ class RedisLimiter:
         return decide(rates, 0, t, rl, tl, in_flight, taken=False)
 
     async def aclose(self) -> None:
+        await self._book.aclose()
         await self._redis.aclose()
 
 
@@ -877,5 +912,5 @@ def build_limiter(config: LimitsConfig, ledger_spend: LedgerSpend = _NOTHING_SPE
     if config.backend == "redis":
         if not config.url:
             raise ValueError("limits.backend redis needs limits.url")
-        return RedisLimiter(config.url, ledger_spend=ledger_spend)
-    return MemoryLimiter(ledger_spend)
+        return RedisLimiter(config.url, ledger_spend=ledger_spend, lease_s=config.lease_s)
+    return MemoryLimiter(ledger_spend, lease_s=config.lease_s)

@@ -55,8 +55,8 @@ def restart_needed(old: LoadedConfig, new: LoadedConfig) -> str | None:
 class Control:
     generation: int
     action: Action
-    #: Admin overrides of tenants' ``suspended`` flags.
-    suspensions: dict[str, bool] = field(default_factory=dict)
+    #: Tenants an admin suspended, when the launcher holds them (no Redis: suspensions.py).
+    suspensions: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ def read_control(path: Path) -> Control | None:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return Control(int(data["generation"]), data["action"], dict(data.get("suspensions", {})))
+    return Control(int(data["generation"]), data["action"], list(data.get("suspensions", [])))
 
 
 def ack_path(directory: Path, port: int) -> Path:

@@ -75,7 +75,7 @@ class Runtime:
     pricing: Pricing
     #: Models that may appear as metric labels (allowlists and the price table).
     known_models: frozenset[str]
-    #: Names this config: a hash of the config and policy files as read.
+    #: Names this config: a hash of its effective settings (config_version).
     version: str
     #: Audited tenants' retention_days.
     audit_retention: dict[str, int]
@@ -250,11 +250,20 @@ def _excerpt_redactor(
 
 
 def config_version(loaded: LoadedConfig) -> str:
-    """A short hash of the config and policies as they were read (not re-read: the files
-    may have changed since)."""
-    documents = {
-        "config": loaded.doc.data,
-        "policies": {tenant: policy.doc.data for tenant, policy in loaded.policies.items()},
+    """A short hash of what decides how requests are treated, as validated (defaults
+    filled in, so spelling a default out changes nothing): tenants, policies, classifiers,
+    limits, pipeline defaults, thresholds and prices. Not where this replica listens or
+    keeps files (``server``, ``usage``), nor the Redis URL: replicas of one fleet differ
+    there and must still show one version (``checkstream fleet status``)."""
+    model = loaded.model
+    effective = {
+        "tenants": model.tenants.model_dump(mode="json"),
+        "policies": {t: p.model.model_dump(mode="json") for t, p in loaded.policies.items()},
+        "classifiers": {n: c.model_dump(mode="json") for n, c in model.classifiers.items()},
+        "limits": model.limits.model_dump(mode="json", exclude={"url"}),
+        "pipeline": model.pipeline.model_dump(mode="json"),
+        "thresholds": model.thresholds.model_dump(mode="json"),
+        "pricing": {m: p.model_dump(mode="json") for m, p in model.pricing.items()},
     }
-    canonical = json.dumps(documents, sort_keys=True, default=str).encode()
+    canonical = json.dumps(effective, sort_keys=True).encode()
     return hashlib.sha256(canonical).hexdigest()[:16]

@@ -10,7 +10,7 @@ import asyncio
 import json
 import logging
 import signal
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import (
     ProcessingResponse,
 )
 
+from extproc.admin import admin_token_from_env, start_admin
 from extproc.config import LoadedConfig, load_config
 from extproc.exchange import Answer, Exchange
 from extproc.registry import PluginError
@@ -34,6 +35,8 @@ from extproc.reloading import (
     write_ack,
 )
 from extproc.runtime import Runtime
+from extproc.suspensions import SuspensionStoreUnavailable
+from extproc.watching import watch_config
 from extproc.yamlsource import ConfigError
 
 log = logging.getLogger("checkstream.extproc")
@@ -147,12 +150,18 @@ class Worker:
                 await self.reload()
                 return
             accounts = self.processor.runtime.accounts
-            accounts.suspensions.clear()
-            accounts.suspensions.update(control.suspensions)
+            version, error = self.processor.runtime.version, None
+            if accounts.shared is None:
+                accounts.suspensions.clear()
+                accounts.suspensions.update(control.suspensions)
+            elif control.action == "suspensions":
+                # At once on the replica that took the order; the follower would within 0.5 s.
+                try:
+                    await accounts.shared.refresh(accounts.suspensions)
+                except SuspensionStoreUnavailable as exc:
+                    error = f"suspensions cannot be read from Redis: {exc}"
             if control.action == "reload":
                 version, error = await self.reload()
-            else:
-                version, error = self.processor.runtime.version, None
             assert self.control_dir is not None
             write_ack(
                 ack_path(self.control_dir, self.port), Ack(control.generation, version, error)
@@ -180,9 +189,16 @@ class Worker:
 
 
 async def serve(
-    loaded: LoadedConfig, host: str, port: int, control_dir: Path | None = None
+    loaded: LoadedConfig,
+    host: str,
+    port: int,
+    control_dir: Path | None = None,
+    admin: bool = False,
 ) -> None:
     """Serve until SIGTERM/SIGINT, then finish in-flight streams (up to drain_timeout_s).
+
+    ``admin``: also serve the admin API on ``server.admin_port`` (no launcher: a sidecar,
+    ``worker_admin.py``).
 
     Raises ConfigError or PluginError if the config does not compile, OSError if the port
     is taken.
@@ -202,11 +218,31 @@ async def serve(
         loop.add_signal_handler(sig, stop.set)
     # Before the line the launcher waits for: SIGHUP's default action would kill us.
     loop.add_signal_handler(signal.SIGHUP, worker.on_hangup)
+    reload: Callable[[], Awaitable[object]] = worker.hangup
+    stop_admin: Callable[[], Awaitable[None]] | None = None
+    if admin:
+        from extproc.worker_admin import WorkerAdmin
+
+        backend = WorkerAdmin(worker)
+        reload = backend.reload
+        settings = loaded.model.server
+        try:
+            stop_admin = await start_admin(
+                backend, settings.host, settings.admin_port, admin_token_from_env()
+            )
+        except OSError as exc:
+            await server.stop(0)
+            await runtime.accounts.aclose()
+            raise OSError(
+                f"the admin server cannot listen on {settings.admin_port}: {exc}"
+            ) from None
     print(f"extproc listening on {host}:{bound}", flush=True)
     background = [loop.create_task(_prune_audit(processor))]
+    if control_dir is None:  # on its own (a sidecar): nobody else watches the files
+        background.append(loop.create_task(watch_config(lambda: processor.runtime.config, reload)))
     shared = runtime.accounts.shared
     if shared is not None:
-        background.append(loop.create_task(shared.follow(runtime.accounts.shared_suspensions)))
+        background.append(loop.create_task(shared.follow(runtime.accounts.suspensions)))
     await stop.wait()
     processor.runtime.draining = True
     await server.stop(loaded.model.server.drain_timeout_s)
@@ -214,6 +250,8 @@ async def serve(
         task.cancel()
     if _BACKGROUND:
         await asyncio.wait(set(_BACKGROUND), timeout=5)
+    if stop_admin is not None:
+        await stop_admin()
     await processor.runtime.accounts.aclose()
 
 

@@ -8,6 +8,7 @@ a missing binary skips, anything else fails loudly.
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -62,9 +63,19 @@ class RedisServer:
         self.stop()
         raise RuntimeError(f"redis-server did not answer PING on port {self.port}")
 
+    def pause(self) -> None:
+        """A stall: the server keeps its connections but answers nothing until `resume`."""
+        assert self._proc is not None
+        self._proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self._proc is not None
+        self._proc.send_signal(signal.SIGCONT)
+
     def stop(self) -> None:
         if self._proc is None:
             return
+        self._proc.send_signal(signal.SIGCONT)  # a paused server cannot act on SIGTERM
         self._proc.terminate()
         try:
             self._proc.wait(timeout=5)

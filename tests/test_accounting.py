@@ -801,12 +801,14 @@ async def test_finish_settles_and_releases_only_what_was_admitted(tmp_path: Path
     tokens_only = RateLimitConfig(tokens_per_minute=1000)
     slots_only = RateLimitConfig(max_concurrent_requests=1)
     try:
-        assert (await limiter.acquire("acme", limits, 300)).allowed
+        decision = await limiter.acquire("acme", limits, 300)
+        assert decision.allowed
         # A request the limiter refused took nothing, so it gives nothing back.
         await accounts.finish(tally(status=429), config, Pricing({}), frozenset())
         assert (await limiter.remaining("acme", tokens_only)).remaining == 700
         assert (await limiter.remaining("acme", slots_only)).remaining == 0
         admitted = tally(admitted=True, reserved_tokens=300, billable=True, usage=Usage(3, 4))
+        admitted.decision = decision  # its lease is what finish gives back
         await accounts.finish(admitted, config, Pricing({}), frozenset())
         assert (await limiter.remaining("acme", tokens_only)).remaining == 1000 - 7
         assert (await limiter.remaining("acme", slots_only)).remaining == 1
@@ -836,9 +838,10 @@ class RecordingLimiter(MemoryLimiter):
         actual_tokens: int,
         now: float | None = None,
         charge: Charge | None = None,
+        lease: str | None = None,
     ) -> None:
         self.finished.append((reserved_tokens, actual_tokens, charge))
-        await super().finish(tenant, limits, reserved_tokens, actual_tokens, now, charge)
+        await super().finish(tenant, limits, reserved_tokens, actual_tokens, now, charge, lease)
 
 
 @pytest.mark.parametrize(
@@ -862,9 +865,10 @@ async def test_finish_charges_the_budget_with_the_settle_and_release(
         budget=BudgetConfig(monthly_usd=10) if budgeted else None,
     )
     pricing = Pricing({MODEL: Price(input=0.5, output=2.0)})
-    if admitted:
-        assert (await limiter.acquire("acme", limits, 300)).allowed
     t = tally(admitted=admitted, reserved_tokens=300, billable=True, usage=Usage(12, 30))
+    if admitted:
+        t.decision = await limiter.acquire("acme", limits, 300)
+        assert t.decision.allowed
     t.model = model
     try:
         await accounts.finish(t, config, pricing, frozenset())

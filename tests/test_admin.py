@@ -17,6 +17,7 @@ from extproc.admin import (
     admin_token_from_env,
     start_admin,
 )
+from extproc.suspensions import SuspensionOutcome
 from tests.support import free_port
 
 TOKEN = "s3cret-admin-token"
@@ -39,6 +40,7 @@ class FakeGateway:
     tenants: set[str] = field(default_factory=lambda: {"acme"})
     suspended: set[str] = field(default_factory=set)
     fail: bool = False
+    refusal: SuspensionOutcome | None = None
     tenant_info_calls: list[tuple[dict[str, str], str]] = field(default_factory=list)
 
     def _maybe_fail(self) -> None:
@@ -57,15 +59,21 @@ class FakeGateway:
         self._maybe_fail()
         return self.reload_outcome
 
-    async def set_suspended(self, tenant: str, suspended: bool) -> bool:
+    async def set_suspended(self, tenant: str, suspended: bool) -> SuspensionOutcome:
         self._maybe_fail()
+        if self.refusal is not None:
+            return self.refusal
         if tenant not in self.tenants:
-            return False
+            return SuspensionOutcome(404, f"unknown tenant: {tenant}")
         if suspended:
             self.suspended.add(tenant)
         else:
             self.suspended.discard(tenant)
-        return True
+        return SuspensionOutcome(200)
+
+    async def status(self) -> dict[str, Any]:
+        self._maybe_fail()
+        return {"status": "ready", "config_version": "v1", "workers": []}
 
     async def tenant_info(
         self, headers: Mapping[str, str], path_qs: str
@@ -196,6 +204,27 @@ async def test_suspend_and_resume_a_tenant(admin: Call, backend: FakeGateway) ->
     answer = await admin("POST", "/admin/tenants/acme/resume", AUTH)
     assert (answer.status, answer.json()) == (200, {"tenant": "acme", "suspended": False})
     assert backend.suspended == set()
+
+
+@pytest.mark.parametrize(
+    "refusal",
+    [
+        SuspensionOutcome(409, "checkstream.yaml:7: tenants.configs.acme.suspended: the config"),
+        SuspensionOutcome(503, "suspensions are kept in Redis (limits.url), which cannot be"),
+    ],
+)
+async def test_a_refused_suspension_keeps_its_status_and_says_why(
+    admin: Call, backend: FakeGateway, refusal: SuspensionOutcome
+) -> None:
+    backend.refusal = refusal
+    answer = await admin("POST", "/admin/tenants/acme/resume", AUTH)
+    assert (answer.status, answer.json()) == (refusal.status, {"error": refusal.error})
+
+
+async def test_status_needs_the_token_and_answers_the_backends_status(admin: Call) -> None:
+    assert (await admin("GET", "/admin/status")).status == 401
+    answer = await admin("GET", "/admin/status", AUTH)
+    assert (answer.status, answer.json()["config_version"]) == (200, "v1")
 
 
 async def test_suspending_an_unknown_tenant_is_404(admin: Call) -> None:

@@ -322,9 +322,12 @@ async def test_finish_settles_releases_and_charges_in_one_call(make: Make) -> No
     limiter = make(Ledger({("acme", MONTH): 1000}))
     limits = rl(tpm=1000, concurrent=1)
     budget = Budget(MONTH, to_nano(1))
-    assert (await limiter.acquire("acme", limits, 300, now=T0, budget=budget)).allowed
+    taken = await limiter.acquire("acme", limits, 300, now=T0, budget=budget)
+    assert taken.allowed
     assert (await limiter.remaining("acme", limits, now=T0)).remaining == 0  # the slot
-    await limiter.finish("acme", limits, 300, 7, now=T0, charge=Charge(MONTH, 7 * 150))
+    await limiter.finish(
+        "acme", limits, 300, 7, now=T0, charge=Charge(MONTH, 7 * 150), lease=taken.lease
+    )
     assert (await limiter.remaining("acme", rl(tpm=1000), now=T0)).remaining == 1000 - 7
     assert (await limiter.remaining("acme", rl(concurrent=1), now=T0)).remaining == 1
     assert await limiter.spent("acme", MONTH) == 1000 + 7 * 150
@@ -336,9 +339,11 @@ async def test_a_finish_that_seeds_the_month_settles_and_releases_once(make: Mak
     ledger = Ledger({("acme", MONTH): 40})
     limiter = make(ledger)
     limits = rl(tpm=1000, concurrent=2)
-    for _ in range(2):
-        assert (await limiter.acquire("acme", limits, 300, now=T0)).allowed
-    await limiter.finish("acme", limits, 300, 7, now=T0, charge=Charge(MONTH, 2))
+    taken = [await limiter.acquire("acme", limits, 300, now=T0) for _ in range(2)]
+    assert all(d.allowed for d in taken)
+    await limiter.finish(
+        "acme", limits, 300, 7, now=T0, charge=Charge(MONTH, 2), lease=taken[0].lease
+    )
     assert (await limiter.remaining("acme", rl(tpm=1000), now=T0)).remaining == 1000 - 307
     assert (await limiter.remaining("acme", rl(concurrent=2), now=T0)).remaining == 1
     assert await limiter.spent("acme", MONTH) == 42
@@ -441,7 +446,8 @@ async def test_a_seeded_counter_expires_after_its_month(
 
 # What the scripts call inside Redis; commandstats counts these too, so they are left out.
 _INSIDE_SCRIPTS = {"time", "get", "hmget", "hset", "pexpire", "del", "incr", "decr", "incrby",
-                   "exists"}  # fmt: skip
+                   "exists", "zadd", "zrem", "zcard", "zcount", "zremrangebyscore",
+                   "pttl"}  # fmt: skip
 
 
 async def commands_run(raw: aioredis.Redis) -> dict[str, int]:
@@ -464,19 +470,28 @@ async def test_a_request_costs_two_round_trips(redis_server: RedisServer) -> Non
     budget = Budget(MONTH, NANO)
     try:
         # Another tenant's request loads the scripts, so what follows counts only their runs.
-        assert (await limiter.acquire("warm", limits, 1, now=T0, budget=budget)).allowed
-        await limiter.finish("warm", limits, 1, 1, now=T0, charge=Charge(MONTH, 1))
+        warm = await limiter.acquire("warm", limits, 1, now=T0, budget=budget)
+        assert warm.allowed
+        await limiter.finish(
+            "warm", limits, 1, 1, now=T0, charge=Charge(MONTH, 1), lease=warm.lease
+        )
 
         # A month's first request seeds it: the script says so, SET NX, the script again.
         before = await commands_run(raw)
-        assert (await limiter.acquire("acme", limits, 300, now=T0, budget=budget)).allowed
+        first = await limiter.acquire("acme", limits, 300, now=T0, budget=budget)
+        assert first.allowed
         assert _delta(before, await commands_run(raw)) == {"evalsha": 2, "set": 1}
-        await limiter.finish("acme", limits, 300, 7, now=T0, charge=Charge(MONTH, 150))
+        await limiter.finish(
+            "acme", limits, 300, 7, now=T0, charge=Charge(MONTH, 150), lease=first.lease
+        )
 
         # From then on: acquire and finish, one script each, nothing else.
         before = await commands_run(raw)
-        assert (await limiter.acquire("acme", limits, 300, now=T0, budget=budget)).allowed
-        await limiter.finish("acme", limits, 300, 7, now=T0, charge=Charge(MONTH, 150))
+        second = await limiter.acquire("acme", limits, 300, now=T0, budget=budget)
+        assert second.allowed
+        await limiter.finish(
+            "acme", limits, 300, 7, now=T0, charge=Charge(MONTH, 150), lease=second.lease
+        )
         assert _delta(before, await commands_run(raw)) == {"evalsha": 2}
         assert (await limiter.remaining("acme", rl(tpm=10_000), now=T0)).remaining == 10_000 - 14
         assert await limiter.spent("acme", MONTH) == 1300
@@ -531,8 +546,11 @@ async def test_a_counter_lost_right_after_its_seed_is_seeded_again(
             decision = await limiter.acquire("acme", limits, 0, now=T0, budget=Budget(MONTH, 100))
             assert decision.allowed
         else:
-            assert (await limiter.acquire("acme", limits, 0, now=T0)).allowed
-            await limiter.finish("acme", limits, 0, 0, now=T0, charge=Charge(MONTH, 2))
+            taken = await limiter.acquire("acme", limits, 0, now=T0)
+            assert taken.allowed
+            await limiter.finish(
+                "acme", limits, 0, 0, now=T0, charge=Charge(MONTH, 2), lease=taken.lease
+            )
             assert (await limiter.remaining("acme", limits, now=T0)).remaining == 1
             assert await raw.get(_key("acme", MONTH)) == b"42"
     finally:
@@ -662,7 +680,9 @@ async def test_more_concurrent_requests_than_pooled_connections(
 
     async def request() -> bool:
         decision = await limiter.acquire("acme", limits, 0, now=T0, budget=budget)
-        await limiter.finish("acme", limits, 0, 0, now=T0, charge=Charge(MONTH, to_nano(0.001)))
+        await limiter.finish(
+            "acme", limits, 0, 0, now=T0, charge=Charge(MONTH, to_nano(0.001)), lease=decision.lease
+        )
         return decision.allowed
 
     try:

@@ -686,3 +686,20 @@ def test_every_problem_is_reported_sorted_by_line(
         (6, "tenants.configs.acme.auth.token_env"),
         (7, "tenants.configs.acme.auth_passthrough"),
     ]
+
+
+def test_redis_url_from_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    text = "limits: {backend: redis, url_env: FLEET_REDIS_URL}\n"
+    path = write(tmp_path, text)
+    monkeypatch.setenv("FLEET_REDIS_URL", "redis://:pw@10.0.0.5:6379/0")
+    assert load_config(path).model.limits.url == "redis://:pw@10.0.0.5:6379/0"
+    monkeypatch.delenv("FLEET_REDIS_URL")
+    assert_located(
+        refused(path), path, 1, "limits.url_env", "environment variable FLEET_REDIS_URL is not set"
+    )
+    # config check (no secrets needed) only warns.
+    assert load_config(path, require_secrets=False).warnings
+    both = write(tmp_path, "limits: {backend: redis, url: 'redis://x', url_env: X}\n")
+    assert "not both" in str(refused(both))
+    neither = write(tmp_path, "limits: {backend: redis}\n")
+    assert "limits.url or limits.url_env" in str(refused(neither))

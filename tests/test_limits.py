@@ -123,23 +123,64 @@ async def test_concurrency_slots_and_release(limiter: Limiter) -> None:
     b = await limiter.acquire("acme", limits, 0, now=T0)
     assert (a.allowed, a.limit_name, a.remaining) == (True, CONCURRENCY, 1)
     assert (b.allowed, b.remaining) == (True, 0)
+    assert a.lease and b.lease and a.lease != b.lease
     c = await limiter.acquire("acme", limits, 0, now=T0)
     assert (c.allowed, c.limit_name, c.retry_after_s) == (False, CONCURRENCY, 1.0)
-    await limiter.release("acme", limits)
+    assert c.lease is None  # refused: nothing to give back
+    await limiter.release("acme", limits, a.lease)
     assert (await limiter.remaining("acme", limits, now=T0)).remaining == 1
-    assert (await limiter.acquire("acme", limits, 0, now=T0)).allowed
-    for _ in range(3):  # a stray extra release never goes below zero
-        await limiter.release("acme", limits)
+    d = await limiter.acquire("acme", limits, 0, now=T0)
+    assert d.allowed and d.lease
+    for _ in range(3):  # releasing the same lease again frees nothing more
+        await limiter.release("acme", limits, a.lease)
+    assert (await limiter.remaining("acme", limits, now=T0)).remaining == 0
+    await limiter.release("acme", limits, b.lease)
+    await limiter.finish("acme", limits, 0, 0, now=T0, lease=d.lease)
     assert (await limiter.remaining("acme", limits, now=T0)).remaining == 2
+
+
+async def test_a_lease_nobody_renews_expires_after_lease_s_even_under_traffic(
+    limiter: Limiter,
+) -> None:
+    limits = rl(concurrent=1)
+    held = await limiter.acquire("acme", limits, 0, now=T0)
+    assert held.allowed
+    # Its holder died: no renewal, no release. The tenant keeps asking every second.
+    for second in range(1, 30):
+        assert not (await limiter.acquire("acme", limits, 0, now=T0 + second)).allowed
+    assert (await limiter.remaining("acme", limits, now=T0 + 29.999)).remaining == 0
+    assert (await limiter.remaining("acme", limits, now=T0 + 30)).remaining == 1
+    assert (await limiter.acquire("acme", limits, 0, now=T0 + 30)).allowed
+    # The dead holder's late release (were it to come) frees nothing that is not its own.
+    assert held.lease is not None
+    await limiter.release("acme", limits, held.lease)
+    assert not (await limiter.acquire("acme", limits, 0, now=T0 + 31)).allowed
+
+
+async def test_a_renewed_lease_lives_on(limiter: Limiter) -> None:
+    limits = rl(concurrent=2)
+    first = await limiter.acquire("acme", limits, 0, now=T0)
+    assert first.allowed and first.lease
+    await limiter.renew(now=T0 + 20)  # the heartbeat: this process's request still runs
+    assert (await limiter.remaining("acme", limits, now=T0 + 49.999)).remaining == 1
+    assert (await limiter.remaining("acme", limits, now=T0 + 50)).remaining == 2
+    second = await limiter.acquire("acme", limits, 0, now=T0 + 50)
+    assert second.allowed
+    # The expired lease is never revived by a renewal (its slot may be another's by now).
+    await limiter.renew(now=T0 + 51)
+    assert (await limiter.remaining("acme", limits, now=T0 + 51)).remaining == 1
+    assert (await limiter.remaining("acme", limits, now=T0 + 80.999)).remaining == 1
+    assert (await limiter.remaining("acme", limits, now=T0 + 81)).remaining == 2
 
 
 async def test_a_refusal_by_one_limit_takes_nothing_from_the_others(limiter: Limiter) -> None:
     limits = rl(rpm=10, tpm=1000, concurrent=1)
-    assert (await limiter.acquire("acme", limits, 100, now=T0)).allowed
+    held = await limiter.acquire("acme", limits, 100, now=T0)
+    assert held.allowed
     # Refused by concurrency: no request, no tokens taken.
     by_slot = await limiter.acquire("acme", limits, 100, now=T0)
     assert (by_slot.allowed, by_slot.limit_name) == (False, CONCURRENCY)
-    await limiter.release("acme", limits)
+    await limiter.release("acme", limits, held.lease or "")
     # Refused by tokens: no request, no slot taken.
     by_tokens = await limiter.acquire("acme", limits, 950, now=T0)
     assert (by_tokens.allowed, by_tokens.limit_name) == (False, TOKENS)
@@ -159,9 +200,10 @@ async def test_a_refusal_by_one_limit_takes_nothing_from_the_others(limiter: Lim
 
 async def test_tenants_are_isolated(limiter: Limiter) -> None:
     limits = rl(rpm=2, tpm=100, concurrent=1)
-    assert (await limiter.acquire("acme", limits, 100, now=T0)).allowed
+    held = await limiter.acquire("acme", limits, 100, now=T0)
+    assert held.allowed and held.lease
     assert not (await limiter.acquire("acme", limits, 0, now=T0)).allowed
-    assert not (await limiter.acquire("acme", limits, 0, now=T0 + 30)).allowed  # slot held
+    assert not (await limiter.acquire("acme", limits, 0, now=T0 + 29)).allowed  # slot held
     # Look-alike ids are other tenants, with their own full quotas.
     for other in ("acme-corp", "acme.corp", "Acme"):
         assert await limiter.remaining(other, limits, now=T0) == Decision(
@@ -169,8 +211,9 @@ async def test_tenants_are_isolated(limiter: Limiter) -> None:
         )
         d = await limiter.acquire(other, limits, 10, now=T0)
         assert (d.allowed, d.limit_name, d.remaining) == (True, CONCURRENCY, 0)
-    await limiter.release("acme-corp", limits)  # releasing another tenant frees nothing here
-    assert not (await limiter.acquire("acme", limits, 0, now=T0 + 30)).allowed
+    # acme's lease given as another tenant's frees nothing anywhere.
+    await limiter.release("acme-corp", limits, held.lease)
+    assert not (await limiter.acquire("acme", limits, 0, now=T0 + 29)).allowed
 
 
 @pytest.mark.parametrize("bad", ["", "a}b", "a{b", "x:y", "acme}:rpm", "-lead", "a" * 129])
@@ -191,12 +234,12 @@ async def test_remaining_is_consistent_and_takes_nothing(limiter: Limiter) -> No
     assert last == Decision(True, TOKENS, 6000, 0, T0 + 60, 0.0)
     assert await limiter.remaining("acme", limits, now=T0) == last
     assert await limiter.remaining("acme", limits, now=T0) == last  # still nothing taken
-    later = await limiter.remaining("acme", limits, now=T0 + 30)
-    assert later == Decision(True, TOKENS, 6000, 3000, T0 + 60, 0.0)
+    later = await limiter.remaining("acme", limits, now=T0 + 29)
+    assert later == Decision(True, TOKENS, 6000, 2900, T0 + 60, 0.0)
     assert (await limiter.remaining("acme", rl(rpm=60), now=T0 + 30)).remaining == 60
-    assert (await limiter.remaining("acme", rl(concurrent=10), now=T0 + 30)).remaining == 8
-    # Another 3000 now would be refused, but tenant-info asks with no tokens: still allowed.
-    assert not (await limiter.acquire("acme", limits, 3001, now=T0 + 30)).allowed
+    assert (await limiter.remaining("acme", rl(concurrent=10), now=T0 + 29)).remaining == 8
+    # Another 3100 now would be refused, but tenant-info asks with no tokens: still allowed.
+    assert not (await limiter.acquire("acme", limits, 3101, now=T0 + 29)).allowed
 
 
 async def test_no_limits_configured_allows_without_headers(limiter: Limiter) -> None:
@@ -219,11 +262,12 @@ async def test_backends_decide_identically_on_a_random_sequence(
     redis_server: RedisServer,
 ) -> None:
     await _flushed(redis_server.url)
-    memory, shared = MemoryLimiter(), RedisLimiter(redis_server.url)
+    memory = MemoryLimiter(heartbeat=False)
+    shared = RedisLimiter(redis_server.url, heartbeat=False)
     rng = random.Random(7)
     configs = [rl(7, 500, 3), rl(None, 1234, None), rl(3, None, 2), rl(2), rl(100, 100_000, 50)]
     now = T0
-    held: dict[tuple[str, int], int] = {}
+    held: dict[tuple[str, int], list[tuple[str, str]]] = {}
     seen: set[tuple[bool, str | None]] = set()
     try:
         for _ in range(600):
@@ -236,16 +280,16 @@ async def test_backends_decide_identically_on_a_random_sequence(
                 dr = await shared.acquire(tenant, limits, tokens, now=now)
                 assert dm == dr
                 seen.add((dm.allowed, dm.limit_name))
-                if dm.allowed:
-                    held[(tenant, ci)] = held.get((tenant, ci), 0) + 1
+                if dm.allowed and dm.lease and dr.lease:
+                    held.setdefault((tenant, ci), []).append((dm.lease, dr.lease))
             elif op < 0.75:
                 reserved, actual = rng.randrange(600), rng.randrange(900)
                 await memory.settle(tenant, limits, reserved, actual, now=now)
                 await shared.settle(tenant, limits, reserved, actual, now=now)
             elif op < 0.9 and held.get((tenant, ci)):
-                held[(tenant, ci)] -= 1
-                await memory.release(tenant, limits)
-                await shared.release(tenant, limits)
+                lease_m, lease_r = held[(tenant, ci)].pop()
+                await memory.release(tenant, limits, lease_m)
+                await shared.release(tenant, limits, lease_r)
             else:
                 assert await memory.remaining(tenant, limits, now=now) == await shared.remaining(
                     tenant, limits, now=now
@@ -280,13 +324,13 @@ async def test_two_replicas_share_exact_counts(redis_server: RedisServer) -> Non
 
 async def test_keys_are_namespaced_per_tenant_and_expire(redis_server: RedisServer) -> None:
     await _flushed(redis_server.url)
-    lim = RedisLimiter(redis_server.url, concurrency_ttl_s=300)
+    lim = RedisLimiter(redis_server.url, lease_s=300)
     client = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
     try:
         await lim.acquire("acme", rl(rpm=60, tpm=600, concurrent=2), 60, now=time.time())
         keys = sorted(str(k) for k in await client.keys("*"))
         assert keys == [
-            "checkstream:limits:{acme}:concurrency",
+            "checkstream:limits:{acme}:leases",
             "checkstream:limits:{acme}:rpm",
             "checkstream:limits:{acme}:tpm",
         ]
@@ -294,7 +338,7 @@ async def test_keys_are_namespaced_per_tenant_and_expire(redis_server: RedisServ
         # rpm: 1 request drains in 1 s; tpm: 60 of 600/min in 6 s; plus a 1 s margin.
         assert 0 < ttls["rpm"] <= 2_000
         assert 5_000 < ttls["tpm"] <= 7_000
-        assert 290_000 < ttls["concurrency"] <= 300_000
+        assert 290_000 < ttls["leases"] <= 300_000
     finally:
         await lim.aclose()
         await client.aclose()
@@ -323,7 +367,7 @@ async def test_unreachable_redis_raises_limiter_unavailable() -> None:
         for call in (
             lim.acquire("acme", rl(rpm=1), 0, now=T0),
             lim.settle("acme", rl(tpm=10), 5, 1, now=T0),
-            lim.release("acme", rl(concurrent=1)),
+            lim.release("acme", rl(concurrent=1), "some-lease"),
             lim.remaining("acme", rl(rpm=1), now=T0),
         ):
             with pytest.raises(LimiterUnavailable, match="unavailable") as caught:
@@ -346,6 +390,72 @@ async def test_redis_going_down_mid_life_raises_limiter_unavailable() -> None:
         await lim.aclose()
 
 
+async def test_a_killed_replicas_slots_free_within_lease_s_under_traffic(
+    redis_server: RedisServer,
+) -> None:
+    await _flushed(redis_server.url)
+    limits = rl(concurrent=2)
+    dead = RedisLimiter(redis_server.url, lease_s=1.5)
+    alive = RedisLimiter(redis_server.url, lease_s=1.5)
+    try:
+        for _ in range(2):  # Redis's clock (now=None), as in production
+            assert (await dead.acquire("acme", limits, 0)).allowed
+        # SIGKILL: no release, no heartbeat ever again.
+        await dead.aclose()
+        started = time.monotonic()
+        admitted = False
+        while not admitted:  # traffic all along: every attempt is an acquire
+            assert time.monotonic() - started < 3.0, "the dead replica's slots never freed"
+            admitted = (await alive.acquire("acme", limits, 0)).allowed
+            await asyncio.sleep(0.05)
+        assert time.monotonic() - started >= 1.0  # held while the leases were valid
+    finally:
+        await alive.aclose()
+
+
+async def test_the_heartbeat_keeps_a_long_requests_lease(redis_server: RedisServer) -> None:
+    await _flushed(redis_server.url)
+    limits = rl(concurrent=1)
+    holder = RedisLimiter(redis_server.url, lease_s=1.2)  # renews every 0.4 s
+    other = RedisLimiter(redis_server.url, lease_s=1.2)
+    try:
+        held = await holder.acquire("acme", limits, 0)
+        assert held.allowed and held.lease
+        for _ in range(6):  # 3 s: two and a half leases
+            await asyncio.sleep(0.5)
+            assert not (await other.acquire("acme", limits, 0)).allowed
+        await holder.finish("acme", limits, 0, 0, lease=held.lease)
+        assert (await other.acquire("acme", limits, 0)).allowed
+    finally:
+        await holder.aclose()
+        await other.aclose()
+
+
+async def test_a_release_lost_to_a_redis_stall_is_retried() -> None:
+    """Issue #19: a 4 s stall while streams end must not leave the tenant locked out."""
+    server = RedisServer(redis_binary()).start()
+    limits = rl(concurrent=2)
+    # A 300 s lease: only the retried release can free the slots within this test.
+    lim = RedisLimiter(server.url, timeout_s=0.5, lease_s=300, heartbeat=False)
+    try:
+        held = [await lim.acquire("acme", limits, 0) for _ in range(2)]
+        assert all(d.allowed and d.lease for d in held)
+        server.pause()
+        try:
+            for d in held:
+                with pytest.raises(LimiterUnavailable):
+                    await lim.finish("acme", limits, 0, 0, lease=d.lease)
+        finally:
+            server.resume()
+        assert not (await lim.acquire("acme", limits, 0)).allowed  # still held in Redis
+        await lim.renew()  # the next heartbeat
+        assert (await lim.remaining("acme", limits)).remaining == 2
+        await lim.renew()  # retried once only
+    finally:
+        await lim.aclose()
+        server.stop()
+
+
 def test_build_limiter_follows_the_config() -> None:
     assert isinstance(build_limiter(LimitsConfig()), MemoryLimiter)
     assert isinstance(
@@ -353,3 +463,4 @@ def test_build_limiter_follows_the_config() -> None:
     )
     with pytest.raises(ValueError, match=r"limits\.url"):
         build_limiter(LimitsConfig(backend="redis"))
+    assert LimitsConfig().lease_s == 30
