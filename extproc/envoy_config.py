@@ -138,6 +138,12 @@ def _listener(config: CheckStreamConfig, routes: list[dict[str, Any]]) -> dict[s
         "http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "checkstream",
         "codec_type": "AUTO",
+        # source.address is then the connection's peer: without this Envoy takes it from the
+        # client's own X-Forwarded-For, and an address allow-list would trust the client.
+        "use_remote_address": True,
+        # Appending would add Envoy's own address for loopback peers, and backends saw the
+        # header as the client sent it before: keep that.
+        "skip_xff_append": True,
         "route_config": {
             "name": "checkstream",
             "request_headers_to_remove": [ROUTE_HEADER],
@@ -202,6 +208,8 @@ def _ext_proc(config: CheckStreamConfig) -> dict[str, Any]:
         # "via_upstream" when the backend answered, Envoy's reason otherwise (connection
         # failure, timeout): only answers from a model are billed (exchange.py).
         "response_attributes": ["response.code_details"],
+        # The direct peer, for allowed_cidrs and trusted_networks (access.py).
+        "request_attributes": ["source.address"],
         "message_timeout": "5s",
         "metadata_options": {"receiving_namespaces": {"untyped": [METADATA_NAMESPACE]}},
     }

@@ -48,6 +48,7 @@ from extproc.formats.texts import dump_json
 from extproc.limits import Budget, Decision, LimiterUnavailable, to_nano
 from extproc.metering import BodyMeter, StreamMeter
 from extproc.metrics import (
+    ACCESS_REFUSED,
     CLASSIFIER_ERRORS,
     LATENCY,
     POLICY_TRIGGERS,
@@ -67,6 +68,7 @@ _EMPTY_BODY_RESPONSE = ProcessingResponse(request_body=BodyResponse())
 _EMPTY_RESPONSE_HEADERS = ProcessingResponse(response_headers=HeadersResponse())
 _EMPTY_TRAILERS = ProcessingResponse(response_trailers=TrailersResponse())
 _EXT_PROC_ATTRIBUTES = "envoy.filters.http.ext_proc"
+_ACCESS = "checkstream_access"
 # Served by the launcher's admin server, through the listener unless the operator says not.
 _OPERATOR_PATHS = frozenset({"/metrics", "/readyz"})
 # Client-chosen strings stored in usage records, audit trails and logs are capped.
@@ -119,7 +121,9 @@ class Exchange:
         self.tally: Tally | None = None
 
     # -- request ---------------------------------------------------------------------------
-    async def on_request_headers(self, msg: HttpHeaders) -> ProcessingResponse:
+    async def on_request_headers(
+        self, msg: HttpHeaders, attributes: Mapping[str, Struct] | None = None
+    ) -> ProcessingResponse:
         headers = header_map(msg)
         path = headers.get(":path", "/")
         if path == "/healthz" or path.startswith("/healthz?"):
@@ -136,6 +140,14 @@ class Exchange:
         if isinstance(found, Refused):
             return error_response(
                 found.format, found.status, found.message, found.code, "checkstream_tenancy"
+            )
+        barred = runtime.access.check(
+            found.tenant.id, found.key_is_ours, attributes, headers.get("x-forwarded-for")
+        )
+        if barred is not None:
+            ACCESS_REFUSED.labels(found.tenant.id, barred.code).inc()
+            return error_response(
+                found.tenant.format, barred.status, barred.message, barred.code, _ACCESS
             )
         plan = runtime.plans[found.tenant.id]
         self.plan = plan

@@ -84,6 +84,12 @@ RATE_LIMITED = Counter(
     "Requests refused by a rate limit, by tenant and limit.",
     ["tenant", "limit"],
 )
+ACCESS_REFUSED = Counter(
+    "checkstream_access_refused_total",
+    "Requests refused for where they came from, by tenant and reason "
+    "(address_not_allowed, key_required).",
+    ["tenant", "reason"],
+)
 EXTPROC_ERRORS = Counter(
     "checkstream_extproc_errors_total",
     "Failures inside the ext_proc service, by kind.",

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from extproc.access import AccessGate
 from extproc.accounting import Accounts
 from extproc.audit import resolve_audit_dirs
 from extproc.config import AuditConfig, LoadedConfig
@@ -73,6 +74,8 @@ class Runtime:
     audit_retention: dict[str, int]
     #: Finds the PII to hide in audit excerpts (tenants with audit.include_content).
     excerpt_pii: Classifier | None
+    #: Client addresses: allowed_cidrs, keyless access from trusted_networks.
+    access: AccessGate
     #: Set on SIGTERM: health turns 503 so load balancers stop sending new traffic.
     draining: bool = field(default=False)
 
@@ -139,6 +142,7 @@ class Runtime:
             config_version(loaded),
             {t: cfg.retention_days for t, (_path, cfg) in audited.items()},
             _excerpt_redactor(loaded, registry, audited),
+            AccessGate.from_config(model),
         )
 
     def excerpt(self, tenant_id: str, texts: Sequence[str]) -> str | None:
