@@ -144,6 +144,9 @@ def _listener(config: CheckStreamConfig, routes: list[dict[str, Any]]) -> dict[s
         # Appending would add Envoy's own address for loopback peers, and backends saw the
         # header as the client sent it before: keep that.
         "skip_xff_append": True,
+        # With use_remote_address every client is external to Envoy (no internal_address_config),
+        # and Envoy would replace a client's x-request-id: keep it, as before.
+        "preserve_external_request_id": True,
         "route_config": {
             "name": "checkstream",
             "request_headers_to_remove": [ROUTE_HEADER],
