@@ -172,9 +172,7 @@ def _unexported(
     return None
 
 
-def purge_tenant(
-    tenant: str, ledger: Path, trail: Path | None, export: Path | None
-) -> Purged:
+def purge_tenant(tenant: str, ledger: Path, trail: Path | None, export: Path | None) -> Purged:
     """Delete the tenant's rows and day files; with ``export``, only if it holds them all."""
     days = day_files(trail) if trail is not None and trail.is_dir() else []
     manifest_sha = "none (--force)"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import io
+import itertools
 import re
 from dataclasses import dataclass
 from importlib.resources import files
@@ -41,7 +42,7 @@ class Template:
 
 def template_names() -> list[str]:
     folder = files("extproc") / TEMPLATE_DIR
-    return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
 def load_template(name: str) -> Template:
@@ -58,7 +59,7 @@ def _indentation(text: str) -> tuple[int, int, int]:
     """(mapping, sequence, offset) as the file already uses them, for ruamel's dumper."""
     mapping, offset = 2, 0
     lines = text.splitlines()
-    for line, following in zip(lines, lines[1:], strict=False):
+    for line, following in itertools.pairwise(lines):
         key = re.match(r"^( *)[^\s#-][^:]*:\s*(#.*)?$", line)
         if key is None:
             continue
@@ -150,9 +151,8 @@ def add_tenant(
     keys = CommentedSeq([_flow({"name": key_name, "sha256": digest_of(key)})])
     tenant["api_keys"] = keys
     configs[tenant_id] = tenant
-    configs.yaml_set_comment_before_after_key(
-        tenant_id, before=f"from template '{template.name}' (checkstream tenants new)", indent=mapping
-    )
+    note = f"from template '{template.name}' (checkstream tenants new)"
+    configs.yaml_set_comment_before_after_key(tenant_id, before=note, indent=mapping)
     return dump(yaml, data)
 
 
