@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from importlib.resources import files
 from pathlib import Path
 
-from extproc import cli_keys
+from extproc import cli_keys, cli_tenants
 from extproc.config import AuditConfig, LoadedConfig, load_config
 from extproc.registry import PluginError
 from extproc.runtime import check_config
@@ -347,6 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     audit_prune.add_argument("-c", "--config", default=DEFAULT_CONFIG)
     audit_prune.set_defaults(handler=_cmd_audit_prune)
     cli_keys.register(commands)
+    cli_tenants.register(commands)
     return parser
 
 

@@ -149,6 +149,9 @@ def add_tenant(
     if token_env is not None:
         tenant["auth"] = _flow({"type": "bearer", "token_env": token_env})
     keys = CommentedSeq([_flow({"name": key_name, "sha256": digest_of(key)})])
+    # Flow style: comments after a block sequence that ends a tenant stay glued to it when
+    # the next tenant is added, after a flow one they stay before the next key.
+    keys.fa.set_flow_style()
     tenant["api_keys"] = keys
     configs[tenant_id] = tenant
     note = f"from template '{template.name}' (checkstream tenants new)"
