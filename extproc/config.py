@@ -126,13 +126,18 @@ class RateLimitConfig(Strict):
     requests_per_minute: PositiveInt | None = None
     tokens_per_minute: PositiveInt | None = None
     max_concurrent_requests: PositiveInt | None = None
+    # Per UTC day (00:00 to 00:00), exact across replicas with limits.backend: redis.
+    requests_per_day: PositiveInt | None = None
     # Reserved for the answer when a request names no max_tokens (tokens_per_minute pre-pays).
     default_max_tokens: PositiveInt = 1024
 
     @property
     def limited(self) -> bool:
         return bool(
-            self.requests_per_minute or self.tokens_per_minute or self.max_concurrent_requests
+            self.requests_per_minute
+            or self.tokens_per_minute
+            or self.max_concurrent_requests
+            or self.requests_per_day
         )
 
 
@@ -146,8 +151,36 @@ class ApiKeyEntry(Strict):
     expires: date | datetime | None = None
 
 
+class BudgetAlerts(Strict):
+    """One POST per threshold crossed per budget period (budget_alerts.py)."""
+
+    webhook_url: str
+    at_percent: Annotated[list[Annotated[int, Field(gt=0, le=1000)]], Field(min_length=1)] = [
+        50,
+        80,
+        100,
+    ]
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("expected an http:// or https:// URL with a host")
+        return value
+
+
 class BudgetConfig(Strict):
-    monthly_usd: Annotated[float, Field(gt=0)]
+    monthly_usd: Annotated[float, Field(gt=0)] | None = None
+    # Per UTC day, next to the month's; refused with its own message (daily_quotas.py).
+    daily_usd: Annotated[float, Field(gt=0)] | None = None
+    alerts: BudgetAlerts | None = None
+
+    @model_validator(mode="after")
+    def _some_budget(self) -> BudgetConfig:
+        if self.monthly_usd is None and self.daily_usd is None:
+            raise ValueError("set monthly_usd, daily_usd or both")
+        return self
 
 
 class ManagedAuth(Strict):

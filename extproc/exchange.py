@@ -44,8 +44,9 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import (
 from google.protobuf.struct_pb2 import Struct
 
 from extproc.accounting import CLIENT_CLOSED, Tally, iso_now, store_failed
+from extproc.daily_quotas import DAILY_USD, tightest
 from extproc.formats.texts import dump_json
-from extproc.limits import Budget, Decision, LimiterUnavailable, to_nano
+from extproc.limits import NANO, Budget, Decision, LimiterUnavailable, to_nano
 from extproc.metering import BodyMeter, StreamMeter
 from extproc.metrics import (
     ACCESS_REFUSED,
@@ -481,10 +482,19 @@ class Exchange:
         limits = tenant.config.rate_limit
         accounts = self.runtime.accounts
         budget = None
+        now = time.time()
         if plan.budget_usd is not None:
-            budget = Budget(period_of(time.time()), to_nano(plan.budget_usd))
+            budget = Budget(period_of(now), to_nano(plan.budget_usd))
         try:
-            decision = await accounts.limiter.acquire(tenant.id, limits, tokens, budget=budget)
+            # The day's quotas first (daily_quotas.py): one more store call only for tenants
+            # that have them, given back if a minute limit refuses.
+            daily = await accounts.daily.admit(tenant.id, plan.daily, now)
+            decision = daily
+            if daily.allowed:
+                decision = await accounts.limiter.acquire(tenant.id, limits, tokens, budget=budget)
+                if not decision.allowed and plan.daily:
+                    await accounts.daily.refund(tenant.id, now)
+                decision = tightest(decision, daily)
         except LimiterUnavailable as exc:
             store_failed("limiter", tenant.id, exc, fail_mode=tenant.config.fail_mode)
             if tenant.config.fail_mode == "open":
@@ -505,6 +515,13 @@ class Exchange:
                 tally.admitted = True
                 tally.reserved_tokens = tokens
             return None
+        if decision.limit_name == DAILY_USD:
+            RATE_LIMITED.labels(tenant.id, DAILY_USD).inc()
+            daily_usd = plan.daily.budget_nano / NANO
+            message = f"the tenant's daily budget (daily_usd ${daily_usd:g}) is spent"
+            body = tenant.format.error_body(429, message, "budget_exceeded")
+            headers = _limit_headers(decision, refused=True)
+            return await self._local(immediate(429, body, headers, "checkstream_budget"))
         if decision.over_budget:
             RATE_LIMITED.labels(tenant.id, "budget").inc()
             body = tenant.format.error_body(

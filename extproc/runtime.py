@@ -15,6 +15,7 @@ from extproc.access import AccessGate
 from extproc.accounting import Accounts
 from extproc.audit import resolve_audit_dirs
 from extproc.config import AuditConfig, LoadedConfig
+from extproc.daily_quotas import DailyLimits
 from extproc.formats.texts import apply_redactions
 from extproc.guardrails import Guardrails, TenantGuardrails, compile_guardrails
 from extproc.hookspecs import Classifier
@@ -51,6 +52,8 @@ class TenantPlan:
     #: Requests take a share of rate limits or budget before they go on.
     admits: bool
     allowed_models: frozenset[str] | None
+    #: requests_per_day and daily_usd (falsy: none).
+    daily: DailyLimits
     forwarding: Forwarding  # the client's own key goes upstream (auth_passthrough)
     forwarding_without_key: Forwarding  # the client's key is stripped
 
@@ -121,6 +124,7 @@ class Runtime:
                 budget_usd=cfg.budget.monthly_usd if cfg.budget else None,
                 admits=cfg.rate_limit.limited or cfg.budget is not None,
                 allowed_models=frozenset(cfg.models) if cfg.models is not None else None,
+                daily=DailyLimits.of(cfg),
                 forwarding=build_forwarding(tenant, keep_client_key=True, **kw),
                 forwarding_without_key=build_forwarding(tenant, keep_client_key=False, **kw),
             )
