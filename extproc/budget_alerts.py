@@ -127,7 +127,7 @@ class BudgetAlerts:
         for percent in sorted(set(budget.alerts.at_percent)):
             if spent * 100 < usd * percent:
                 break
-            key = f"cs:alert:{{{tenant}}}:{period}:{percent}"
+            key = f"checkstream:alert:{{{tenant}}}:{period}:{percent}"
             if key in self._seen:
                 continue
             try:

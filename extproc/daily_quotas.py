@@ -182,7 +182,10 @@ return spent
 
 def _keys(tenant: str, day: str) -> tuple[str, str]:
     # A hash tag per tenant keeps both counters in one cluster slot.
-    return f"cs:day:{{{tenant}}}:{day}:requests", f"cs:day:{{{tenant}}}:{day}:nano"
+    return (
+        f"checkstream:day:{{{tenant}}}:{day}:requests",
+        f"checkstream:day:{{{tenant}}}:{day}:nano",
+    )
 
 
 class RedisDailyQuotas:
