@@ -149,7 +149,8 @@ def _listener(config: CheckStreamConfig, routes: list[dict[str, Any]]) -> dict[s
         "preserve_external_request_id": True,
         "route_config": {
             "name": "checkstream",
-            "request_headers_to_remove": [ROUTE_HEADER],
+            # use_remote_address makes Envoy tell backends the client's address: not theirs.
+            "request_headers_to_remove": [ROUTE_HEADER, "x-envoy-external-address"],
             "virtual_hosts": [{"name": "llm", "domains": ["*"], "routes": routes}],
         },
         "http_filters": [
