@@ -18,10 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from extproc.cli import demo_config_path
 from extproc.keyindex import digest_of
 from tests.support import (
+    DemoUpstreamThread,
     Gateway,
     RecordingUpstream,
     Reply,
@@ -171,7 +174,7 @@ def test_keyless_managed_tenant_only_from_trusted_networks(access: Access) -> No
 
 
 def _refusals(gw: Gateway) -> dict[tuple[str, str], float]:
-    admin = yaml_port(gw)
+    admin = admin_port(gw)
     reply = request(f"http://127.0.0.1:{admin}/metrics")
     found = {}
     for family in text_string_to_metric_families(reply.body.decode()):
@@ -181,9 +184,7 @@ def _refusals(gw: Gateway) -> dict[tuple[str, str], float]:
     return found
 
 
-def yaml_port(gw: Gateway) -> int:
-    import yaml
-
+def admin_port(gw: Gateway) -> int:
     return int(yaml.safe_load(gw.config_path.read_text())["server"]["admin_port"])
 
 
@@ -220,3 +221,23 @@ def test_removing_a_key_and_reloading_revokes_it(access: Access) -> None:
     assert wait_until(lambda: gw.log().count('"event": "reloaded"') > reloads, 30), gw.log()
     reply = post(gw, headers={"authorization": f"Bearer {CI_KEY}"})
     assert (reply.status, error_code(reply)) == (401, "invalid_api_key")
+
+
+def test_the_bundled_demo_keys_still_choose_their_tenants(tmp_path: Path) -> None:
+    """The README's demo commands use sk-demo-openai and sk-demo-anthropic, now stored hashed."""
+    demo = DemoUpstreamThread().start(chunk_delay_ms=1)
+    config = yaml.safe_load(demo_config_path().read_text())
+    config["server"] = {**config["server"], **gateway_ports()}
+    config["usage"] = {"path": str(tmp_path / "usage.db")}
+    for tenant in config["tenants"]["configs"].values():
+        tenant["backend_url"] = tenant["backend_url"].replace("9001", str(demo.port))
+    gw = start_gateway(write_config(tmp_path, config))
+    try:
+        for key, tenant in (("sk-demo-openai", "demo"), ("sk-demo-anthropic", "demo-anthropic")):
+            info = request(
+                f"{gw.url}/admin/tenant-info", headers={"authorization": f"Bearer {key}"}
+            )
+            assert (info.status, info.json()["tenant"]) == (200, tenant)
+    finally:
+        assert gw.stop() == 0, gw.log()
+        demo.stop()
