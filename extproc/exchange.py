@@ -44,7 +44,7 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import (
 from google.protobuf.struct_pb2 import Struct
 
 from extproc.accounting import CLIENT_CLOSED, Tally, iso_now, store_failed
-from extproc.daily_quotas import DAILY_USD, tightest
+from extproc.daily_quotas import DAILY_USD, UNLIMITED, tightest
 from extproc.formats.texts import dump_json
 from extproc.limits import NANO, Budget, Decision, LimiterUnavailable, to_nano
 from extproc.metering import BodyMeter, StreamMeter
@@ -488,7 +488,9 @@ class Exchange:
         try:
             # The day's quotas first (daily_quotas.py): one more store call only for tenants
             # that have them, given back if a minute limit refuses.
-            daily = await accounts.daily.admit(tenant.id, plan.daily, now)
+            daily = (
+                await accounts.daily.admit(tenant.id, plan.daily, now) if plan.daily else UNLIMITED
+            )
             decision = daily
             if daily.allowed:
                 decision = await accounts.limiter.acquire(tenant.id, limits, tokens, budget=budget)
