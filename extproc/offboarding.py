@@ -172,6 +172,13 @@ def _unexported(
     return None
 
 
+def _operator() -> str:
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):  # no USER variable and no passwd entry (some containers)
+        return "unknown"
+
+
 def purge_tenant(tenant: str, ledger: Path, trail: Path | None, export: Path | None) -> Purged:
     """Delete the tenant's rows and day files; with ``export``, only if it holds them all."""
     days = day_files(trail) if trail is not None and trail.is_dir() else []
@@ -194,7 +201,7 @@ def purge_tenant(tenant: str, ledger: Path, trail: Path | None, export: Path | N
                 deleted = 0
             conn.execute(
                 "INSERT INTO purges VALUES (?, ?, ?, ?, ?, ?)",
-                (time.time(), tenant, deleted, len(days), manifest_sha, getpass.getuser()),
+                (time.time(), tenant, deleted, len(days), manifest_sha, _operator()),
             )
     finally:
         conn.close()
