@@ -64,7 +64,7 @@ def test_new_tenant_keeps_the_file_and_its_key_works(config: Path) -> None:
     assert lines[1] == f"policy: {config.parent / 'policies' / 'shop.yaml'}"
     key = lines[3]
     assert key.startswith("sk-cs-")
-    assert lines[4] == f"config check: {config}: OK (2 tenants, 1 policy files)"
+    assert lines[4] == f"config check: {config}: OK (2 tenants, 1 policy file)"
     after = config.read_text()
     assert key not in after
     added = only_added(CONFIG, after)
