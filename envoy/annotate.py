@@ -27,6 +27,10 @@ NOTES = {
     "overload_manager:": "# A hard cap on client connections, so a flood cannot exhaust file "
     "descriptors.",
     "  listeners:": "  # The listener clients call instead of api.openai.com / api.anthropic.com.",
+    "          use_remote_address: true": "          # The client's address is the connection's "
+    "peer, never its own X-Forwarded-For\n"
+    "          # (allowed_cidrs, trusted_networks: extproc/access.py); the header passes on "
+    "unchanged.",
     "            request_headers_to_remove:": "            # The routing header extproc sets "
     "is internal: the backend never sees it.",
     "              - name: tenant:acme-corp": "              # One route per tenant. extproc "

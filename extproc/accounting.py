@@ -23,7 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from extproc.audit import AuditLog, resolve_audit_dirs
+from extproc.budget_alerts import BudgetAlerts, BudgetTracker, MemoryClaims, RedisClaims
 from extproc.config import LoadedConfig, TenantConfig
+from extproc.daily_quotas import DailyQuotas, MemoryDailyQuotas, RedisDailyQuotas
 from extproc.formats.texts import Usage
 from extproc.limits import (
     Charge,
@@ -101,6 +103,15 @@ class Accounts:
     #: else handed over by this gateway's launcher.
     suspensions: set[str] = field(default_factory=set)
     shared: SharedSuspensions | None = None
+    #: Per-day quotas, and the budgets' gauge and alerts (None: built from the parts above).
+    daily: DailyQuotas = field(default_factory=MemoryDailyQuotas)
+    budgets: BudgetTracker | None = None
+
+    def __post_init__(self) -> None:
+        if self.budgets is None:
+            self.budgets = BudgetTracker(
+                self.daily, self.limiter, BudgetAlerts(MemoryClaims(), self.audit)
+            )
 
     @classmethod
     def open(cls, loaded: LoadedConfig) -> Accounts:
@@ -111,16 +122,30 @@ class Accounts:
         def ledger_spend(tenant: str, period: str) -> int:
             return to_nano(ledger.month_spend(tenant, period)) if ledger is not None else 0
 
+        def ledger_day_spend(tenant: str, start: float) -> int:
+            return to_nano(ledger.day_spend(tenant, start)) if ledger is not None else 0
+
         limits = model.limits
         shared = shared_suspensions(loaded)
+        limiter = build_limiter(limits, ledger_spend)
+        audit = AuditLog(audit_dirs(loaded))
+        daily: DailyQuotas = MemoryDailyQuotas(ledger_day_spend)
+        claims: MemoryClaims | RedisClaims = MemoryClaims()
+        if limits.backend == "redis" and limits.url:
+            daily = RedisDailyQuotas(limits.url, ledger_day_spend)
+            claims = RedisClaims(limits.url)
         return cls(
-            limiter=build_limiter(limits, ledger_spend),
+            limiter=limiter,
             ledger=ledger,
-            audit=AuditLog(audit_dirs(loaded)),
+            audit=audit,
             shared=shared,
+            daily=daily,
+            budgets=BudgetTracker(daily, limiter, BudgetAlerts(claims, audit)),
         )
 
     async def aclose(self) -> None:
+        assert self.budgets is not None
+        await self.budgets.aclose()  # before the audit log: alerts in flight write there
         await self.limiter.aclose()
         if self.shared is not None:
             await self.shared.aclose()
@@ -150,6 +175,7 @@ class Accounts:
         now = time.time()
         limits = config.rate_limit
         cost = pricing.cost(tally.model, tokens_in, tokens_out)
+        charged = False
         if tally.admitted:
             charge = None
             if cost and config.budget is not None:
@@ -166,6 +192,13 @@ class Accounts:
                 )
             except LimiterUnavailable as exc:
                 store_failed("limiter", tenant, exc)
+            else:
+                charged = config.budget is not None and cost > 0
+            if charged and self.budgets is not None:
+                try:  # before the ledger row: a day's first charge seeds from the ledger
+                    await self.budgets.charged(tenant, config, cost, now)
+                except LimiterUnavailable as exc:
+                    store_failed("limiter", tenant, exc)
         if self.ledger is not None:
             record = UsageRecord(
                 time=now,

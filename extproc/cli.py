@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from importlib.resources import files
 from pathlib import Path
 
+from extproc import cli_keys, cli_tenants
 from extproc.config import AuditConfig, LoadedConfig, load_config
 from extproc.registry import PluginError
 from extproc.runtime import check_config
@@ -390,6 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fleet_status.add_argument("urls", nargs="+", metavar="URL", help="admin base URLs")
     fleet_status.set_defaults(handler=_cmd_fleet_status)
+    cli_keys.register(commands)
+    cli_tenants.register(commands)
     return parser
 
 

@@ -7,8 +7,10 @@ nothing is re-validated per request. Key names are the public contract: keep the
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import dataclass
+from datetime import date, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -54,6 +56,10 @@ class ServerConfig(Strict):
     # /metrics and /readyz through the listener too (always on admin_port). Metrics name every
     # tenant and its volumes: turn this off where tenants can reach the listener.
     metrics_on_listener: bool = True
+    # Peers whose X-Forwarded-For is believed when finding a client's address (access.py).
+    trusted_proxies: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+    # Clients that may reach managed-auth tenants by header or path, without a key.
+    trusted_networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
 
 
 class ResolutionStep(Strict):
@@ -120,18 +126,61 @@ class RateLimitConfig(Strict):
     requests_per_minute: PositiveInt | None = None
     tokens_per_minute: PositiveInt | None = None
     max_concurrent_requests: PositiveInt | None = None
+    # Per UTC day (00:00 to 00:00), exact across replicas with limits.backend: redis.
+    requests_per_day: PositiveInt | None = None
     # Reserved for the answer when a request names no max_tokens (tokens_per_minute pre-pays).
     default_max_tokens: PositiveInt = 1024
 
     @property
     def limited(self) -> bool:
         return bool(
-            self.requests_per_minute or self.tokens_per_minute or self.max_concurrent_requests
+            self.requests_per_minute
+            or self.tokens_per_minute
+            or self.max_concurrent_requests
+            or self.requests_per_day
         )
 
 
+class ApiKeyEntry(Strict):
+    """A CheckStream key stored as its SHA-256 digest (``checkstream keys new`` makes one)."""
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    # A date: the key works through that day (UTC). A datetime without zone is UTC. Date
+    # first: a quoted "2027-06-30" is a date, not midnight at its start.
+    expires: date | datetime | None = None
+
+
+class BudgetAlerts(Strict):
+    """One POST per threshold crossed per budget period (budget_alerts.py)."""
+
+    webhook_url: str
+    at_percent: Annotated[list[Annotated[int, Field(gt=0, le=1000)]], Field(min_length=1)] = [
+        50,
+        80,
+        100,
+    ]
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("expected an http:// or https:// URL with a host")
+        return value
+
+
 class BudgetConfig(Strict):
-    monthly_usd: Annotated[float, Field(gt=0)]
+    monthly_usd: Annotated[float, Field(gt=0)] | None = None
+    # Per UTC day, next to the month's; refused with its own message (daily_quotas.py).
+    daily_usd: Annotated[float, Field(gt=0)] | None = None
+    alerts: BudgetAlerts | None = None
+
+    @model_validator(mode="after")
+    def _some_budget(self) -> BudgetConfig:
+        if self.monthly_usd is None and self.daily_usd is None:
+            raise ValueError("set monthly_usd, daily_usd or both")
+        return self
 
 
 class ManagedAuth(Strict):
@@ -167,6 +216,11 @@ class TenantConfig(Strict):
     audit: AuditConfig | None = None  # absent: no audit trail
     fail_mode: Literal["closed", "open"] = "closed"
     suspended: bool = False
+    api_keys: list[ApiKeyEntry] = []
+    # Client addresses allowed to use this tenant; absent: any.
+    allowed_cidrs: list[ipaddress.IPv4Network | ipaddress.IPv6Network] | None = None
+    # A managed-auth tenant reachable without a key says so here (or server.trusted_networks).
+    allow_unauthenticated: bool = False
     # Paths (after any /tenant/<id> prefix) whose bodies no guardrail can read, forwarded
     # unchecked because the operator named them; any other unknown endpoint is refused.
     passthrough_paths: list[str] = []
@@ -311,7 +365,12 @@ def load_config(path: str | Path, *, require_secrets: bool = True) -> LoadedConf
         raise ConfigError(
             validation_problems(doc, exc, CheckStreamConfig, redact=[_API_KEY_MAP])
         ) from None
+    from extproc.access_checks import check_access  # it imports this module's models
+
     problems, warnings = _cross_check(doc, model)
+    access_problems, access_warnings = check_access(doc, model)
+    problems += access_problems
+    warnings += access_warnings
     policies: dict[str, LoadedPolicy] = {}
     secrets: dict[str, str] = {}
     base = doc.path.parent

@@ -138,9 +138,19 @@ def _listener(config: CheckStreamConfig, routes: list[dict[str, Any]]) -> dict[s
         "http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "checkstream",
         "codec_type": "AUTO",
+        # source.address is then the connection's peer: without this Envoy takes it from the
+        # client's own X-Forwarded-For, and an address allow-list would trust the client.
+        "use_remote_address": True,
+        # Appending would add Envoy's own address for loopback peers, and backends saw the
+        # header as the client sent it before: keep that.
+        "skip_xff_append": True,
+        # With use_remote_address every client is external to Envoy (no internal_address_config),
+        # and Envoy would replace a client's x-request-id: keep it, as before.
+        "preserve_external_request_id": True,
         "route_config": {
             "name": "checkstream",
-            "request_headers_to_remove": [ROUTE_HEADER],
+            # use_remote_address makes Envoy tell backends the client's address: not theirs.
+            "request_headers_to_remove": [ROUTE_HEADER, "x-envoy-external-address"],
             "virtual_hosts": [{"name": "llm", "domains": ["*"], "routes": routes}],
         },
         "http_filters": [
@@ -202,6 +212,8 @@ def _ext_proc(config: CheckStreamConfig) -> dict[str, Any]:
         # "via_upstream" when the backend answered, Envoy's reason otherwise (connection
         # failure, timeout): only answers from a model are billed (exchange.py).
         "response_attributes": ["response.code_details"],
+        # The direct peer, for allowed_cidrs and trusted_networks (access.py).
+        "request_attributes": ["source.address"],
         "message_timeout": "5s",
         "metadata_options": {"receiving_namespaces": {"untyped": [METADATA_NAMESPACE]}},
     }

@@ -55,12 +55,14 @@ from extproc.answers import (
     PassThrough,
     Unreadable,
 )
+from extproc.daily_quotas import DAILY_USD, UNLIMITED, tightest
 from extproc.encodings import DECODABLE, decode_body
 from extproc.formats import WireFormat
 from extproc.formats.endpoints import Endpoint, find_endpoint
 from extproc.formats.texts import dump_json, readable
-from extproc.limits import Budget, Decision, LimiterUnavailable, to_nano
+from extproc.limits import NANO, Budget, Decision, LimiterUnavailable, to_nano
 from extproc.metrics import (
+    ACCESS_REFUSED,
     CLASSIFIER_ERRORS,
     LATENCY,
     POLICY_TRIGGERS,
@@ -80,6 +82,7 @@ _EMPTY_BODY_RESPONSE = ProcessingResponse(request_body=BodyResponse())
 _EMPTY_RESPONSE_HEADERS = ProcessingResponse(response_headers=HeadersResponse())
 _EMPTY_TRAILERS = ProcessingResponse(response_trailers=TrailersResponse())
 _EXT_PROC_ATTRIBUTES = "envoy.filters.http.ext_proc"
+_ACCESS = "checkstream_access"
 # Served by the launcher's admin server, through the listener unless the operator says not.
 _OPERATOR_PATHS = frozenset({"/metrics", "/readyz"})
 # Client-chosen strings stored in usage records, audit trails and logs are capped.
@@ -133,7 +136,9 @@ class Exchange:
         self.tally: Tally | None = None
 
     # -- request ---------------------------------------------------------------------------
-    async def on_request_headers(self, msg: HttpHeaders) -> ProcessingResponse:
+    async def on_request_headers(
+        self, msg: HttpHeaders, attributes: Mapping[str, Struct] | None = None
+    ) -> ProcessingResponse:
         headers = header_map(msg)
         path = headers.get(":path", "/")
         if path == "/healthz" or path.startswith("/healthz?"):
@@ -150,6 +155,14 @@ class Exchange:
         if isinstance(found, Refused):
             return error_response(
                 found.format, found.status, found.message, found.code, "checkstream_tenancy"
+            )
+        barred = runtime.access.check(
+            found.tenant.id, found.key_is_ours, attributes, headers.get("x-forwarded-for")
+        )
+        if barred is not None:
+            ACCESS_REFUSED.labels(found.tenant.id, barred.code).inc()
+            return error_response(
+                found.tenant.format, barred.status, barred.message, barred.code, _ACCESS
             )
         plan = runtime.plans[found.tenant.id]
         self.plan = plan
@@ -502,10 +515,21 @@ class Exchange:
         limits = tenant.config.rate_limit
         accounts = self.runtime.accounts
         budget = None
+        now = time.time()
         if plan.budget_usd is not None:
-            budget = Budget(period_of(time.time()), to_nano(plan.budget_usd))
+            budget = Budget(period_of(now), to_nano(plan.budget_usd))
         try:
-            decision = await accounts.limiter.acquire(tenant.id, limits, tokens, budget=budget)
+            # The day's quotas first (daily_quotas.py): one more store call only for tenants
+            # that have them, given back if a minute limit refuses.
+            daily = (
+                await accounts.daily.admit(tenant.id, plan.daily, now) if plan.daily else UNLIMITED
+            )
+            decision = daily
+            if daily.allowed:
+                decision = await accounts.limiter.acquire(tenant.id, limits, tokens, budget=budget)
+                if not decision.allowed and plan.daily:
+                    await accounts.daily.refund(tenant.id, now)
+                decision = tightest(decision, daily)
         except LimiterUnavailable as exc:
             store_failed("limiter", tenant.id, exc, fail_mode=tenant.config.fail_mode)
             if tenant.config.fail_mode == "open":
@@ -526,6 +550,13 @@ class Exchange:
                 tally.admitted = True
                 tally.reserved_tokens = tokens
             return None
+        if decision.limit_name == DAILY_USD:
+            RATE_LIMITED.labels(tenant.id, DAILY_USD).inc()
+            daily_usd = plan.daily.budget_nano / NANO
+            message = f"the tenant's daily budget (daily_usd ${daily_usd:g}) is spent"
+            body = tenant.format.error_body(429, message, "budget_exceeded")
+            headers = _limit_headers(decision, refused=True)
+            return await self._local(immediate(429, body, headers, "checkstream_budget"))
         if decision.over_budget:
             RATE_LIMITED.labels(tenant.id, "budget").inc()
             body = tenant.format.error_body(

@@ -16,7 +16,7 @@ them:
 - Counters and histograms sum correctly across processes. A Gauge must be given a
   ``multiprocess_mode`` (``livesum``, ``max``...), and the ``live*`` modes need
   ``prometheus_client.multiprocess.mark_process_dead(pid, directory)`` when a worker dies.
-  There are no gauges today.
+  ``checkstream_budget_used_ratio`` uses ``mostrecent``: the last value any worker set.
 - The process_* and python_* default collectors do not exist in multiprocess output.
 
 Without the variable (``checkstream serve`` alone, tests), metrics stay in the process
@@ -27,7 +27,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from prometheus_client.multiprocess import MultiProcessCollector
 
 # The format generate_latest writes; CONTENT_TYPE_LATEST names other formats in newer
@@ -83,6 +90,20 @@ RATE_LIMITED = Counter(
     "checkstream_rate_limited_total",
     "Requests refused by a rate limit, by tenant and limit.",
     ["tenant", "limit"],
+)
+ACCESS_REFUSED = Counter(
+    "checkstream_access_refused_total",
+    "Requests refused for where they came from, by tenant and reason "
+    "(address_not_allowed, key_required).",
+    ["tenant", "reason"],
+)
+# Every worker sees the same shared spend (Redis) or is the only one (memory): the value
+# set last is the one to show.
+BUDGET_USED = Gauge(
+    "checkstream_budget_used_ratio",
+    "Share of the budget spent in the current period, by tenant and budget (monthly, daily).",
+    ["tenant", "budget"],
+    multiprocess_mode="mostrecent",
 )
 EXTPROC_ERRORS = Counter(
     "checkstream_extproc_errors_total",

@@ -11,9 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from extproc.access import AccessGate
 from extproc.accounting import Accounts
 from extproc.audit import resolve_audit_dirs
 from extproc.config import AuditConfig, LoadedConfig
+from extproc.daily_quotas import DailyLimits
 from extproc.formats.texts import apply_redactions
 from extproc.guardrails import Guardrails, TenantGuardrails, compile_guardrails
 from extproc.hookspecs import Classifier
@@ -58,6 +60,8 @@ class TenantPlan:
     #: Refuse prompts with images, audio or files (guarded, and the operator did not opt out).
     refuses_media: bool
     max_request_bytes: int
+    #: requests_per_day and daily_usd (falsy: none).
+    daily: DailyLimits
     forwarding: Forwarding  # the client's own key goes upstream (auth_passthrough)
     forwarding_without_key: Forwarding  # the client's key is stripped
 
@@ -81,6 +85,8 @@ class Runtime:
     audit_retention: dict[str, int]
     #: Finds the PII to hide in audit excerpts (tenants with audit.include_content).
     excerpt_pii: Classifier | None
+    #: Client addresses: allowed_cidrs, keyless access from trusted_networks.
+    access: AccessGate
     #: Set on SIGTERM: health turns 503 so load balancers stop sending new traffic.
     draining: bool = field(default=False)
 
@@ -131,6 +137,7 @@ class Runtime:
                 passthrough_paths=frozenset(cfg.passthrough_paths),
                 refuses_media=bool(rails.ingress.rules) and not cfg.passthrough_media,
                 max_request_bytes=model.server.max_request_bytes,
+                daily=DailyLimits.of(cfg),
                 forwarding=build_forwarding(tenant, keep_client_key=True, **kw),
                 forwarding_without_key=build_forwarding(tenant, keep_client_key=False, **kw),
             )
@@ -152,6 +159,7 @@ class Runtime:
             config_version(loaded),
             {t: cfg.retention_days for t, (_path, cfg) in audited.items()},
             _excerpt_redactor(loaded, registry, audited),
+            AccessGate.from_config(model),
         )
 
     def excerpt(self, tenant_id: str, texts: Sequence[str]) -> str | None:

@@ -73,7 +73,9 @@ class ExternalProcessor(external_processor_pb2_grpc.ExternalProcessorServicer): 
             kind = request.WhichOneof("request")
             answer: Answer
             if kind == "request_headers":
-                answer = await exchange.on_request_headers(request.request_headers)
+                answer = await exchange.on_request_headers(
+                    request.request_headers, request.attributes
+                )
             elif kind == "response_body":
                 answer = await exchange.on_response_body(request.response_body)
             elif kind == "request_body":

@@ -10,6 +10,7 @@ callers you trust, and use ``api_key_mapping`` for everyone else.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ from extproc.backends import Backend, backend_from_url
 from extproc.config import CheckStreamConfig, TenantConfig
 from extproc.formats import FORMATS, WireFormat
 from extproc.formats import openai as openai_format
+from extproc.keyindex import KeyIndex
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,7 @@ class TenantResolver:
         self.enabled = tenants.enabled
         self.steps = tenants.resolution
         self.default = tenants.default_tenant
-        self.key_map = dict(tenants.api_key_map)
+        self.keys = KeyIndex.from_config(config)
         self.uses_keys = any(step.api_key_mapping for step in self.steps)
         self.tenants = {
             tenant_id: Tenant(
@@ -82,14 +84,18 @@ class TenantResolver:
             for tenant_id, cfg in tenants.configs.items()
         }
 
-    def resolve(self, path: str, headers: Mapping[str, str]) -> Resolved | Refused:
+    def resolve(
+        self, path: str, headers: Mapping[str, str], now: float | None = None
+    ) -> Resolved | Refused:
         """Resolve a request from its path and lower-cased headers."""
-        # A key from api_key_map is ours (never forwarded upstream) even when api_key_mapping
-        # is not a resolution step.
-        keys = client_keys(headers) if self.uses_keys or self.key_map else []
+        # A key from api_keys or api_key_map is ours (never forwarded upstream) even when
+        # api_key_mapping is not a resolution step.
+        keys = client_keys(headers) if self.uses_keys or self.keys else []
         # A client may send its CheckStream key in either header and something else in the
         # other (SDKs set both): the key we know decides, two keys of two tenants conflict.
-        key_tenants = {self.key_map[k] for k in keys if k in self.key_map}
+        key_tenants, expired = self.keys.tenants_of(keys, time.time() if now is None else now)
+        if not key_tenants and expired is not None:
+            return self._refuse(401, "this API key has expired", "key_expired", expired)
         if len(key_tenants) > 1:
             return self._refuse(
                 403,

@@ -219,6 +219,16 @@ class UsageLedger:
             ).fetchone()
         return float(total)
 
+    def day_spend(self, tenant: str, start: float) -> float:
+        """``tenant``'s committed cost in the UTC day starting at epoch ``start``."""
+        with self._read_lock:
+            (total,) = self._reader.execute(
+                "SELECT TOTAL(cost_usd) FROM usage"
+                " WHERE tenant = ? AND period = ? AND time >= ? AND time < ?",
+                (tenant, period_of(start), start, start + 86400),
+            ).fetchone()
+        return float(total)
+
     async def aclose(self) -> None:
         """Commit what is queued, stop the writer, close the connections."""
         with self._lock:

@@ -61,7 +61,13 @@ def gateway(
     lenient = write_policy(directory, "lenient.yaml", [("falcon_seen", "falcon", "log")])
     config: dict[str, Any] = {
         "classifiers": {"falcon": {"type": "keyword", "terms": ["project falcon"]}},
-        "server": {"host": "127.0.0.1", **gateway_ports(), "max_request_bytes": 65536},
+        "server": {
+            "host": "127.0.0.1",
+            **gateway_ports(),
+            "max_request_bytes": 65536,
+            # alpha (managed auth) is reached by header too, from here only.
+            "trusted_networks": ["127.0.0.0/8"],
+        },
         "tenants": {
             "resolution": [
                 {"header": "X-Tenant-ID"},

@@ -16,13 +16,17 @@ from extproc.cli import main
 GOOD = """\
 tenants:
   default_tenant: acme
-  api_key_map: {"sk-cs-acme": acme}
+  enabled: true
   configs:
     acme:
       backend_url: "https://api.openai.com/v1"
       policy_path: policy.yaml
       classifiers: [pii_detector]
       auth: {type: bearer, token_env: CS_CLI_TEST_KEY}
+      allow_unauthenticated: true
+      api_keys: # sk-cs-acme, hashed
+        - name: app
+          sha256: bbfc5e8679b22ff4e686263f965d5a2c679079bd4b7c01875bf50565065417a4
     beta:
       backend_url: "http://127.0.0.1:9001"
       streaming_format: anthropic
@@ -154,6 +158,7 @@ tenants:
       backend_url: "https://api.openai.com/v1"
       backend_timeout_ms: 45000
       auth: {type: bearer, token_env: CS_CLI_TEST_KEY}
+      allow_unauthenticated: true
     globex:
       backend_url: "https://api.openai.com"
       auth_passthrough: true

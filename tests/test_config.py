@@ -20,7 +20,8 @@ from extproc.yamlsource import ConfigError
 SECRET = "sk-upstream-SECRET-value-0042"
 
 FULL_CONFIG = """\
-server: {host: 0.0.0.0, port: 8080, admin_port: 9090, extproc_port: 50051, extproc_workers: 1}
+server: {host: 0.0.0.0, port: 8080, admin_port: 9090, extproc_port: 50051, extproc_workers: 1,
+  trusted_networks: [10.0.0.0/8]}
 classifiers:
   acme_banned: {type: keyword, terms: ["project falcon", "internal only"]}
   fin_advice:  {type: topic, labels: {financial_advice: ["Which stocks should I buy?", "..."]}}
@@ -216,7 +217,9 @@ def test_full_config_defaults_and_coercions(full: LoadedConfig) -> None:
     assert default.fail_mode == "closed"
 
 
-def test_full_config_policy_secret_and_no_warnings(full: LoadedConfig, tmp_path: Path) -> None:
+def test_full_config_policy_secret_and_plaintext_key_warning(
+    full: LoadedConfig, tmp_path: Path
+) -> None:
     assert full.path == tmp_path / "checkstream.yaml"
     assert list(full.policies) == ["acme-corp"]
     policy = full.policies["acme-corp"].model
@@ -230,7 +233,11 @@ def test_full_config_policy_secret_and_no_warnings(full: LoadedConfig, tmp_path:
     assert (rule.trigger.classifier, rule.trigger.threshold) == ("financial_advice", 0.7)
     assert policy.policies[1].trigger.threshold is None
     assert full.secrets == {"acme-corp": SECRET}
-    assert full.warnings == ()
+    line = line_of(FULL_CONFIG, "api_key_map:")
+    assert full.warnings == (
+        f"{full.path}:{line}: tenants.api_key_map: holds plaintext keys: move them to the "
+        "tenants' api_keys as SHA-256 digests (`checkstream keys new`)",
+    )
 
 
 def test_empty_file_gives_defaults(tmp_path: Path) -> None:
@@ -426,6 +433,7 @@ def test_backend_url_with_credentials_is_refused_without_echoing_them(tmp_path: 
 
 
 MANAGED = """\
+server: {trusted_networks: [10.0.0.0/8]}
 tenants:
   configs:
     acme:
@@ -678,6 +686,7 @@ def test_every_problem_is_reported_sorted_by_line(
         '      backend_url: "https://api.openai.com/v1"\n'
         "      auth: {token_env: CS_TEST_UNSET_KEY}\n"
         "      auth_passthrough: true\n"
+        "      allow_unauthenticated: true\n"
     )
     path = write(tmp_path, text)
     error = refused(path)

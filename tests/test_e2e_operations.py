@@ -253,6 +253,7 @@ def ops(tmp_path_factory: pytest.TempPathFactory, demo: DemoUpstreamThread) -> I
                 "managed": {
                     "backend_url": backend,
                     "auth": {"type": "bearer", "token_env": "OPS_UPSTREAM_KEY"},
+                    "allow_unauthenticated": True,
                 },
             }
         },

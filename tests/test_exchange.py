@@ -47,12 +47,14 @@ tenants:
       backend_url: "http://127.0.0.1:9001/proxy/v1"
       models: [gpt-4o-mini, gpt-4o]
       auth: {type: bearer, token_env: CS_TEST_OPENAI_KEY}
+      allow_unauthenticated: true
     claude:
       backend_url: "https://api.anthropic.com"
       streaming_format: anthropic
       headers: {Anthropic-Version: "2023-06-01"}
       models: [claude-3-5-haiku]
       auth: {type: bearer, token_env: CS_TEST_ANTHROPIC_KEY}
+      allow_unauthenticated: true
     frozen:
       backend_url: "https://api.openai.com/v1"
       suspended: true
