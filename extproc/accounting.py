@@ -25,6 +25,7 @@ from typing import Any
 from extproc.audit import AuditLog, resolve_audit_dirs
 from extproc.config import LoadedConfig, TenantConfig
 from extproc.formats.texts import Usage
+from extproc.ledgers import Ledger, open_ledger
 from extproc.limits import (
     Charge,
     Decision,
@@ -36,7 +37,7 @@ from extproc.limits import (
 from extproc.metering import estimate_tokens
 from extproc.metrics import EXTPROC_ERRORS, LATENCY, REQUESTS, TOKENS, model_label
 from extproc.suspensions import SharedSuspensions
-from extproc.usage import Pricing, UsageLedger, UsageRecord, period_of, resolve_usage_path
+from extproc.usage import Pricing, UsageRecord, period_of
 
 log = logging.getLogger("checkstream.requests")
 
@@ -95,7 +96,7 @@ class Accounts:
     """The long-lived state behind limits, budgets, usage and audit (one per process)."""
 
     limiter: Limiter  # rate limits and budgets
-    ledger: UsageLedger | None
+    ledger: Ledger | None
     audit: AuditLog
     #: Admin overrides of tenants' ``suspended`` flags (tenant id -> suspended), from this
     #: gateway's launcher.
@@ -108,10 +109,12 @@ class Accounts:
     def open(cls, loaded: LoadedConfig) -> Accounts:
         """Must run inside the event loop that will use it (Redis clients bind to it)."""
         model = loaded.model
-        ledger = UsageLedger.open(resolve_usage_path(loaded)) if model.usage.enabled else None
+        ledger = open_ledger(loaded)
 
-        def ledger_spend(tenant: str, period: str) -> int:
-            return to_nano(ledger.month_spend(tenant, period)) if ledger is not None else 0
+        # With a shared (PostgreSQL) ledger this is every replica's spend: a counter lost
+        # with Redis restarts from the fleet's total, not one replica's share.
+        async def ledger_spend(tenant: str, period: str) -> int:
+            return to_nano(await ledger.month_spend(tenant, period)) if ledger is not None else 0
 
         limits = model.limits
         shared = SharedSuspensions(limits.url) if limits.backend == "redis" and limits.url else None

@@ -167,7 +167,8 @@ def _cmd_policy_lint(args: argparse.Namespace) -> int:
 
 
 def _cmd_usage(args: argparse.Namespace) -> int:
-    from extproc.usage import UsageError, render, report, resolve_usage_path
+    from extproc.ledgers import read_report
+    from extproc.usage import UsageError, render
 
     loaded = _load(args.config, require_secrets=False)
     if loaded is None:
@@ -180,8 +181,8 @@ def _cmd_usage(args: argparse.Namespace) -> int:
         )
         return 1
     try:
-        rows = report(
-            resolve_usage_path(loaded),
+        rows = read_report(
+            loaded,
             tenant=args.tenant,
             period=args.period,
             by_model=args.by == "model",
