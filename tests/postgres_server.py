@@ -62,9 +62,14 @@ class PostgresServer:
             str(BIN / "initdb"), "-D", str(self._data), "-U", USER, "-A", "trust",
             "--no-sync", "-E", "UTF8", "--locale", "C",
         )  # fmt: skip
+        self.restart()
+        return self
+
+    def restart(self) -> None:
+        """Start the server on its data directory (again, after ``stop_only``)."""
         options = (
             f"-c listen_addresses=127.0.0.1 -c port={self.port} -c unix_socket_directories=''"
-            " -c max_connections=200 -c fsync=on"
+            " -c max_connections=200"
         )
         log = self._dir / "server.log"
         self._run(
@@ -72,7 +77,11 @@ class PostgresServer:
             "-w", "-t", "60", "start",
         )  # fmt: skip
         self._started = True
-        return self
+
+    def stop_only(self) -> None:
+        """Stop the server, keeping its data (``restart`` brings it back)."""
+        self._run(str(BIN / "pg_ctl"), "-D", str(self._data), "-m", "fast", "-w", "stop")
+        self._started = False
 
     def create_database(self) -> str:
         """A fresh, empty database; its URL."""
@@ -110,4 +119,3 @@ def postgres_server() -> Iterator[PostgresServer]:
 def postgres_url(postgres_server: PostgresServer) -> str:
     """A fresh database of the session's server for one test."""
     return postgres_server.create_database()
-
