@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ from extproc.limits import (
 )
 from extproc.metering import estimate_tokens
 from extproc.metrics import EXTPROC_ERRORS, LATENCY, REQUESTS, TOKENS, model_label
+from extproc.replica import replica_name
 from extproc.suspensions import SharedSuspensions
 from extproc.usage import Pricing, UsageRecord, period_of
 
@@ -121,7 +123,7 @@ class Accounts:
         return cls(
             limiter=build_limiter(limits, ledger_spend),
             ledger=ledger,
-            audit=AuditLog(audit_dirs(loaded)),
+            audit=AuditLog(audit_dirs(loaded), replica_name(model.server.replica, os.environ)),
             shared=shared,
         )
 

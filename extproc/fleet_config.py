@@ -13,6 +13,7 @@ import os
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
+from extproc.replica import ReplicaNameError, replica_name
 from extproc.yamlsource import KeyPath, Problem, YamlDocument, format_key_path
 
 if TYPE_CHECKING:
@@ -68,10 +69,15 @@ def check_usage_backend(
 def replication_problems(
     doc: YamlDocument, model: CheckStreamConfig, warnings: list[str]
 ) -> list[Problem]:
-    """What ``replicated: true`` refuses, each at its own key."""
-    if not model.replicated:
-        return []
+    """What ``replicated: true`` refuses, each at its own key; a replica name from the
+    environment that cannot name a file."""
     problems: list[Problem] = []
+    try:
+        replica_name(model.server.replica, os.environ)
+    except ReplicaNameError as exc:
+        problems.append(doc.problem(("server", "replica"), str(exc)))
+    if not model.replicated:
+        return problems
     if model.limits.backend == "memory":
         problems.append(
             _at(
