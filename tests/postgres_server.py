@@ -22,7 +22,17 @@ import pytest
 
 from tests.support import free_port
 
-BIN = Path("/usr/lib/postgresql/15/bin")
+
+def _server_bin() -> Path:
+    """Debian's server binaries (not on PATH): the newest installed major version."""
+    found = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"),
+        key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit() else 0,
+    )
+    return found[-1].parent if found else Path("/usr/lib/postgresql/15/bin")
+
+
+BIN = _server_bin()
 USER = "checkstream"
 
 
