@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import free_port
+from tests.support import child_processes, free_port
 
 
 def _server_bin() -> Path:
@@ -92,6 +92,14 @@ class PostgresServer:
         """Stop the server, keeping its data (``restart`` brings it back)."""
         self._run(str(BIN / "pg_ctl"), "-D", str(self._data), "-m", "fast", "-w", "stop")
         self._started = False
+
+    def pids(self) -> list[int]:
+        """The postmaster and its children (backends, WAL writer, ...), for CPU accounting."""
+        try:
+            pid = int((self._data / "postmaster.pid").read_text().split("\n", 1)[0])
+        except (OSError, ValueError):
+            return []
+        return [pid, *child_processes(pid)]
 
     def create_database(self) -> str:
         """A fresh, empty database; its URL."""
