@@ -3,9 +3,9 @@
 Run by extproc workers (recording, budget seeds, tenant-info) and the CLI (reports, audit
 completeness). Same guarantee as the SQLite ledger (``extproc/usage.py``): ``record()``
 returns only once its row is committed (PostgreSQL's default ``synchronous_commit = on``
-flushes the WAL at commit). Rows wait while a batch commits and then go as the next batch,
-one transaction each (psycopg's ``executemany`` pipelines the inserts in one round trip), so
-a busy worker costs one commit per batch, not per request.
+flushes the WAL at commit). Rows wait while a batch commits and then go as the next batch:
+one ``INSERT ... SELECT FROM unnest(...)`` statement, one round trip and one commit per batch,
+not per request.
 
 A request id is recorded once per tenant (``ON CONFLICT DO NOTHING``): finishing a request
 again, from a retry or a second path, cannot bill it twice; the key includes the tenant, so
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -72,10 +72,13 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 
+# A whole batch is one statement (one column array per parameter): one round trip, and as
+# a single statement in autocommit mode it is its own transaction, all rows or none.
 _INSERT = (
     f"INSERT INTO {TABLE} (time, period, request_id, tenant, model, input_tokens,"
     " output_tokens, estimated, status, latency_ms, cost_usd)"
-    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+    " SELECT * FROM unnest(%s::float8[], %s::text[], %s::text[], %s::text[], %s::text[],"
+    " %s::int8[], %s::int8[], %s::bool[], %s::int4[], %s::float8[], %s::float8[])"
     " ON CONFLICT (tenant, request_id) DO NOTHING"
 )
 
@@ -129,6 +132,12 @@ def migrate(url: str) -> int:
 class _Pending:
     record: UsageRecord
     future: asyncio.Future[None]
+
+
+def _columns(records: Iterable[UsageRecord]) -> list[list[object]]:
+    """The batch as one list per column, the parameters of ``_INSERT``."""
+    rows = [_row(rec) for rec in records]
+    return [list(column) for column in zip(*rows, strict=True)]
 
 
 def _row(rec: UsageRecord) -> tuple[object, ...]:
@@ -199,12 +208,8 @@ class PostgresLedger:
             try:
                 async with asyncio.timeout(_COMMIT_TIMEOUT_S):
                     pool = await self._connections()
-                    async with (
-                        pool.connection() as conn,
-                        conn.transaction(),
-                        conn.cursor() as cur,
-                    ):
-                        await cur.executemany(_INSERT, [_row(p.record) for p in batch])
+                    async with pool.connection() as conn:
+                        await conn.execute(_INSERT, _columns(p.record for p in batch))
                 self.commits += 1
             except Exception as exc:
                 error = exc
