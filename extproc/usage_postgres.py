@@ -5,7 +5,7 @@ completeness). Same guarantee as the SQLite ledger (``extproc/usage.py``): ``rec
 returns only once its row is committed (PostgreSQL's default ``synchronous_commit = on``
 flushes the WAL at commit). Rows wait while a batch commits and then go as the next batch:
 one ``INSERT ... SELECT FROM unnest(...)`` statement, one round trip and one commit per batch,
-not per request.
+not per request; up to ``_WRITERS`` batches commit at once.
 
 A request id is recorded once per tenant (``ON CONFLICT DO NOTHING``): finishing a request
 again, from a retry or a second path, cannot bill it twice; the key includes the tenant, so
@@ -46,6 +46,10 @@ _CONNECT_TIMEOUT_S = 5
 # (logged, counted) instead of waiting forever.
 _COMMIT_TIMEOUT_S = 15.0
 _MAX_BATCH = 1000
+# Batches committing at once, each on its own pooled connection: under load the next batch
+# need not wait for the previous one's WAL flush (a round trip to another process, which a
+# busy machine may not schedule at once).
+_WRITERS = 3
 
 #: Version n is reached by running _MIGRATIONS[n - 1]; never edit one that has shipped.
 _MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -166,7 +170,8 @@ class PostgresLedger:
         # Opened on first use, inside the event loop that uses it.
         self._pool: AsyncConnectionPool | None = None
         self._pending: list[_Pending] = []
-        self._writer: asyncio.Task[None] | None = None
+        self._writers: set[asyncio.Task[None]] = set()
+        self._start_scheduled = False
         self._closed = False
 
     @classmethod
@@ -197,9 +202,18 @@ class PostgresLedger:
             raise RuntimeError("usage ledger is closed")
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending.append(_Pending(rec, future))
-        if self._writer is None or self._writer.done():
-            self._writer = asyncio.get_running_loop().create_task(self._write())
+        if not self._start_scheduled and len(self._writers) < _WRITERS:
+            # Next loop turn: records of requests ending in this turn join the same batch.
+            self._start_scheduled = True
+            asyncio.get_running_loop().call_soon(self._start_writer)
         await asyncio.shield(future)
+
+    def _start_writer(self) -> None:
+        self._start_scheduled = False
+        if self._pending and len(self._writers) < _WRITERS:
+            task = asyncio.get_running_loop().create_task(self._write())
+            self._writers.add(task)
+            task.add_done_callback(self._writers.discard)
 
     async def _write(self) -> None:
         while self._pending:
@@ -248,9 +262,10 @@ class PostgresLedger:
     async def aclose(self) -> None:
         """Commit what is queued, then close the pool."""
         self._closed = True
-        if self._writer is not None:
+        while self._writers or self._start_scheduled:
             with contextlib.suppress(Exception):
-                await self._writer
+                await asyncio.gather(*self._writers)
+            await asyncio.sleep(0)
         if self._pool is not None:
             await self._pool.close()
 
