@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sqlite3
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -116,7 +117,12 @@ class Accounts:
         # With a shared (PostgreSQL) ledger this is every replica's spend: a counter lost
         # with Redis restarts from the fleet's total, not one replica's share.
         async def ledger_spend(tenant: str, period: str) -> int:
-            return to_nano(await ledger.month_spend(tenant, period)) if ledger is not None else 0
+            if ledger is None:
+                return 0
+            try:
+                return to_nano(await ledger.month_spend(tenant, period))
+            except (OSError, sqlite3.Error) as exc:  # no seed: the tenant's fail mode decides
+                raise LimiterUnavailable(f"cannot seed the month's budget: {exc}") from exc
 
         limits = model.limits
         shared = SharedSuspensions(limits.url) if limits.backend == "redis" and limits.url else None

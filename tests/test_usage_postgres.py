@@ -270,3 +270,34 @@ async def test_checkstream_usage_reads_the_shared_ledger(
     monkeypatch.delenv("TEST_USAGE_DSN")
     assert await asyncio.to_thread(main, argv) == 1
     assert "TEST_USAGE_DSN is not set" in capsys.readouterr().err
+
+
+async def test_accounts_seed_budgets_from_the_shared_ledger_or_fail_in_the_tenants_mode(
+    tmp_path: Path,
+) -> None:
+    from extproc.accounting import Accounts
+    from extproc.config import load_config
+    from extproc.limits import NANO, LimiterUnavailable
+
+    postgres_available()
+    server = PostgresServer().start()  # its own server: this test stops it
+    try:
+        url = server.create_database()
+        config = tmp_path / "checkstream.yaml"
+        config.write_text(
+            f"usage: {{backend: postgres, url: '{url}'}}\n"
+            "tenants:\n  configs:\n    acme: {backend_url: 'http://127.0.0.1:9001'}\n"
+        )
+        other_replica = PostgresLedger.open(url)
+        await other_replica.record(_rec("acme", "gpt-4o", 1000, 1000))  # $0.0125
+        await other_replica.aclose()
+        accounts = Accounts.open(load_config(config))
+        assert isinstance(accounts.ledger, PostgresLedger)
+        # What another replica recorded is where this one's month starts.
+        assert await accounts.limiter.spent("acme", NOVEMBER) == round(0.0125 * NANO)
+        server.stop_only()
+        with pytest.raises(LimiterUnavailable, match="cannot seed the month's budget"):
+            await accounts.limiter.spent("acme", "2026-12")
+        await accounts.aclose()
+    finally:
+        server.stop()
