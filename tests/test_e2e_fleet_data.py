@@ -267,3 +267,22 @@ def test_config_check_refuses_the_fleet_config_with_a_per_replica_ledger(
     assert done.returncode == 1
     assert "usage.backend: replicated: a SQLite ledger is per replica" in done.stderr
     assert _cli("config", "check", str(fleet.a.config_path)).returncode == 0
+
+
+def test_a_gateway_whose_ledger_is_down_does_not_start_and_says_why(tmp_path: Path) -> None:
+    from tests.support import refusing_port, start_gateway, write_config
+
+    with refusing_port() as port:
+        url = f"postgresql://billing:s3cret@127.0.0.1:{port}/usage"
+        config = {
+            "server": {"host": "127.0.0.1", **gateway_ports()},
+            "usage": {"backend": "postgres", "url_env": DSN_ENV},
+            "tenants": {"configs": {"acme": {"backend_url": "http://127.0.0.1:9/v1"}}},
+        }
+        with pytest.raises(RuntimeError, match="gateway exited with 1") as caught:
+            start_gateway(write_config(tmp_path, config), env={DSN_ENV: url})
+    message = str(caught.value)
+    assert f"usage ledger postgresql://billing:***@127.0.0.1:{port}/usage is unavailable" in (
+        message
+    )
+    assert "s3cret" not in message
