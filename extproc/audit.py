@@ -15,11 +15,11 @@ first record, and an incomplete last line. What a chain alone cannot detect:
 - removal of trailing records or files: the cut trail is still a valid chain. Recording the
   latest hash somewhere else (logs, a ticket) from time to time is what pins the end.
 
-Several writer processes (extproc workers) share one chain per tenant: each batch takes an
-exclusive ``flock`` on the tenant's ``.lock``, reads the current last hash from the newest
-file (never cached: another process may have written since), appends with one ``os.write``
-per file and fsyncs before releasing. One chain per tenant rather than one per writer keeps
-``verify`` and the files simple and independent of how many workers ran.
+Several writer processes (a replica's extproc workers) share one chain per tenant: each batch
+takes an exclusive ``flock`` on the chain's lock file, reads the current last hash from the
+newest file (never cached: another process may have written since), appends with one
+``os.write`` per file and fsyncs before releasing. One chain per tenant and replica rather
+than one per writer keeps ``verify`` and the files independent of how many workers ran.
 
 Within a process, ``AuditLog`` has one writer thread: ``append`` calls that arrive while a
 batch is being written wait and go out together, one write and one fsync per tenant file.

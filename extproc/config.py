@@ -57,8 +57,8 @@ class ServerConfig(Strict):
     # /metrics and /readyz through the listener too (always on admin_port). Metrics name every
     # tenant and its volumes: turn this off where tenants can reach the listener.
     metrics_on_listener: bool = True
-    # This replica's name in audit records and chain files (default: CHECKSTREAM_REPLICA,
-    # else POD_NAME, else the host name).
+    # This replica's name in audit records and chain files. CHECKSTREAM_REPLICA overrides it;
+    # absent, POD_NAME, else the host name (extproc/replica.py).
     replica: ReplicaName | None = None
 
 

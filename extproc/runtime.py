@@ -207,7 +207,6 @@ class Runtime:
             spent = "unavailable"
         return {"monthly_usd": budget.monthly_usd, "period": period, "spent_usd": spent}
 
-
     async def _usage(self, tenant_id: str) -> dict[str, Any] | str | None:
         """This month's totals from the ledger (with PostgreSQL: every replica's requests)."""
         ledger = self.accounts.ledger
