@@ -5,7 +5,7 @@ completeness). Same guarantee as the SQLite ledger (``extproc/usage.py``): ``rec
 returns only once its row is committed (PostgreSQL's default ``synchronous_commit = on``
 flushes the WAL at commit). Rows wait while a batch commits and then go as the next batch:
 one ``INSERT ... SELECT FROM unnest(...)`` statement, one round trip and one commit per batch,
-not per request; up to ``_WRITERS`` batches commit at once.
+not per request.
 
 A request id is recorded once per tenant (``ON CONFLICT DO NOTHING``): finishing a request
 again, from a retry or a second path, cannot bill it twice; the key includes the tenant, so
@@ -46,10 +46,10 @@ _CONNECT_TIMEOUT_S = 5
 # (logged, counted) instead of waiting forever.
 _COMMIT_TIMEOUT_S = 15.0
 _MAX_BATCH = 1000
-# Batches committing at once, each on its own pooled connection: under load the next batch
-# need not wait for the previous one's WAL flush (a round trip to another process, which a
-# busy machine may not schedule at once).
-_WRITERS = 3
+# Batches committing at once, each on its own pooled connection. One: rows that arrive during
+# a commit make the next, larger batch, which costs less CPU per request where CPU is what
+# runs out (bench/ledger.py, 2 cores); more would help where PostgreSQL's latency is the limit.
+_WRITERS = 1
 
 #: Version n is reached by running _MIGRATIONS[n - 1]; never edit one that has shipped.
 _MIGRATIONS: tuple[tuple[str, ...], ...] = (
