@@ -42,8 +42,8 @@ TABLE = "checkstream_usage"
 # Any constant shared by every CheckStream: replicas migrating together take turns.
 _MIGRATION_LOCK = 0x63_6B_73_74_72_6D  # "ckstrm"
 _CONNECT_TIMEOUT_S = 5
-# A batch that takes longer than this has a hung server behind it: its requests are told
-# (logged, counted) instead of waiting forever.
+# A batch or read that takes longer than this has a hung server behind it: its requests are
+# told (logged, counted, or the tenant's fail mode) instead of waiting forever.
 _COMMIT_TIMEOUT_S = 15.0
 _MAX_BATCH = 1000
 # Batches committing at once, each on its own pooled connection. One: rows that arrive during
@@ -252,11 +252,12 @@ class PostgresLedger:
 
     async def _query(self, query: str, params: Sequence[object]) -> list[tuple[Any, ...]]:
         try:
-            pool = await self._connections()
-            async with pool.connection() as conn, conn.cursor() as cur:
-                await cur.execute(query, params)
-                return await cur.fetchall()
-        except (psycopg.Error, OSError) as exc:
+            async with asyncio.timeout(_COMMIT_TIMEOUT_S):
+                pool = await self._connections()
+                async with pool.connection() as conn, conn.cursor() as cur:
+                    await cur.execute(query, params)
+                    return await cur.fetchall()
+        except (psycopg.Error, OSError) as exc:  # TimeoutError is an OSError
             raise LedgerUnavailable(f"usage ledger {self.url} is unavailable: {exc}") from None
 
     async def aclose(self) -> None:
