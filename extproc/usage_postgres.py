@@ -42,9 +42,12 @@ TABLE = "checkstream_usage"
 # Any constant shared by every CheckStream: replicas migrating together take turns.
 _MIGRATION_LOCK = 0x63_6B_73_74_72_6D  # "ckstrm"
 _CONNECT_TIMEOUT_S = 5
-# A batch or read that takes longer than this has a hung server behind it: its requests are
-# told (logged, counted, or the tenant's fail mode) instead of waiting forever.
+# A batch that takes longer than this has a hung server behind it: its requests are told
+# (logged, counted) instead of waiting forever.
 _COMMIT_TIMEOUT_S = 15.0
+# Reads seed budgets inside a request: below Envoy's ext_proc message timeout (5 s), so the
+# tenant's fail mode answers rather than Envoy.
+_READ_TIMEOUT_S = 3.0
 _MAX_BATCH = 1000
 # Batches committing at once, each on its own pooled connection. One: rows that arrive during
 # a commit make the next, larger batch, which costs less CPU per request where CPU is what
@@ -252,7 +255,7 @@ class PostgresLedger:
 
     async def _query(self, query: str, params: Sequence[object]) -> list[tuple[Any, ...]]:
         try:
-            async with asyncio.timeout(_COMMIT_TIMEOUT_S):
+            async with asyncio.timeout(_READ_TIMEOUT_S):
                 pool = await self._connections()
                 async with pool.connection() as conn, conn.cursor() as cur:
                     await cur.execute(query, params)
