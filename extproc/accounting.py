@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import sqlite3
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -27,6 +29,7 @@ from extproc.budget_alerts import BudgetAlerts, BudgetTracker, MemoryClaims, Red
 from extproc.config import LoadedConfig, TenantConfig
 from extproc.daily_quotas import DailyQuotas, MemoryDailyQuotas, RedisDailyQuotas
 from extproc.formats.texts import Usage
+from extproc.ledgers import Ledger, open_ledger
 from extproc.limits import (
     Charge,
     Decision,
@@ -37,8 +40,9 @@ from extproc.limits import (
 )
 from extproc.metering import estimate_tokens
 from extproc.metrics import EXTPROC_ERRORS, LATENCY, REQUESTS, TOKENS, model_label
+from extproc.replica import replica_name
 from extproc.suspensions import SharedSuspensions, shared_suspensions
-from extproc.usage import Pricing, UsageLedger, UsageRecord, period_of, resolve_usage_path
+from extproc.usage import Pricing, UsageRecord, period_of
 
 log = logging.getLogger("checkstream.requests")
 
@@ -97,7 +101,7 @@ class Accounts:
     """The long-lived state behind limits, budgets, usage and audit (one per process)."""
 
     limiter: Limiter  # rate limits and budgets
-    ledger: UsageLedger | None
+    ledger: Ledger | None
     audit: AuditLog
     #: Tenants suspended by an admin (suspensions.py): followed from Redis when ``shared``,
     #: else handed over by this gateway's launcher.
@@ -117,18 +121,30 @@ class Accounts:
     def open(cls, loaded: LoadedConfig) -> Accounts:
         """Must run inside the event loop that will use it (Redis clients bind to it)."""
         model = loaded.model
-        ledger = UsageLedger.open(resolve_usage_path(loaded)) if model.usage.enabled else None
+        ledger = open_ledger(loaded)
 
-        def ledger_spend(tenant: str, period: str) -> int:
-            return to_nano(ledger.month_spend(tenant, period)) if ledger is not None else 0
+        # With a shared (PostgreSQL) ledger this is every replica's spend: a counter lost
+        # with Redis restarts from the fleet's total, not one replica's share.
+        async def ledger_spend(tenant: str, period: str) -> int:
+            if ledger is None:
+                return 0
+            try:
+                return to_nano(await ledger.month_spend(tenant, period))
+            except (OSError, sqlite3.Error) as exc:  # no seed: the tenant's fail mode decides
+                raise LimiterUnavailable(f"cannot seed the month's budget: {exc}") from exc
 
-        def ledger_day_spend(tenant: str, start: float) -> int:
-            return to_nano(ledger.day_spend(tenant, start)) if ledger is not None else 0
+        async def ledger_day_spend(tenant: str, start: float) -> int:
+            if ledger is None:
+                return 0
+            try:
+                return to_nano(await ledger.day_spend(tenant, start))
+            except (OSError, sqlite3.Error) as exc:
+                raise LimiterUnavailable(f"cannot seed the day's budget: {exc}") from exc
 
         limits = model.limits
         shared = shared_suspensions(loaded)
         limiter = build_limiter(limits, ledger_spend)
-        audit = AuditLog(audit_dirs(loaded))
+        audit = AuditLog(audit_dirs(loaded), replica_name(model.server.replica, os.environ))
         daily: DailyQuotas = MemoryDailyQuotas(ledger_day_spend)
         claims: MemoryClaims | RedisClaims = MemoryClaims()
         if limits.backend == "redis" and limits.url:

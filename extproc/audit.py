@@ -15,14 +15,21 @@ first record, and an incomplete last line. What a chain alone cannot detect:
 - removal of trailing records or files: the cut trail is still a valid chain. Recording the
   latest hash somewhere else (logs, a ticket) from time to time is what pins the end.
 
-Several writer processes (extproc workers) share one chain per tenant: each batch takes an
-exclusive ``flock`` on the tenant's ``.lock``, reads the current last hash from the newest
-file (never cached: another process may have written since), appends with one ``os.write``
-per file and fsyncs before releasing. One chain per tenant rather than one per writer keeps
-``verify`` and the files simple and independent of how many workers ran.
+Several writer processes (a replica's extproc workers) share one chain per tenant: each batch
+takes an exclusive ``flock`` on the chain's lock file, reads the current last hash from the
+newest file (never cached: another process may have written since), appends with one
+``os.write`` per file and fsyncs before releasing. One chain per tenant and replica rather
+than one per writer keeps ``verify`` and the files independent of how many workers ran.
 
 Within a process, ``AuditLog`` has one writer thread: ``append`` calls that arrive while a
 batch is being written wait and go out together, one write and one fsync per tenant file.
+
+Replicas: each record names its ``replica`` (``extproc/replica.py``) and every replica keeps
+its own chain in the tenant's directory, ``<YYYY-MM-DD>.<replica>.jsonl`` with lock file
+``.<replica>.lock``. Workers of one replica share a host, where ``flock`` works; replicas never
+write each other's files, so a shared volume needs no lock across hosts (NFS ``nolock`` is
+fine). ``verify`` checks every chain in a directory on its own; a trail from before replicas
+(``<YYYY-MM-DD>.jsonl``, ``.lock``) is the chain named ``""`` and still verifies.
 """
 
 from __future__ import annotations
@@ -50,7 +57,8 @@ log = logging.getLogger("checkstream.audit")
 
 GENESIS = "0" * 64
 LOCK_NAME = ".lock"
-_DAY_FILE = re.compile(r"^(\d{4}-\d{2}-\d{2})\.jsonl$")
+# "<day>.jsonl" (the single-replica chain "") or "<day>.<replica>.jsonl".
+_DAY_FILE = re.compile(r"^(\d{4}-\d{2}-\d{2})(?:\.([A-Za-z0-9][A-Za-z0-9._-]{0,62}))?\.jsonl$")
 _HASH = re.compile(r"^[0-9a-f]{64}$")
 _TAIL_BLOCK = 8192
 
@@ -85,22 +93,37 @@ def record_day(value: Any) -> date:
     return moment.astimezone(UTC).date()
 
 
-def day_files(directory: Path) -> list[tuple[date, Path]]:
-    """The trail's day files, oldest first; anything else in the directory is not the trail."""
-    found: list[tuple[date, Path]] = []
+def chains(directory: Path) -> dict[str, list[tuple[date, Path]]]:
+    """Every chain's day files (replica -> files, oldest first; "" is the single-replica
+    trail); anything else in the directory is not the trail."""
+    found: dict[str, list[tuple[date, Path]]] = {}
     for entry in os.scandir(directory):
         match = _DAY_FILE.match(entry.name)
         if match and entry.is_file(follow_symlinks=False):
             try:
-                found.append((date.fromisoformat(match.group(1)), Path(entry.path)))
+                day = date.fromisoformat(match.group(1))
             except ValueError:
                 continue
-    return sorted(found)
+            found.setdefault(match.group(2) or "", []).append((day, Path(entry.path)))
+    return {chain: sorted(files) for chain, files in sorted(found.items())}
+
+
+def day_files(directory: Path, chain: str = "") -> list[tuple[date, Path]]:
+    """One chain's day files, oldest first (``chain`` "" is the single-replica trail)."""
+    return chains(directory).get(chain, [])
+
+
+def _lock_name(chain: str) -> str:
+    return f".{chain}.lock" if chain else LOCK_NAME
+
+
+def _chain_file(directory: Path, day: date, chain: str) -> Path:
+    return directory / (f"{day.isoformat()}.{chain}.jsonl" if chain else f"{day.isoformat()}.jsonl")
 
 
 @contextmanager
-def _locked(directory: Path, mode: int = fcntl.LOCK_EX) -> Iterator[None]:
-    fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+def _locked(directory: Path, mode: int = fcntl.LOCK_EX, chain: str = "") -> Iterator[None]:
+    fd = os.open(directory / _lock_name(chain), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, mode)
         yield
@@ -180,15 +203,18 @@ def _write_file(path: Path, data: bytes) -> None:
         _fsync_dir(path.parent)
 
 
-def append_records(directory: Path, records: Sequence[tuple[date, dict[str, Any]]]) -> int:
-    """Chain and write ``records`` (day, record) to the trail in ``directory``; returns fsyncs.
+def append_records(
+    directory: Path, records: Sequence[tuple[date, dict[str, Any]]], chain: str = ""
+) -> int:
+    """Chain and write ``records`` (day, record) to ``chain`` of the trail in ``directory``;
+    returns fsyncs.
 
     A record goes to its own day's file, or to the newest file if that is later (a request
     stamped before midnight but written after): files then never go back in time, so date
     order is write order and the chain reads straight through them.
     """
-    with _locked(directory):
-        files = day_files(directory)
+    with _locked(directory, chain=chain):
+        files = day_files(directory, chain)
         prev = _chain_head(files)
         newest = files[-1][0] if files else None
         by_file: dict[date, list[bytes]] = {}
@@ -200,7 +226,7 @@ def append_records(directory: Path, records: Sequence[tuple[date, dict[str, Any]
             line = json.dumps(chained, separators=(",", ":"), ensure_ascii=False) + "\n"
             by_file.setdefault(newest, []).append(line.encode("utf-8"))
         for day, lines in by_file.items():  # in date order: days only grow above
-            _write_file(directory / f"{day.isoformat()}.jsonl", b"".join(lines))
+            _write_file(_chain_file(directory, day, chain), b"".join(lines))
         return len(by_file)
 
 
@@ -229,10 +255,13 @@ class _Pending:
 
 
 class AuditLog:
-    """All tenants' trails for one process; one writer thread, batched fsync."""
+    """All tenants' trails for one process; one writer thread, batched fsync. ``replica``
+    names this process's chain (and goes into every record); "" is the single-replica
+    layout."""
 
-    def __init__(self, trails: Mapping[str, Path]) -> None:
+    def __init__(self, trails: Mapping[str, Path], replica: str = "") -> None:
         self.trails = dict(trails)
+        self.replica = replica
         for directory in self.trails.values():
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.fsyncs = 0  # file fsyncs so far: tests check that batching keeps this low
@@ -278,6 +307,8 @@ class AuditLog:
             except TypeError as exc:
                 raise ValueError(f"audit record is not plain JSON: {exc}") from None
             copy = json.loads(text)
+            if self.replica:
+                copy["replica"] = self.replica
             prepared.append((record_day(copy.get("time")), copy))
         pending = _Pending(tenant, directory, prepared, asyncio.get_running_loop())
         self._queue.put(pending)
@@ -328,7 +359,7 @@ class AuditLog:
             records = [r for pending in waiting for r in pending.records]
             error: BaseException | None = None
             try:
-                self.fsyncs += append_records(directory, records)
+                self.fsyncs += append_records(directory, records, self.replica)
             except BaseException as exc:  # whatever it is, the waiters must hear of it
                 log.error("audit: writing %s's trail failed: %s", waiting[0].tenant, exc)
                 error = exc
@@ -340,14 +371,16 @@ def prune_trail(path: Path, retention_days: int, today: date) -> list[Path]:
     """Remove the day files of the trail in ``path`` dated before ``today - retention_days``."""
     cutoff = today - timedelta(days=retention_days)
     removed: list[Path] = []
-    # Under the writers' lock, so a writer never picks its chain head from a file going away.
-    with _locked(path):
-        for day, file in day_files(path):
-            if day < cutoff:
-                file.unlink()
-                removed.append(file)
-        if removed:
-            _fsync_dir(path)
+    # Every replica's chain (a dead pod's too), each under its writers' lock so a writer on
+    # this host never picks its chain head from a file going away.
+    for chain, files in chains(path).items():
+        with _locked(path, chain=chain):
+            for day, file in files:
+                if day < cutoff:
+                    file.unlink()
+                    removed.append(file)
+    if removed:
+        _fsync_dir(path)
     return removed
 
 
@@ -360,14 +393,33 @@ class VerifyResult:
 
 
 def verify(path: Path) -> VerifyResult:
-    """Check the hash chain of the trail in directory ``path``; stops at the first problem.
+    """Check every hash chain of the trail in directory ``path``: ok when all are, else the
+    first problem found (``verify_chains`` reports per replica)."""
+    if not path.is_dir():
+        return VerifyResult(False, 0, 0, f"{path}: not a directory")
+    results = verify_chains(path).values()
+    broken = [result for result in results if not result.ok]
+    return VerifyResult(
+        not broken,
+        sum(result.records for result in results),
+        sum(result.files for result in results),
+        broken[0].problem if broken else None,
+    )
+
+
+def verify_chains(path: Path) -> dict[str, VerifyResult]:
+    """Each replica's chain in directory ``path`` checked on its own ("" is a trail from
+    before replicas); empty when the directory holds no day file."""
+    return {chain: verify_chain(path, chain) for chain in chains(path)}
+
+
+def verify_chain(path: Path, chain: str = "") -> VerifyResult:
+    """Check one hash chain of the trail in directory ``path``; stops at the first problem.
 
     The first record's ``prev`` is taken as given (``"0" * 64`` unless older files were
     pruned); see the module docstring for what a chain cannot show.
     """
-    if not path.is_dir():
-        return VerifyResult(False, 0, 0, f"{path}: not a directory")
-    snapshot = _snapshot(path)
+    snapshot = _snapshot(path, chain)
     records = 0
     prev: str | None = None
     for file, size in snapshot:
@@ -385,19 +437,18 @@ def verify(path: Path) -> VerifyResult:
     return VerifyResult(True, records, len(snapshot))
 
 
-def _snapshot(path: Path) -> list[tuple[Path, int]]:
-    """Day files and their sizes, taken under a shared lock so no batch is half-written.
-
-    Read-only copies of a trail (no usable ``.lock``) are checked without the lock.
+def _snapshot(path: Path, chain: str) -> list[tuple[Path, int]]:
+    """A chain's day files and their sizes, taken under a shared lock so no batch is
+    half-written. Read-only copies of a trail (no usable lock file) are checked without it.
     """
     try:
-        fd = os.open(path / LOCK_NAME, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path / _lock_name(chain), os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         fd = None
     try:
         if fd is not None:
             fcntl.flock(fd, fcntl.LOCK_SH)
-        return [(file, file.stat().st_size) for _, file in day_files(path)]
+        return [(file, file.stat().st_size) for _, file in day_files(path, chain)]
     finally:
         if fd is not None:
             os.close(fd)

@@ -183,7 +183,8 @@ def _cmd_policy_lint(args: argparse.Namespace) -> int:
 
 
 def _cmd_usage(args: argparse.Namespace) -> int:
-    from extproc.usage import UsageError, render, report, resolve_usage_path
+    from extproc.ledgers import read_report
+    from extproc.usage import UsageError, render
 
     loaded = _load(args.config, require_secrets=False)
     if loaded is None:
@@ -196,8 +197,8 @@ def _cmd_usage(args: argparse.Namespace) -> int:
         )
         return 1
     try:
-        rows = report(
-            resolve_usage_path(loaded),
+        rows = read_report(
+            loaded,
             tenant=args.tenant,
             period=args.period,
             by_model=args.by == "model",
@@ -220,9 +221,13 @@ def _audit_dirs(loaded: LoadedConfig) -> dict[str, tuple[Path, AuditConfig]] | N
 
 
 def _cmd_audit_verify(args: argparse.Namespace) -> int:
-    from extproc.audit import verify
+    from extproc.audit import verify_chains
 
+    loaded: LoadedConfig | None = None
     if args.tenant is None:
+        if args.against_usage:
+            print("checkstream: --against-usage needs --tenant (and -c)", file=sys.stderr)
+            return 2
         directory = Path(args.path)
     else:
         loaded = _load(args.config, require_secrets=False)
@@ -241,15 +246,63 @@ def _cmd_audit_verify(args: argparse.Namespace) -> int:
     if not directory.is_dir():
         print(f"checkstream: no audit trail at {directory}", file=sys.stderr)
         return 1
-    result = verify(directory)
-    if not result.ok:
+    results = verify_chains(directory)
+    broken = {chain: result for chain, result in results.items() if not result.ok}
+    for result in broken.values():
         print(f"BROKEN: {result.problem}")
+    if not broken:
+        records = sum(result.records for result in results.values())
+        files = sum(result.files for result in results.values())
+        print(f"ok: {_count(records, 'record')} in {_count(files, 'file')}")
+    # Several replicas (or a trail from before replicas beside theirs): each chain on its own
+    # line ("" is the single-replica layout).
+    if len(results) > 1:
+        for chain, result in results.items():
+            name = f"replica {chain}" if chain else "single-replica trail"
+            state = "ok" if result.ok else "BROKEN"
+            print(
+                f"  {name}: {state}, {_count(result.records, 'record')} "
+                f"in {_count(result.files, 'file')}"
+            )
+    if broken:
         return 1
-    print(
-        f"ok: {result.records} record{'s' * (result.records != 1)} "
-        f"in {result.files} file{'s' * (result.files != 1)}"
-    )
+    if args.against_usage:
+        assert loaded is not None
+        return _against_usage(loaded, args.tenant, directory)
     return 0
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'s' * (n != 1)}"
+
+
+def _against_usage(loaded: LoadedConfig, tenant: str, directory: Path) -> int:
+    from extproc.audit_completeness import check_against_ledger, iso
+    from extproc.ledgers import read_request_times
+    from extproc.usage import UsageError
+
+    if not loaded.model.usage.enabled:
+        print("checkstream: usage is disabled in this config: no ledger to check against",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    try:
+        found = check_against_ledger(
+            directory, lambda since: read_request_times(loaded, tenant, since)
+        )
+    except UsageError as exc:
+        print(f"checkstream: {exc}", file=sys.stderr)
+        return 1
+    window = f"since {iso(found.since)}" if found.since is not None else "(the trail is empty)"
+    if not found.missing:
+        print(f"usage: all {_count(found.checked, 'ledger request')} {window} are in the trail")
+        return 0
+    print(
+        f"MISSING: {len(found.missing)} of {_count(found.checked, 'ledger request')} {window} "
+        "have no audit request record:"
+    )
+    for rid, moment in found.missing:
+        print(f"  {rid} {iso(moment)}")
+    return 1
 
 
 def _cmd_audit_prune(args: argparse.Namespace) -> int:
@@ -377,6 +430,11 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("path", nargs="?", help="a trail directory")
     which.add_argument("--tenant", metavar="ID", help="this tenant's trail, per the config")
     audit_verify.add_argument("-c", "--config", default=DEFAULT_CONFIG)
+    audit_verify.add_argument(
+        "--against-usage",
+        action="store_true",
+        help="also check that every request in the usage ledger has its audit record",
+    )
     audit_verify.set_defaults(handler=_cmd_audit_verify)
     audit_prune = audit_commands.add_parser(
         "prune", help="remove audit files past each tenant's retention_days"

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from extproc.fleet_config import check_usage_backend, replication_problems
 from extproc.policy import LoadedPolicy, load_policy_file
 from extproc.yamlsource import (
     ConfigError,
@@ -33,6 +34,8 @@ Port = Annotated[int, Field(ge=0, le=65535)]
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 # Tenant ids appear in URLs, headers and file paths (audit trails): keep them plain.
 TenantId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
+# Replica names appear in audit file names (<day>.<replica>.jsonl).
+ReplicaName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")]
 # Classifier names appear in metrics labels and audit records.
 ClassifierName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")]
 
@@ -60,6 +63,9 @@ class ServerConfig(Strict):
     trusted_proxies: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
     # Clients that may reach managed-auth tenants by header or path, without a key.
     trusted_networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+    # This replica's name in audit records and chain files. CHECKSTREAM_REPLICA overrides it;
+    # absent, POD_NAME, else the host name (extproc/replica.py).
+    replica: ReplicaName | None = None
 
 
 class ResolutionStep(Strict):
@@ -195,6 +201,9 @@ class AuditConfig(Strict):
     retention_days: PositiveInt = 90
     # Add the matched excerpt (PII redacted) to trigger records; off: no text at all.
     include_content: bool = False
+    # The path is a volume every replica writes (each its own chain): required when
+    # ``replicated: true``.
+    shared: bool = False
 
 
 class TenantConfig(Strict):
@@ -297,8 +306,21 @@ class LimitsConfig(Strict):
 
 class UsageConfig(Strict):
     enabled: bool = True
-    # Relative to the config file.
+    # sqlite: one file per machine (``path``); postgres: one ledger for every replica.
+    backend: Literal["sqlite", "postgres"] = "sqlite"
+    # SQLite only; relative to the config file.
     path: str = "./checkstream-usage.db"
+    # PostgreSQL only: the connection URL, or the environment variable holding it (a URL
+    # with a password is a secret).
+    url: str | None = None
+    url_env: Annotated[str, Field(min_length=1)] | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _postgres_url(cls, value: str | None) -> str | None:
+        if value is not None and urlsplit(value).scheme not in ("postgresql", "postgres"):
+            raise ValueError("expected a postgresql:// URL")
+        return value
 
 
 class Price(Strict):
@@ -324,6 +346,8 @@ class GlobalPipeline(Strict):
 
 
 class CheckStreamConfig(Strict):
+    # Several replicas serve this config: refuse state that would be per replica.
+    replicated: bool = False
     server: ServerConfig = ServerConfig()
     tenants: TenantsConfig = TenantsConfig()
     pipeline: GlobalPipeline = GlobalPipeline()
@@ -371,6 +395,8 @@ def load_config(path: str | Path, *, require_secrets: bool = True) -> LoadedConf
     access_problems, access_warnings = check_access(doc, model)
     problems += access_problems
     warnings += access_warnings
+    problems += check_usage_backend(doc, model, warnings, require_secrets=require_secrets)
+    problems += replication_problems(doc, model, warnings)
     policies: dict[str, LoadedPolicy] = {}
     secrets: dict[str, str] = {}
     base = doc.path.parent

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import calendar
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Final, Protocol
 
@@ -34,10 +34,10 @@ _TTL_S: Final = 2 * DAY_S
 UNLIMITED: Final = Decision(True, None, None, None, None, 0.0)
 
 #: (tenant, day start epoch) -> USD committed that day, from the usage ledger.
-LedgerDaySpend = Callable[[str, float], int]
+LedgerDaySpend = Callable[[str, float], Awaitable[int]]
 
 
-def _nothing_spent(tenant: str, start: float) -> int:
+async def _nothing_spent(tenant: str, start: float) -> int:
     return 0
 
 
@@ -117,9 +117,9 @@ class MemoryDailyQuotas:
             self._day, self._requests, self._spend = day, {}, {}
         return start
 
-    def _spent(self, tenant: str, start: float) -> int:
+    async def _spent(self, tenant: str, start: float) -> int:
         if tenant not in self._spend:
-            self._spend[tenant] = self._ledger_spend(tenant, start)
+            self._spend[tenant] = await self._ledger_spend(tenant, start)
         return self._spend[tenant]
 
     async def admit(self, tenant: str, limits: DailyLimits, now: float) -> Decision:
@@ -127,7 +127,7 @@ class MemoryDailyQuotas:
             return UNLIMITED
         start = self._today(now)
         count = self._requests.get(tenant, 0)
-        if limits.budget_nano and self._spent(tenant, start) >= limits.budget_nano:
+        if limits.budget_nano and await self._spent(tenant, start) >= limits.budget_nano:
             return _decide(limits, -1, count, start, now)
         if limits.requests and count >= limits.requests:
             return _decide(limits, 0, count, start, now)
@@ -141,7 +141,7 @@ class MemoryDailyQuotas:
 
     async def charge(self, tenant: str, nano: int, now: float) -> int:
         start = self._today(now)
-        self._spend[tenant] = self._spent(tenant, start) + nano
+        self._spend[tenant] = await self._spent(tenant, start) + nano
         return self._spend[tenant]
 
     async def aclose(self) -> None:
@@ -201,7 +201,7 @@ class RedisDailyQuotas:
         self._charge = self._redis.register_script(_LUA_CHARGE)
 
     async def _seed(self, key: str, tenant: str, start: float) -> None:
-        await self._redis.set(key, self._ledger_spend(tenant, start), nx=True, ex=_TTL_S)
+        await self._redis.set(key, await self._ledger_spend(tenant, start), nx=True, ex=_TTL_S)
 
     async def admit(self, tenant: str, limits: DailyLimits, now: float) -> Decision:
         if not limits:

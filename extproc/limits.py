@@ -59,7 +59,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -106,10 +106,10 @@ _TENANT_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 #: Reads what a tenant spent in a month ("YYYY-MM") from the durable usage ledger, in
 #: nano-dollars: a month's counter starts there, so restarts do not forget spend.
-LedgerSpend = Callable[[str, str], int]
+LedgerSpend = Callable[[str, str], Awaitable[int]]
 
 
-def _NOTHING_SPENT(tenant: str, period: str) -> int:
+async def _NOTHING_SPENT(tenant: str, period: str) -> int:
     return 0
 
 
@@ -460,14 +460,19 @@ class MemoryLimiter:
         self._ledger_spend = ledger_spend
         self._spent: dict[tuple[str, str], int] = {}
 
-    def _month(self, tenant: str, period: str) -> int:
+    async def _seed(self, tenant: str, period: str) -> None:
+        """Read a month's start from the ledger once; the operations that follow it run
+        without awaiting, so they stay atomic."""
         key = (tenant, period)
-        value = self._spent.get(key)
-        if value is None:
-            value = self._spent[key] = self._ledger_spend(tenant, period)
-        return value
+        if key not in self._spent:
+            start = await self._ledger_spend(tenant, period)
+            self._spent.setdefault(key, start)
+
+    def _month(self, tenant: str, period: str) -> int:
+        return self._spent[(tenant, period)]
 
     async def spent(self, tenant: str, period: str) -> int:
+        await self._seed(tenant, period)
         return self._month(tenant, period)
 
     def _load(self, key: str, now: int) -> tuple[int, int]:
@@ -490,6 +495,8 @@ class MemoryLimiter:
     ) -> Decision:
         _check_tokens(tokens)
         rk, tk, ck = _keys(tenant)
+        if budget is not None:
+            await self._seed(tenant, budget.period)  # the only await: before anything is read
         rates = _Rates.of(limits)
         t = _now_ms(time.time() if now is None else now)
         rl, rt = self._load(rk, t)
@@ -572,6 +579,9 @@ class MemoryLimiter:
     ) -> None:
         if charge is not None:
             _check_tokens(charge.nano)  # before anything changes
+            if charge.nano:
+                _keys(tenant)  # the tenant id check, before the ledger is asked
+                await self._seed(tenant, charge.period)
         await self.settle(tenant, limits, reserved_tokens, actual_tokens, now)
         if lease is not None:
             await self.release(tenant, limits, lease)
@@ -743,7 +753,7 @@ class RedisLimiter:
     async def _seed(self, tenant: str, period: str) -> None:
         """Start a month's spend counter from the ledger. NX: when replicas race, the first
         wins; a counter that exists (this month's spend by every replica) is never replaced."""
-        start = self._ledger_spend(tenant, period)
+        start = await self._ledger_spend(tenant, period)
         try:
             await self._redis.set(_budget_key(tenant, period), start, nx=True, ex=_BUDGET_TTL_S)
         except _UNREACHABLE as exc:

@@ -24,7 +24,7 @@ from extproc.mutations import Forwarding, build_forwarding
 from extproc.pipeline import Checker
 from extproc.registry import Registry, load_registry
 from extproc.tenancy import Tenant, TenantResolver
-from extproc.usage import Pricing, period_of
+from extproc.usage import Pricing, UsageError, period_of
 from extproc.yamlsource import ConfigError
 
 # Audit excerpts (audit.include_content) keep this much of the checked text, PII redacted by
@@ -197,6 +197,7 @@ class Runtime:
             "rate_limit": cfg.rate_limit.model_dump(),
             "remaining": await self._remaining(tenant_id),
             "budget": await self._budget(tenant_id),
+            "usage": await self._usage(tenant_id),
             "fail_mode": cfg.fail_mode,
             "config_version": self.version,
         }
@@ -226,6 +227,25 @@ class Runtime:
         except LimiterUnavailable:
             spent = "unavailable"
         return {"monthly_usd": budget.monthly_usd, "period": period, "spent_usd": spent}
+
+    async def _usage(self, tenant_id: str) -> dict[str, Any] | str | None:
+        """This month's totals from the ledger (with PostgreSQL: every replica's requests)."""
+        ledger = self.accounts.ledger
+        if ledger is None:
+            return None
+        period = period_of(time.time())
+        try:
+            rows = await ledger.report(tenant=tenant_id, period=period, by_model=False)
+        except (UsageError, OSError):
+            return "unavailable"
+        row = rows[0] if rows else None
+        return {
+            "period": period,
+            "requests": row.requests if row else 0,
+            "input_tokens": row.input_tokens if row else 0,
+            "output_tokens": row.output_tokens if row else 0,
+            "cost_usd": row.cost_usd if row else 0.0,
+        }
 
 
 def check_config(loaded: LoadedConfig, registry: Registry | None = None) -> None:

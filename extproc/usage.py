@@ -209,9 +209,10 @@ class UsageLedger:
             self._queue.put(_Pending(rec, loop, future))
         await future
 
-    def month_spend(self, tenant: str, period: str) -> float:
+    async def month_spend(self, tenant: str, period: str) -> float:
         """``tenant``'s committed cost in ``period`` ("YYYY-MM", UTC), across all workers."""
         check_period(period)
+        # On the loop: one covering-index lookup, read once per tenant and month.
         with self._read_lock:
             (total,) = self._reader.execute(
                 "SELECT TOTAL(cost_usd) FROM usage WHERE tenant = ? AND period = ?",
@@ -219,7 +220,7 @@ class UsageLedger:
             ).fetchone()
         return float(total)
 
-    def day_spend(self, tenant: str, start: float) -> float:
+    async def day_spend(self, tenant: str, start: float) -> float:
         """``tenant``'s committed cost in the UTC day starting at epoch ``start``."""
         with self._read_lock:
             (total,) = self._reader.execute(
@@ -228,6 +229,13 @@ class UsageLedger:
                 (tenant, period_of(start), start, start + 86400),
             ).fetchone()
         return float(total)
+    async def report(self, *, tenant: str | None, period: str, by_model: bool) -> list[UsageRow]:
+        return await asyncio.to_thread(
+            report, self.path, tenant=tenant, period=period, by_model=by_model
+        )
+
+    async def request_times(self, tenant: str, since: float) -> dict[str, float]:
+        return await asyncio.to_thread(request_times, self.path, tenant, since)
 
     async def aclose(self) -> None:
         """Commit what is queued, stop the writer, close the connections."""
@@ -312,6 +320,22 @@ def report(path: str | Path, *, tenant: str | None, period: str, by_model: bool)
     try:
         conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
         return [UsageRow(*row) for row in conn.execute(query, params)]
+    except sqlite3.DatabaseError as exc:
+        raise UsageError(f"{path}: not a usage ledger ({exc})") from None
+    finally:
+        conn.close()
+
+
+def request_times(path: str | Path, tenant: str, since: float) -> dict[str, float]:
+    """A tenant's request ids recorded at or after ``since`` (epoch seconds), with their time."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"{path}: no usage ledger (check usage.path)")
+    conn = sqlite3.connect(path)
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+        query = "SELECT request_id, time FROM usage WHERE tenant = ? AND time >= ?"
+        return {str(rid): float(moment) for rid, moment in conn.execute(query, (tenant, since))}
     except sqlite3.DatabaseError as exc:
         raise UsageError(f"{path}: not a usage ledger ({exc})") from None
     finally:

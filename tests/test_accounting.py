@@ -826,7 +826,7 @@ class RecordingLimiter(MemoryLimiter):
         self.finished: list[tuple[int, int, Charge | None]] = []
         self.ledger_asked: list[str] = []
 
-    def _ledger_spend(self, tenant: str, period: str) -> int:
+    async def _ledger_spend(self, tenant: str, period: str) -> int:
         self.ledger_asked.append(tenant)
         return 0
 

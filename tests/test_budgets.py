@@ -66,7 +66,7 @@ class Ledger:
         self.spend = dict(spend or {})
         self.asked: list[tuple[str, str]] = []
 
-    def __call__(self, tenant: str, period: str) -> int:
+    async def __call__(self, tenant: str, period: str) -> int:
         self.asked.append((tenant, period))
         return self.spend.get((tenant, period), 0)
 

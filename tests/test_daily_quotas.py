@@ -37,7 +37,7 @@ Make = Callable[..., DailyQuotas]
 def seeded(spend: dict[str, int]) -> tuple[list[tuple[str, float]], LedgerDaySpend]:
     asked: list[tuple[str, float]] = []
 
-    def ledger(tenant: str, start: float) -> int:
+    async def ledger(tenant: str, start: float) -> int:
         asked.append((tenant, start))
         return spend.get(tenant, 0)
 
@@ -48,7 +48,10 @@ def seeded(spend: dict[str, int]) -> tuple[list[tuple[str, float]], LedgerDaySpe
 async def make(request: pytest.FixtureRequest, redis_server: RedisServer) -> AsyncIterator[Make]:
     made: list[DailyQuotas] = []
 
-    def build(ledger: LedgerDaySpend = lambda tenant, start: 0) -> DailyQuotas:
+    async def nothing(tenant: str, start: float) -> int:
+        return 0
+
+    def build(ledger: LedgerDaySpend = nothing) -> DailyQuotas:
         quotas: DailyQuotas
         if request.param == "memory":
             quotas = MemoryDailyQuotas(ledger)

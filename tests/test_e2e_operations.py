@@ -71,11 +71,11 @@ KEYWORDS = {
 }
 TRIGGER_KEYS = {
     "type", "time", "request_id", "tenant", "phase", "rule", "action", "classifier",
-    "score", "threshold", "regulation", "model", "prev", "hash",
+    "score", "threshold", "regulation", "model", "replica", "prev", "hash",
 }  # fmt: skip
 SUMMARY_KEYS = {
     "type", "time", "request_id", "tenant", "model", "status", "input_tokens",
-    "output_tokens", "tokens_estimated", "latency_ms", "rules", "prev", "hash",
+    "output_tokens", "tokens_estimated", "latency_ms", "rules", "replica", "prev", "hash",
 }  # fmt: skip
 
 

@@ -231,7 +231,7 @@ async def test_month_boundary_is_utc(ledger: UsageLedger) -> None:
         period = period_of(rec.time)
         rows = report(ledger.path, tenant="acme", period=period, by_model=False)
         _assert_rows(rows, _expected([rec], by_model=False))
-        assert ledger.month_spend("acme", period) == pytest.approx(rec.cost_usd)
+        assert await ledger.month_spend("acme", period) == pytest.approx(rec.cost_usd)
 
 
 async def test_month_spend_sums_one_tenant_and_month(ledger: UsageLedger) -> None:
@@ -239,10 +239,10 @@ async def test_month_spend_sums_one_tenant_and_month(ledger: UsageLedger) -> Non
     await _record_all(ledger, [*SAMPLE, last_month])
     for tenant in ("acme", "beta"):
         want = sum(r.cost_usd for r in SAMPLE if r.tenant == tenant)
-        assert ledger.month_spend(tenant, NOVEMBER) == pytest.approx(want)
-    assert ledger.month_spend("nobody", NOVEMBER) == 0.0
+        assert await ledger.month_spend(tenant, NOVEMBER) == pytest.approx(want)
+    assert await ledger.month_spend("nobody", NOVEMBER) == 0.0
     with pytest.raises(UsageError):
-        ledger.month_spend("acme", "November")
+        await ledger.month_spend("acme", "November")
 
 
 async def test_a_failed_commit_raises_and_the_ledger_carries_on(ledger: UsageLedger) -> None:
