@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from extproc.audit import AuditLog, resolve_audit_dirs
+from extproc.client_text import store_safe
 from extproc.config import LoadedConfig, TenantConfig
 from extproc.formats.texts import Usage
 from extproc.limits import (
@@ -71,7 +72,7 @@ class Tally:
 
     @staticmethod
     def start(tenant: str, request_id: str | None) -> Tally:
-        return Tally(tenant, request_id or uuid.uuid4().hex)
+        return Tally(tenant, store_safe(request_id) if request_id else uuid.uuid4().hex)
 
     def tokens(self) -> tuple[int, int, bool]:
         """Input and output tokens, and whether either was estimated."""
@@ -147,11 +148,13 @@ class Accounts:
             return
         tally.done = True
         tenant = tally.tenant
+        # The client chose it: made storable here, before the ledger, audit, metrics or log.
+        model = tally.model = store_safe(tally.model)
         latency_ms = (time.monotonic() - tally.started) * 1000
         tokens_in, tokens_out, estimated = tally.tokens()
         now = time.time()
         limits = config.rate_limit
-        cost = pricing.cost(tally.model, tokens_in, tokens_out)
+        cost = pricing.cost(model, tokens_in, tokens_out)
         if tally.admitted:
             charge = None
             if cost and config.budget is not None:
@@ -167,7 +170,7 @@ class Accounts:
                 time=now,
                 request_id=tally.request_id,
                 tenant=tenant,
-                model=tally.model,
+                model=model,
                 input_tokens=tokens_in,
                 output_tokens=tokens_out,
                 estimated=estimated,
@@ -185,7 +188,7 @@ class Accounts:
                 "type": "request",
                 "request_id": tally.request_id,
                 "tenant": tenant,
-                "model": tally.model,
+                "model": model,
                 "status": tally.status,
                 "input_tokens": tokens_in,
                 "output_tokens": tokens_out,
@@ -194,13 +197,14 @@ class Accounts:
                 "rules": tally.rules,
             }
             try:
-                await self.audit.append(tenant, [*tally.triggers, summary])
+                triggers = [{**t, "model": model} if "model" in t else t for t in tally.triggers]
+                await self.audit.append(tenant, [*triggers, summary])
             except Exception as exc:
                 store_failed("audit", tenant, exc)
         status = str(tally.status)
         REQUESTS.labels(tenant, status).inc()
         LATENCY.labels(tenant, "total").observe(latency_ms)
-        label = model_label(tally.model, models)
+        label = model_label(model, models)
         TOKENS.labels(tenant, label, "input").inc(tokens_in)
         TOKENS.labels(tenant, label, "output").inc(tokens_out)
         # One line per request; no prompt, answer or key ever goes here.
@@ -210,7 +214,7 @@ class Accounts:
                     "event": "request",
                     "request_id": tally.request_id,
                     "tenant": tenant,
-                    "model": tally.model,
+                    "model": model,
                     "status": tally.status,
                     "latency_ms": round(latency_ms, 3),
                     "input_tokens": tokens_in,

@@ -32,6 +32,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import math
 import os
 import queue
 import re
@@ -43,6 +44,7 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from extproc.client_text import without_surrogates
 from extproc.config import AuditConfig, LoadedConfig
 from extproc.yamlsource import ConfigError, Problem
 
@@ -68,6 +70,22 @@ def canonical(record: Mapping[str, Any]) -> bytes:
 def record_hash(record: Mapping[str, Any]) -> str:
     """The hash a record must carry: over everything but ``hash`` itself, ``prev`` included."""
     return hashlib.sha256(canonical({k: v for k, v in record.items() if k != "hash"})).hexdigest()
+
+
+def storable(value: Any) -> Any:
+    """``value`` as plain JSON that UTF-8 can hold: lone surrogates replaced, non-finite
+    numbers and other objects named in a string, keys made strings."""
+    if isinstance(value, str):
+        return without_surrogates(value)
+    if isinstance(value, bool | int) or value is None:
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else json.dumps(value)
+    if isinstance(value, Mapping):
+        return {storable(str(k)): storable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [storable(v) for v in value]
+    return f"<{type(value).__name__}>"
 
 
 def record_day(value: Any) -> date:
@@ -256,9 +274,9 @@ class AuditLog:
 
         Each record needs ``time`` (ISO-8601, UTC if it has no offset, or epoch seconds),
         which picks its day file; ``prev`` and ``hash`` are added here and must not be given.
-        A tenant without a trail (audit absent or disabled): nothing is written. Raises
-        ValueError for a record that is not plain JSON, and OSError or AuditError when the
-        records could not be made durable.
+        A tenant without a trail (audit absent or disabled): nothing is written. Values JSON
+        cannot hold are written replaced (see ``storable``). Raises OSError or AuditError when
+        the records could not be made durable.
         """
         if self._closed:
             raise RuntimeError("audit log is closed")
@@ -269,14 +287,14 @@ class AuditLog:
         for record in records:
             if "prev" in record or "hash" in record:
                 raise ValueError("audit records get prev and hash from the trail, not the caller")
-            # A JSON round trip copies the record and makes it exactly what verify will parse;
-            # what cannot be written (NaN, objects, lone surrogates) fails this caller here
-            # rather than the whole batch in the writer.
+            # A JSON round trip copies the record and makes it exactly what verify will parse.
+            # What JSON or UTF-8 cannot hold (a client's lone surrogate, NaN, an object) is
+            # replaced rather than refused: a record is never dropped for its values.
             try:
                 text = json.dumps(record, ensure_ascii=False, allow_nan=False)
                 text.encode("utf-8")
-            except TypeError as exc:
-                raise ValueError(f"audit record is not plain JSON: {exc}") from None
+            except (TypeError, ValueError):
+                text = json.dumps(storable(record), ensure_ascii=False, allow_nan=False)
             copy = json.loads(text)
             prepared.append((record_day(copy.get("time")), copy))
         pending = _Pending(tenant, directory, prepared, asyncio.get_running_loop())

@@ -228,9 +228,6 @@ async def test_bad_records_are_refused_before_queueing(audit: AuditLog) -> None:
         await audit.append("acme", [{"request_id": "r"}])
     with pytest.raises(ValueError, match="prev and hash"):
         await audit.append("acme", [{**trigger(1), "hash": "x"}])
-    for bad in (float("nan"), object(), "\udc80"):
-        with pytest.raises(ValueError):
-            await audit.append("acme", [{**trigger(1), "score": bad}])
     await audit.append("acme", [{**trigger(1), "labels": ("pii", "email"), "note": "caf\u00e9"}])
     assert verify(audit.trails["acme"]).records == 1
     await audit.aclose()
