@@ -8,7 +8,10 @@ Chain: every record gets ``prev`` (the ``hash`` of the record written before it 
 tenant's trail, ``"0" * 64`` for the very first) and ``hash`` (sha256 hex of the record's
 canonical JSON with ``prev`` and without ``hash``). The chain runs across day files in date
 order. ``verify`` detects an edited, removed, inserted or reordered line anywhere after the
-first record, and an incomplete last line. What a chain alone cannot detect:
+first record. An incomplete line at the very end of the trail is reported apart, as
+``torn``: a batch cut short by a crash or a full disk, never acknowledged to anyone, which
+the next append removes; an incomplete line with records after it is tampering. What a chain
+alone cannot detect:
 
 - removal of whole leading day files: ``prune`` does exactly that on purpose, so the first
   remaining record's ``prev`` is accepted as the anchor without a predecessor;
@@ -375,6 +378,9 @@ class VerifyResult:
     records: int
     files: int
     problem: str | None = None  # "<file>:<line>: <why>" for the first broken record
+    #: The only problem is an incomplete last line at the very end of the trail: a write cut
+    #: short (crash, full disk), never acknowledged; every record before it verifies.
+    torn: bool = False
 
 
 def verify(path: Path) -> VerifyResult:
@@ -388,9 +394,18 @@ def verify(path: Path) -> VerifyResult:
     snapshot = _snapshot(path)
     records = 0
     prev: str | None = None
-    for file, size in snapshot:
+    for index, (file, size) in enumerate(snapshot):
         try:
             for number, raw in enumerate(_lines(file, size), start=1):
+                if not raw.endswith(b"\n") and all(s == 0 for _, s in snapshot[index + 1 :]):
+                    # Only the trail's last bytes can be a torn write: the next append cuts
+                    # them off. Anywhere else a cut line means the files were altered.
+                    problem = (
+                        f"{file}:{number}: incomplete last line ({len(raw)} bytes): a write "
+                        "cut short by a crash or a full disk, never acknowledged; the "
+                        f"{records} records before it verify and the next append removes it"
+                    )
+                    return VerifyResult(False, records, len(snapshot), problem, torn=True)
                 try:
                     prev = _checked_hash(raw, prev)
                 except _Broken as broken:
@@ -439,7 +454,7 @@ class _Broken(Exception):
 def _checked_hash(raw: bytes, prev: str | None) -> str:
     """The hash of the record on line ``raw`` once it proves to follow ``prev``."""
     if not raw.endswith(b"\n"):
-        raise _Broken("incomplete last line (a writer died mid-write, or the file was cut)")
+        raise _Broken("incomplete line followed by more records (the files were altered)")
     try:
         record = json.loads(raw)
     except ValueError:

@@ -17,6 +17,8 @@ from extproc.runtime import check_config
 from extproc.yamlsource import ConfigError
 
 DEFAULT_CONFIG = "./checkstream.yaml"
+# `audit verify`: the trail ends in a torn write (crash, full disk), not in tampering.
+AUDIT_TORN = 3
 
 
 def demo_config_path() -> Path:
@@ -226,6 +228,9 @@ def _cmd_audit_verify(args: argparse.Namespace) -> int:
         print(f"checkstream: no audit trail at {directory}", file=sys.stderr)
         return 1
     result = verify(directory)
+    if result.torn:
+        print(f"TORN: {result.problem}")
+        return AUDIT_TORN
     if not result.ok:
         print(f"BROKEN: {result.problem}")
         return 1
