@@ -1,7 +1,9 @@
 """Run a phase's classifiers over some texts and turn their scores into one verdict.
 
 Pure of gRPC and HTTP: texts in, ``Verdict`` out. Classifiers of a phase run concurrently;
-sync ones in a thread pool (never on the event loop) unless they declare ``inline``. A
+sync ones in a thread pool (never on the event loop) unless they declare ``inline``; inline
+ones given more than ``INLINE_MAX_CHARS`` run in a worker process (``classifier_processes``),
+so one tenant's huge prompt never stalls the event loop every tenant's streams share. A
 classifier that raises, times out or returns a malformed result makes the verdict a
 failure naming it; the caller applies the tenant's fail mode.
 """
@@ -9,6 +11,7 @@ failure naming it; the caller applies the tenant's fail mode.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import math
 import time
@@ -17,6 +20,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
 
+from extproc.classifier_processes import INLINE_MAX_CHARS, ClassifierProcesses, NotSendable
 from extproc.guardrails import STRENGTH, PhasePlan, Rule
 from extproc.hookspecs import Classification, Classifier, Span
 from extproc.metrics import CLASSIFIER_LATENCY
@@ -61,11 +65,17 @@ class ClassifierFailure(Exception):
 
 class Checker:
     def __init__(
-        self, classifiers: Mapping[str, Classifier], executor: Executor, timeout_s: float
+        self,
+        classifiers: Mapping[str, Classifier],
+        executor: Executor,
+        timeout_s: float,
+        processes: ClassifierProcesses | None = None,
     ) -> None:
         self.classifiers = classifiers
         self.executor = executor
         self.timeout_s = timeout_s
+        #: Where inline classifiers' large inputs go; None: to the thread pool.
+        self.processes = processes
 
     async def check(
         self, plan: PhasePlan, texts: Sequence[str], sources: Sequence[str] | None = None
@@ -78,7 +88,8 @@ class Checker:
         picks = {name: self._picks(name, sources) for name in names}
         n = len(texts)
         try:
-            if all(_runs_inline(self.classifiers[name]) for name in names):
+            small = sum(map(len, texts)) <= INLINE_MAX_CHARS
+            if small and all(_runs_inline(self.classifiers[name]) for name in names):
                 # Microseconds of work each: tasks and a timer would cost more than the
                 # checks, and a timeout could not interrupt synchronous code anyway.
                 inline = {
@@ -89,7 +100,9 @@ class Checker:
                 }
                 return decide(plan, inline, n)
             found = await asyncio.wait_for(
-                asyncio.gather(*(self.classify(name, _pick(texts, picks[name])) for name in names)),
+                asyncio.gather(
+                    *(self.classify(name, _pick(texts, picks[name]), plan.tenant) for name in names)
+                ),
                 self.timeout_s,
             )
             results = [_spread(picks[name], r, n) for name, r in zip(names, found, strict=True)]
@@ -120,17 +133,21 @@ class Checker:
         CLASSIFIER_LATENCY.labels(name).observe((time.perf_counter() - started) * 1000)
         return validate(name, texts, result)
 
-    async def classify(self, name: str, texts: Sequence[str]) -> list[Classification]:
-        """One classifier's validated results: sync ones off the event loop, unless inline."""
+    async def classify(
+        self, name: str, texts: Sequence[str], tenant: str = ""
+    ) -> list[Classification]:
+        """One classifier's validated results: sync ones off the event loop, unless inline
+        and small; ``tenant`` queues large inline work behind that tenant's own."""
         if not texts:
             return []
         classifier = self.classifiers[name]
         started = time.perf_counter()
         try:
-            if getattr(classifier, "inline", False) or inspect.iscoroutinefunction(
-                classifier.classify
-            ):
-                result: Any = classifier.classify(texts)
+            inline = _runs_inline(classifier)
+            if inline and sum(map(len, texts)) > INLINE_MAX_CHARS:
+                result: Any = await self._classify_large(tenant, classifier, texts)
+            elif inline or inspect.iscoroutinefunction(classifier.classify):
+                result = classifier.classify(texts)
             else:
                 loop = asyncio.get_running_loop()
                 result = await loop.run_in_executor(self.executor, classifier.classify, texts)
@@ -140,6 +157,17 @@ class Checker:
             raise ClassifierFailure(name, f"raised {type(exc).__name__}: {exc}") from exc
         CLASSIFIER_LATENCY.labels(name).observe((time.perf_counter() - started) * 1000)
         return validate(name, texts, result)
+
+    async def _classify_large(
+        self, tenant: str, classifier: Classifier, texts: Sequence[str]
+    ) -> Any:
+        if self.processes is not None:
+            with contextlib.suppress(NotSendable):
+                return await self.processes.classify(tenant, classifier, texts)
+            # A third-party classifier that cannot be pickled: a thread at least lets the
+            # event loop take turns with it.
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, classifier.classify, texts)
 
 
 def _pick(texts: Sequence[str], picks: list[int] | None) -> Sequence[str]:

@@ -13,6 +13,7 @@ from typing import Any
 
 from extproc.accounting import Accounts
 from extproc.audit import resolve_audit_dirs
+from extproc.classifier_processes import ClassifierProcesses
 from extproc.config import AuditConfig, LoadedConfig
 from extproc.formats.texts import apply_redactions
 from extproc.guardrails import Guardrails, TenantGuardrails, compile_guardrails
@@ -83,11 +84,13 @@ class Runtime:
         registry: Registry | None = None,
         accounts: Accounts | None = None,
         executor: Executor | None = None,
+        processes: ClassifierProcesses | None = None,
     ) -> Runtime:
         """Compile ``loaded``; raises ConfigError (located) or PluginError (naming the plugin).
 
-        ``accounts`` (limits, budgets, usage, audit) carry over from the generation this one
-        replaces; without, they are opened here (inside the serving event loop).
+        ``accounts`` (limits, budgets, usage, audit), ``executor`` and ``processes`` (where
+        classifiers run) carry over from the generation this one replaces; without, they are
+        opened here (inside the serving event loop).
         """
         registry = registry or load_registry()
         guardrails = compile_guardrails(loaded, registry)
@@ -123,7 +126,9 @@ class Runtime:
             )
         if executor is None:
             executor = ThreadPoolExecutor(CLASSIFIER_THREADS, thread_name_prefix="classifier")
-        checker = Checker(guardrails.classifiers, executor, CHECK_TIMEOUT_S)
+        if processes is None:
+            processes = ClassifierProcesses()  # no process starts before a large input
+        checker = Checker(guardrails.classifiers, executor, CHECK_TIMEOUT_S, processes)
         known = set(model.pricing)
         for tenant_config in model.tenants.configs.values():
             known.update(tenant_config.models or ())

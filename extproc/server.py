@@ -168,7 +168,10 @@ class Worker:
                 raise RestartNeeded(f"{self.config_path}: {why}")
             # In the loop's thread: classifiers may open clients bound to this loop.
             runtime = Runtime.from_config(
-                loaded, accounts=old.accounts, executor=old.checker.executor
+                loaded,
+                accounts=old.accounts,
+                executor=old.checker.executor,
+                processes=old.checker.processes,
             )
         except (ConfigError, PluginError, RestartNeeded) as exc:
             log.error(json.dumps({"event": "reload_refused", "error": str(exc)}))
@@ -195,6 +198,11 @@ async def serve(
         await runtime.accounts.aclose()
         raise
     await server.start()
+    processes = runtime.checker.processes
+    if processes is not None and any(
+        getattr(c, "inline", False) for c in runtime.guardrails.classifiers.values()
+    ):
+        processes.warm()
     worker = Worker(processor, loaded.path, control_dir, bound)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -215,6 +223,8 @@ async def serve(
     if _BACKGROUND:
         await asyncio.wait(set(_BACKGROUND), timeout=5)
     await processor.runtime.accounts.aclose()
+    if processor.runtime.checker.processes is not None:
+        processor.runtime.checker.processes.close()
 
 
 async def _prune_audit(processor: ExternalProcessor) -> None:
