@@ -257,6 +257,8 @@ class AuditLog:
         for directory in self.trails.values():
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.fsyncs = 0  # file fsyncs so far: tests check that batching keeps this low
+        #: Trails whose last write failed (the writer thread keeps it; a success clears it).
+        self._failing: set[Path] = set()
         self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="checkstream-audit", daemon=True)
@@ -264,6 +266,11 @@ class AuditLog:
 
     def audits(self, tenant: str) -> bool:
         return tenant in self.trails
+
+    def failing(self, tenant: str) -> bool:
+        """Whether the last write to ``tenant``'s trail failed (none has succeeded since)."""
+        directory = self.trails.get(tenant)
+        return directory is not None and directory in self._failing
 
     def retarget(self, trails: Mapping[str, Path]) -> None:
         """Follow a reloaded config: trails added, moved or removed. Records already queued
@@ -353,6 +360,9 @@ class AuditLog:
             except BaseException as exc:  # whatever it is, the waiters must hear of it
                 log.error("audit: writing %s's trail failed: %s", waiting[0].tenant, exc)
                 error = exc
+                self._failing.add(directory)
+            else:
+                self._failing.discard(directory)
             for pending in waiting:
                 pending.settle(error)
 

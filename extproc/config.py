@@ -146,6 +146,9 @@ class AuditConfig(Strict):
     retention_days: PositiveInt = 90
     # Add the matched excerpt (PII redacted) to trigger records; off: no text at all.
     include_content: bool = False
+    # When this tenant's audit trail or the usage ledger cannot be written: serve and count
+    # the failure, or refuse the tenant's requests (503) until a write succeeds again.
+    on_store_failure: Literal["serve", "refuse"] = "serve"
 
 
 class TenantConfig(Strict):

@@ -209,3 +209,32 @@ async def test_a_lone_surrogate_model_reaches_every_store_replaced(tmp_path: Pat
 
 def test_without_surrogates_keeps_line_breaks() -> None:
     assert without_surrogates("a\nb\ud800\tc") == f"a\nb{REPLACEMENT}\tc"
+
+
+# --- store failure: which trail failed --------------------------------------------------
+
+
+async def test_a_trail_that_cannot_be_written_is_failing_until_a_write_lands(
+    tmp_path: Path,
+) -> None:
+    audit = AuditLog({"a": tmp_path / "a", "b": tmp_path / "b"})
+    record = {"time": "2026-12-07T12:00:00Z", "type": "request"}
+    try:
+        await audit.append("a", [record])
+        assert not audit.failing("a")
+        (tmp_path / "a").rename(tmp_path / "a.aside")
+        (tmp_path / "a").write_text("not a directory")
+        with pytest.raises(OSError):
+            await audit.append("a", [record])
+        await audit.append("b", [record])
+        assert (audit.failing("a"), audit.failing("b"), audit.failing("nobody")) == (
+            True,
+            False,
+            False,
+        )
+        (tmp_path / "a").unlink()
+        (tmp_path / "a.aside").rename(tmp_path / "a")
+        await audit.append("a", [record])
+        assert not audit.failing("a")
+    finally:
+        await audit.aclose()
