@@ -57,6 +57,7 @@ from extproc.midstream import MidstreamGuard, Release
 from extproc.mutations import TO_ADMIN, error_response, header, header_map, immediate
 from extproc.pipeline import Verdict
 from extproc.runtime import Runtime, TenantPlan
+from extproc.store_failure import STORE_UNAVAILABLE, store_refusal
 from extproc.tenancy import Refused, Resolved
 from extproc.usage import period_of
 
@@ -149,6 +150,12 @@ class Exchange:
             return await self._admin(found)
         if plan.tracks:
             self.tally = Tally.start(tenant.id, headers.get("x-request-id"))
+        store_down = store_refusal(runtime.accounts, tenant.id, tenant.config)
+        if store_down is not None:
+            # Accounted like any answer: its own records are the probe that lifts the refusal.
+            return await self._local(
+                error_response(fmt, 503, store_down, STORE_UNAVAILABLE, "checkstream_store")
+            )
         limits = tenant.config.rate_limit
         if plan.admits and (not limits.tokens_per_minute or msg.end_of_stream):
             refusal = await self._admit(plan, 0)
