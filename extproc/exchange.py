@@ -44,6 +44,7 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import (
 from google.protobuf.struct_pb2 import Struct
 
 from extproc.accounting import CLIENT_CLOSED, Tally, iso_now, store_failed
+from extproc.client_text import store_safe
 from extproc.formats.texts import dump_json
 from extproc.limits import Budget, Decision, LimiterUnavailable, to_nano
 from extproc.metering import BodyMeter, StreamMeter
@@ -221,7 +222,7 @@ class Exchange:
             )
         slots = fmt.prompt_texts(payload)
         if tally is not None:
-            tally.model = model[:_MAX_MODEL_CHARS] if isinstance(model, str) else ""
+            tally.model = store_safe(model, _MAX_MODEL_CHARS) if isinstance(model, str) else ""
             tally.prompt_chars = sum(len(slot.text) for slot in slots)
         if pending_admission:
             answer = fmt.max_answer_tokens(payload) or limits.default_max_tokens
