@@ -15,17 +15,21 @@ import http.client
 import itertools
 import json
 import random
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
 
+from extproc.audit import verify
 from tests.support import (
     DemoUpstreamThread,
     Gateway,
     gateway_ports,
+    request,
     running_gateway,
     write_config,
     write_policy,
@@ -68,11 +72,12 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
                         "midstream": {"classifiers": []},
                     },
                     "policy_path": str(policy),
+                    "audit": {"enabled": True},
                 },
                 # Metered (usage), so every event of its stream passes through extproc as it
                 # comes; midstream rules would hold text back and release it in bursts,
                 # which would hide a stall.
-                "streamer": {"backend_url": backend},
+                "streamer": {"backend_url": backend, "audit": {"enabled": True}},
             },
         },
     }
@@ -166,3 +171,39 @@ def test_the_huge_prompt_left_the_worker_healthy(gateway: Gateway) -> None:
     assert "pii_seen" in gateway.log()
     response.read()
     conn.close()
+
+
+def _ledger(gateway: Gateway, tenant: str) -> list[tuple[str, str]]:
+    conn = sqlite3.connect(gateway.config_path.parent / "checkstream-usage.db")
+    try:
+        return conn.execute(
+            "SELECT model, request_id FROM usage WHERE tenant = ?", (tenant,)
+        ).fetchall()
+    finally:
+        conn.close()
+
+
+def test_a_lone_surrogate_model_costs_no_other_tenant_its_usage_rows(gateway: Gateway) -> None:
+    before = {t: len(_ledger(gateway, t)) for t in ("heavy", "streamer")}
+
+    def ask(tenant: str, model: str) -> int:
+        # json.dumps writes the lone surrogate as the escape "\ud800": valid JSON.
+        body = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
+        return request(f"{gateway.url}/v1/chat/completions", body, {"X-Tenant-ID": tenant}).status
+
+    jobs = [("heavy", "m\ud800") if n % 4 == 0 else ("streamer", "gpt-4o") for n in range(40)]
+    with ThreadPoolExecutor(8) as pool:
+        statuses = list(pool.map(lambda job: ask(*job), jobs))
+    assert statuses == [200] * 40
+    streamer = _ledger(gateway, "streamer")[before["streamer"] :]
+    heavy = _ledger(gateway, "heavy")[before["heavy"] :]
+    assert len(streamer) == 30 and {m for m, _ in streamer} == {"gpt-4o"}
+    assert len(heavy) == 10 and {m for m, _ in heavy} == {"m\ufffd"}
+    trail = gateway.config_path.parent / "audit" / "heavy"
+    records = [
+        json.loads(line)
+        for file in sorted(trail.glob("*.jsonl"))
+        for line in file.read_text(encoding="utf-8").splitlines()
+    ]
+    assert sum(r["model"] == "m\ufffd" for r in records if r["type"] == "request") == 10
+    assert verify(trail).ok
