@@ -30,7 +30,6 @@ from extproc.limits import (
     Charge,
     Decision,
     Limiter,
-    LimiterUnavailable,
     build_limiter,
     to_nano,
 )
@@ -43,6 +42,9 @@ log = logging.getLogger("checkstream.requests")
 
 #: The status recorded for a request whose client (or Envoy) went away before it ended.
 CLIENT_CLOSED = 499
+#: More tokens than any request can use: a backend that reports more is not believed (such a
+#: number would overflow the ledger's integers and the cost's floats); the count is estimated.
+MAX_TOKENS = 2**40
 
 
 @dataclass(slots=True)
@@ -79,12 +81,16 @@ class Tally:
         if not self.billable:
             return 0, 0, False  # answered by CheckStream, Envoy, or a backend error
         usage = self.usage
-        given_in = usage.input_tokens if usage else None
-        given_out = usage.output_tokens if usage else None
+        given_in = _believable(usage.input_tokens) if usage else None
+        given_out = _believable(usage.output_tokens) if usage else None
         estimated = given_in is None or given_out is None
         tokens_in = given_in if given_in is not None else estimate_tokens(self.prompt_chars)
         tokens_out = given_out if given_out is not None else estimate_tokens(self.answer_chars)
         return max(0, tokens_in), max(0, tokens_out), estimated
+
+
+def _believable(tokens: int | None) -> int | None:
+    return tokens if tokens is None or tokens <= MAX_TOKENS else None
 
 
 def iso_now() -> str:
@@ -156,14 +162,16 @@ class Accounts:
         limits = config.rate_limit
         cost = pricing.cost(model, tokens_in, tokens_out)
         if tally.admitted:
-            charge = None
-            if cost and config.budget is not None:
-                charge = Charge(period_of(now), to_nano(cost))
+            # Any failure here (the store, or absurd counts a backend reported) must not
+            # cost the request its usage row and audit records below.
             try:
+                charge = None
+                if cost and config.budget is not None:
+                    charge = Charge(period_of(now), to_nano(cost))
                 await self.limiter.finish(
                     tenant, limits, tally.reserved_tokens, tokens_in + tokens_out, charge=charge
                 )
-            except LimiterUnavailable as exc:
+            except Exception as exc:
                 store_failed("limiter", tenant, exc)
         if self.ledger is not None:
             record = UsageRecord(

@@ -16,7 +16,8 @@ import pytest
 from extproc.accounting import Accounts, Tally
 from extproc.audit import AuditLog, verify
 from extproc.client_text import REPLACEMENT, is_store_safe, store_safe, without_surrogates
-from extproc.config import TenantConfig
+from extproc.config import Price, TenantConfig
+from extproc.formats.texts import Usage
 from extproc.limits import MemoryLimiter
 from extproc.usage import LedgerWriteError, Pricing, UsageLedger, UsageRecord
 
@@ -238,3 +239,33 @@ async def test_a_trail_that_cannot_be_written_is_failing_until_a_write_lands(
         assert not audit.failing("a")
     finally:
         await audit.aclose()
+
+
+async def test_absurd_token_counts_from_a_backend_cost_no_records(tmp_path: Path) -> None:
+    ledger = UsageLedger.open(tmp_path / "usage.db")
+    accounts = Accounts(
+        limiter=MemoryLimiter(), ledger=ledger, audit=AuditLog({"a": tmp_path / "audit-a"})
+    )
+    config = TenantConfig.model_validate(
+        {"backend_url": "http://127.0.0.1:1", "budget": {"monthly_usd": 10}}
+    )
+    pricing = Pricing({"gpt-4o": Price(input=2.5, output=10.0)})
+    try:
+        tally = Tally.start("a", "absurd")
+        tally.model, tally.status, tally.billable, tally.admitted = "gpt-4o", 200, True, True
+        tally.prompt_chars, tally.answer_chars = 400, 40
+        # 300 digits: int * float overflows, and SQLite integers stop at 2**63.
+        tally.usage = Usage(input_tokens=10**300, output_tokens=5)
+        await accounts.finish(tally, config, pricing, frozenset())
+    finally:
+        await accounts.aclose()
+    conn = sqlite3.connect(tmp_path / "usage.db")
+    rows = conn.execute("SELECT input_tokens, output_tokens, estimated FROM usage").fetchall()
+    conn.close()
+    assert rows == [(100, 5, 1)]  # estimated from the prompt's 400 characters
+    trail = [
+        json.loads(line)
+        for file in (tmp_path / "audit-a").glob("*.jsonl")
+        for line in file.read_text().splitlines()
+    ]
+    assert [(r["request_id"], r["input_tokens"]) for r in trail] == [("absurd", 100)]
