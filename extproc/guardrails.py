@@ -49,7 +49,7 @@ class Rule:
 class PhasePlan:
     classifiers: tuple[str, ...] = ()
     rules: tuple[Rule, ...] = ()
-    #: Whose plan this is: heavy checks are queued per tenant (``classifier_processes``).
+    #: Whose plan this is: large inputs take turns per tenant (``large_inputs``).
     tenant: str = ""
 
 

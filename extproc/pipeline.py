@@ -1,9 +1,9 @@
 """Run a phase's classifiers over some texts and turn their scores into one verdict.
 
 Pure of gRPC and HTTP: texts in, ``Verdict`` out. Classifiers of a phase run concurrently;
-sync ones in a thread pool (never on the event loop) unless they declare ``inline``; inline
-ones given more than ``INLINE_MAX_CHARS`` run in a worker process (``classifier_processes``),
-so one tenant's huge prompt never stalls the event loop every tenant's streams share. A
+sync ones in a thread pool (never on the event loop) unless they declare ``inline``. Texts
+over ``INLINE_MAX_CHARS`` go to ``large_inputs`` (processes, or threads of their own), so
+one tenant's huge prompt never stalls the event loop or the threads other tenants share. A
 classifier that raises, times out or returns a malformed result makes the verdict a
 failure naming it; the caller applies the tenant's fail mode.
 """
@@ -11,7 +11,6 @@ failure naming it; the caller applies the tenant's fail mode.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import math
 import time
@@ -20,9 +19,9 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
 
-from extproc.classifier_processes import INLINE_MAX_CHARS, ClassifierProcesses, NotSendable
 from extproc.guardrails import STRENGTH, PhasePlan, Rule
 from extproc.hookspecs import Classification, Classifier, Span
+from extproc.large_inputs import INLINE_MAX_CHARS, LargeInputs
 from extproc.metrics import CLASSIFIER_LATENCY
 
 
@@ -69,13 +68,13 @@ class Checker:
         classifiers: Mapping[str, Classifier],
         executor: Executor,
         timeout_s: float,
-        processes: ClassifierProcesses | None = None,
+        large: LargeInputs | None = None,
     ) -> None:
         self.classifiers = classifiers
         self.executor = executor
         self.timeout_s = timeout_s
-        #: Where inline classifiers' large inputs go; None: to the thread pool.
-        self.processes = processes
+        #: Where large inputs go; None: the thread pool (inline ones too).
+        self.large = large
 
     async def check(
         self, plan: PhasePlan, texts: Sequence[str], sources: Sequence[str] | None = None
@@ -137,16 +136,18 @@ class Checker:
         self, name: str, texts: Sequence[str], tenant: str = ""
     ) -> list[Classification]:
         """One classifier's validated results: sync ones off the event loop, unless inline
-        and small; ``tenant`` queues large inline work behind that tenant's own."""
+        and small; ``tenant`` queues large inputs behind that tenant's own."""
         if not texts:
             return []
         classifier = self.classifiers[name]
         started = time.perf_counter()
         try:
+            is_async = inspect.iscoroutinefunction(classifier.classify)
             inline = _runs_inline(classifier)
-            if inline and sum(map(len, texts)) > INLINE_MAX_CHARS:
-                result: Any = await self._classify_large(tenant, classifier, texts)
-            elif inline or inspect.iscoroutinefunction(classifier.classify):
+            big = not is_async and sum(map(len, texts)) > INLINE_MAX_CHARS
+            if big and self.large is not None:
+                result: Any = await self.large.classify(tenant, classifier, texts)
+            elif (inline and not big) or is_async:
                 result = classifier.classify(texts)
             else:
                 loop = asyncio.get_running_loop()
@@ -157,17 +158,6 @@ class Checker:
             raise ClassifierFailure(name, f"raised {type(exc).__name__}: {exc}") from exc
         CLASSIFIER_LATENCY.labels(name).observe((time.perf_counter() - started) * 1000)
         return validate(name, texts, result)
-
-    async def _classify_large(
-        self, tenant: str, classifier: Classifier, texts: Sequence[str]
-    ) -> Any:
-        if self.processes is not None:
-            with contextlib.suppress(NotSendable):
-                return await self.processes.classify(tenant, classifier, texts)
-            # A third-party classifier that cannot be pickled: a thread at least lets the
-            # event loop take turns with it.
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, classifier.classify, texts)
 
 
 def _pick(texts: Sequence[str], picks: list[int] | None) -> Sequence[str]:

@@ -13,11 +13,11 @@ from typing import Any
 
 from extproc.accounting import Accounts
 from extproc.audit import resolve_audit_dirs
-from extproc.classifier_processes import ClassifierProcesses
 from extproc.config import AuditConfig, LoadedConfig
 from extproc.formats.texts import apply_redactions
 from extproc.guardrails import Guardrails, TenantGuardrails, compile_guardrails
 from extproc.hookspecs import Classifier
+from extproc.large_inputs import LargeInputs
 from extproc.limits import NANO, LimiterUnavailable
 from extproc.mutations import Forwarding, build_forwarding
 from extproc.pipeline import Checker
@@ -84,11 +84,11 @@ class Runtime:
         registry: Registry | None = None,
         accounts: Accounts | None = None,
         executor: Executor | None = None,
-        processes: ClassifierProcesses | None = None,
+        large: LargeInputs | None = None,
     ) -> Runtime:
         """Compile ``loaded``; raises ConfigError (located) or PluginError (naming the plugin).
 
-        ``accounts`` (limits, budgets, usage, audit), ``executor`` and ``processes`` (where
+        ``accounts`` (limits, budgets, usage, audit), ``executor`` and ``large`` (where
         classifiers run) carry over from the generation this one replaces; without, they are
         opened here (inside the serving event loop).
         """
@@ -126,9 +126,9 @@ class Runtime:
             )
         if executor is None:
             executor = ThreadPoolExecutor(CLASSIFIER_THREADS, thread_name_prefix="classifier")
-        if processes is None:
-            processes = ClassifierProcesses()  # no process starts before a large input
-        checker = Checker(guardrails.classifiers, executor, CHECK_TIMEOUT_S, processes)
+        if large is None:
+            large = LargeInputs()  # no process starts before a large input (or warm())
+        checker = Checker(guardrails.classifiers, executor, CHECK_TIMEOUT_S, large)
         known = set(model.pricing)
         for tenant_config in model.tenants.configs.values():
             known.update(tenant_config.models or ())

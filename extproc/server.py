@@ -171,7 +171,7 @@ class Worker:
                 loaded,
                 accounts=old.accounts,
                 executor=old.checker.executor,
-                processes=old.checker.processes,
+                large=old.checker.large,
             )
         except (ConfigError, PluginError, RestartNeeded) as exc:
             log.error(json.dumps({"event": "reload_refused", "error": str(exc)}))
@@ -198,11 +198,11 @@ async def serve(
         await runtime.accounts.aclose()
         raise
     await server.start()
-    processes = runtime.checker.processes
-    if processes is not None and any(
+    large = runtime.checker.large
+    if large is not None and any(
         getattr(c, "inline", False) for c in runtime.guardrails.classifiers.values()
     ):
-        processes.warm()
+        large.warm()
     worker = Worker(processor, loaded.path, control_dir, bound)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -223,8 +223,8 @@ async def serve(
     if _BACKGROUND:
         await asyncio.wait(set(_BACKGROUND), timeout=5)
     await processor.runtime.accounts.aclose()
-    if processor.runtime.checker.processes is not None:
-        processor.runtime.checker.processes.close()
+    if processor.runtime.checker.large is not None:
+        processor.runtime.checker.large.close()
 
 
 async def _prune_audit(processor: ExternalProcessor) -> None:

@@ -1,13 +1,16 @@
-"""Inline classifiers' large inputs run in worker processes that a timeout stops.
+"""Large inputs run away from the event loop and the shared classifier threads.
 
-Real spawned processes (pebble), real built-in classifiers; the probe classifier below says
-in its result which process ran it and can be held until the test lets it go.
+Inline (regex) classifiers' go to spawned processes that a timeout stops; others' to
+threads of their own. Real spawned processes (pebble), real built-in classifiers; the probe
+classifiers below say in their results which process or thread ran them and can be held
+until the test lets them go.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import time
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -15,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from extproc.classifier_processes import INLINE_MAX_CHARS, ClassifierProcesses
 from extproc.guardrails import PhasePlan, Rule
 from extproc.hookspecs import Classification, Span
+from extproc.large_inputs import INLINE_MAX_CHARS, LargeInputs
 from extproc.pipeline import Checker
 from plugins.pii import PiiDetector
 
@@ -57,20 +60,41 @@ class Unpicklable(Probe):
         return [Classification(1.0, (Span(0, 1, f"PID_{os.getpid()}"),)) for _ in texts]
 
 
+class Model:
+    """A sync, not inline classifier (like the ONNX ones): reports the thread that ran it;
+    ``hold:<path>`` texts wait for ``path`` (writing ``<path>.started`` first)."""
+
+    produces_spans = True
+
+    def __init__(self) -> None:
+        self.name = "model"
+
+    def classify(self, texts: Sequence[str]) -> list[Classification]:
+        first = texts[0]
+        if first.startswith("hold:"):
+            gate = Path(first[5:].split()[0])
+            Path(f"{gate}.started").touch()
+            while not gate.exists():
+                time.sleep(0.01)
+        label = threading.current_thread().name.split("_")[0].upper().replace("-", "_")
+        return [Classification(1.0, (Span(0, 1, label),)) for _ in texts]
+
+
 def _plan(name: str, tenant: str) -> PhasePlan:
     return PhasePlan((name,), (Rule("r", name, 0.5, "log", None, None),), tenant)
 
 
 @pytest.fixture
-async def processes() -> AsyncIterator[ClassifierProcesses]:
-    pool = ClassifierProcesses()
-    yield pool
-    pool.close()
+async def processes() -> AsyncIterator[LargeInputs]:
+    large = LargeInputs()
+    yield large
+    large.close()
 
 
-def _checker(processes: ClassifierProcesses, timeout_s: float = 20.0, **more: object) -> Checker:
-    classifiers = {"probe": Probe(), "unpicklable": Unpicklable(), **more}
-    return Checker(classifiers, ThreadPoolExecutor(2), timeout_s, processes)  # type: ignore[arg-type]
+def _checker(processes: LargeInputs, timeout_s: float = 20.0) -> Checker:
+    classifiers = {"probe": Probe(), "unpicklable": Unpicklable(), "model": Model()}
+    shared = ThreadPoolExecutor(1, thread_name_prefix="shared")
+    return Checker(classifiers, shared, timeout_s, processes)  # type: ignore[arg-type]
 
 
 async def _pid_of(checker: Checker, name: str, text: str, tenant: str = "t") -> int:
@@ -79,7 +103,7 @@ async def _pid_of(checker: Checker, name: str, text: str, tenant: str = "t") -> 
 
 
 async def test_small_inputs_stay_inline_large_ones_go_to_a_process(
-    processes: ClassifierProcesses,
+    processes: LargeInputs,
 ) -> None:
     checker = _checker(processes)
     assert await _pid_of(checker, "probe", "x" * INLINE_MAX_CHARS) == os.getpid()
@@ -91,7 +115,7 @@ async def test_small_inputs_stay_inline_large_ones_go_to_a_process(
 
 
 async def test_results_from_a_process_equal_the_inline_ones(
-    processes: ClassifierProcesses,
+    processes: LargeInputs,
 ) -> None:
     pii = PiiDetector("pii_detector")
     block = "card 4111 1111 1111 1111, mail ann@example.com, ssn 123-45-6789. " * 300
@@ -103,7 +127,7 @@ async def test_results_from_a_process_equal_the_inline_ones(
 
 
 async def test_a_timeout_stops_the_process_doing_the_work(
-    processes: ClassifierProcesses, tmp_path: Path
+    processes: LargeInputs, tmp_path: Path
 ) -> None:
     gate = tmp_path / "never"
     checker = _checker(processes, timeout_s=1.0)
@@ -131,7 +155,7 @@ def _alive(pid: int) -> bool:
 
 
 async def test_one_tenant_holds_one_process_and_others_still_get_theirs(
-    processes: ClassifierProcesses, tmp_path: Path
+    processes: LargeInputs, tmp_path: Path
 ) -> None:
     checker = _checker(processes)
     first, second = tmp_path / "a1", tmp_path / "a2"
@@ -154,14 +178,52 @@ async def test_one_tenant_holds_one_process_and_others_still_get_theirs(
 
 
 async def test_a_classifier_that_cannot_be_pickled_runs_in_a_thread(
-    processes: ClassifierProcesses,
+    processes: LargeInputs,
 ) -> None:
     checker = _checker(processes)
     assert await _pid_of(checker, "unpicklable", "x" * BIG) == os.getpid()
 
 
+async def _thread_of(checker: Checker, text: str, tenant: str = "t") -> str:
+    [result] = await checker.classify("model", [text], tenant)
+    return result.spans[0].label
+
+
+async def test_a_models_large_input_never_takes_the_shared_threads(
+    processes: LargeInputs,
+) -> None:
+    checker = _checker(processes)
+    assert await _thread_of(checker, "x" * 100) == "SHARED"
+    assert await _thread_of(checker, "x" * BIG) == "CLASSIFIER_LARGE"
+
+
+async def test_a_timed_out_thread_holds_its_tenants_turn_until_it_ends(
+    processes: LargeInputs, tmp_path: Path
+) -> None:
+    """A thread cannot be stopped: its tenant gets no second large job meanwhile, while
+    other tenants' large inputs and every small one are still checked."""
+    gate = tmp_path / "gate"
+    checker = _checker(processes, timeout_s=1.0)
+    verdict = await checker.check(_plan("model", "a"), [f"hold:{gate} " + "x" * BIG])
+    assert verdict.failure == "classifiers model took longer than 1s"
+    assert Path(f"{gate}.started").exists()
+    # Still running: tenant a's next large input waits for its turn, and times out.
+    verdict = await checker.check(_plan("model", "a"), ["x" * BIG])
+    assert verdict.failure == "classifiers model took longer than 1s"
+    # Tenant b's large input, and a's small one, are checked meanwhile.
+    assert (await checker.check(_plan("model", "b"), ["x" * BIG])).failure is None
+    assert (await checker.check(_plan("model", "a"), ["x" * 100])).failure is None
+    gate.touch()  # the held thread ends: tenant a's turn comes back
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if (await checker.check(_plan("model", "a"), ["x" * BIG])).failure is None:
+            break
+    else:
+        raise AssertionError("tenant a never got its turn back")
+
+
 async def test_an_error_in_the_process_fails_the_check_naming_the_classifier(
-    processes: ClassifierProcesses,
+    processes: LargeInputs,
 ) -> None:
     checker = _checker(processes)
     verdict = await checker.check(_plan("probe", "t"), ["raise: " + "x" * BIG])
