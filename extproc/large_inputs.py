@@ -49,6 +49,10 @@ def _classify(classifier_blob: bytes, texts: list[str]) -> Any:
     return classifier.classify(texts)
 
 
+def _ready() -> None:
+    """A job that only makes the pool start."""
+
+
 class LargeInputs:
     """Processes (started on first use or ``warm``) and threads, shared across reloads."""
 
@@ -101,7 +105,7 @@ class LargeInputs:
     def warm(self) -> None:
         """Start the processes now: a spawned Python takes about a second to come up, which
         the first large input should not wait for."""
-        self._started()
+        self._started().schedule(_ready)  # pebble starts its processes with the first job
 
     def _started(self) -> ProcessPool:
         if self._pool is None:

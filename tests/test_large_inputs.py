@@ -23,6 +23,7 @@ from extproc.hookspecs import Classification, Span
 from extproc.large_inputs import INLINE_MAX_CHARS, LargeInputs
 from extproc.pipeline import Checker
 from plugins.pii import PiiDetector
+from tests.support import child_processes
 
 BIG = INLINE_MAX_CHARS + 1
 
@@ -228,3 +229,18 @@ async def test_an_error_in_the_process_fails_the_check_naming_the_classifier(
     checker = _checker(processes)
     verdict = await checker.check(_plan("probe", "t"), ["raise: " + "x" * BIG])
     assert verdict.failure == "classifier 'probe': raised ValueError: refused by the probe"
+
+
+def test_warm_starts_the_processes_before_any_job() -> None:
+    large = LargeInputs()
+    try:
+        large.warm()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            spawned = [c for c in child_processes(os.getpid()).values() if "spawn_main" in c]
+            if len(spawned) == 2:
+                break
+            time.sleep(0.05)
+        assert len(spawned) == 2, spawned
+    finally:
+        large.close()
