@@ -26,6 +26,7 @@ from typing import Any
 
 from extproc.audit import AuditLog, resolve_audit_dirs
 from extproc.budget_alerts import BudgetAlerts, BudgetTracker, MemoryClaims, RedisClaims
+from extproc.client_text import store_safe
 from extproc.config import LoadedConfig, TenantConfig
 from extproc.daily_quotas import DailyQuotas, MemoryDailyQuotas, RedisDailyQuotas
 from extproc.formats.texts import Usage
@@ -48,6 +49,9 @@ log = logging.getLogger("checkstream.requests")
 
 #: The status recorded for a request whose client (or Envoy) went away before it ended.
 CLIENT_CLOSED = 499
+#: More tokens than any request can use: a backend that reports more is not believed (such a
+#: number would overflow the ledger's integers and the cost's floats); the count is estimated.
+MAX_TOKENS = 2**40
 
 
 @dataclass(slots=True)
@@ -77,19 +81,23 @@ class Tally:
 
     @staticmethod
     def start(tenant: str, request_id: str | None) -> Tally:
-        return Tally(tenant, request_id or uuid.uuid4().hex)
+        return Tally(tenant, store_safe(request_id) if request_id else uuid.uuid4().hex)
 
     def tokens(self) -> tuple[int, int, bool]:
         """Input and output tokens, and whether either was estimated."""
         if not self.billable:
             return 0, 0, False  # answered by CheckStream, Envoy, or a backend error
         usage = self.usage
-        given_in = usage.input_tokens if usage else None
-        given_out = usage.output_tokens if usage else None
+        given_in = _believable(usage.input_tokens) if usage else None
+        given_out = _believable(usage.output_tokens) if usage else None
         estimated = given_in is None or given_out is None
         tokens_in = given_in if given_in is not None else estimate_tokens(self.prompt_chars)
         tokens_out = given_out if given_out is not None else estimate_tokens(self.answer_chars)
         return max(0, tokens_in), max(0, tokens_out), estimated
+
+
+def _believable(tokens: int | None) -> int | None:
+    return tokens if tokens is None or tokens <= MAX_TOKENS else None
 
 
 def iso_now() -> str:
@@ -186,17 +194,21 @@ class Accounts:
             return
         tally.done = True
         tenant = tally.tenant
+        # The client chose it: made storable here, before the ledger, audit, metrics or log.
+        model = tally.model = store_safe(tally.model)
         latency_ms = (time.monotonic() - tally.started) * 1000
         tokens_in, tokens_out, estimated = tally.tokens()
         now = time.time()
         limits = config.rate_limit
-        cost = pricing.cost(tally.model, tokens_in, tokens_out)
+        cost = pricing.cost(model, tokens_in, tokens_out)
         charged = False
         if tally.admitted:
-            charge = None
-            if cost and config.budget is not None:
-                charge = Charge(period_of(now), to_nano(cost))
+            # Any failure here (the store, or absurd counts a backend reported) must not
+            # cost the request its usage row and audit records below.
             try:
+                charge = None
+                if cost and config.budget is not None:
+                    charge = Charge(period_of(now), to_nano(cost))
                 lease = tally.decision.lease if tally.decision is not None else None
                 await self.limiter.finish(
                     tenant,
@@ -206,7 +218,7 @@ class Accounts:
                     charge=charge,
                     lease=lease,
                 )
-            except LimiterUnavailable as exc:
+            except Exception as exc:
                 store_failed("limiter", tenant, exc)
             else:
                 charged = config.budget is not None and cost > 0
@@ -220,7 +232,7 @@ class Accounts:
                 time=now,
                 request_id=tally.request_id,
                 tenant=tenant,
-                model=tally.model,
+                model=model,
                 input_tokens=tokens_in,
                 output_tokens=tokens_out,
                 estimated=estimated,
@@ -238,7 +250,7 @@ class Accounts:
                 "type": "request",
                 "request_id": tally.request_id,
                 "tenant": tenant,
-                "model": tally.model,
+                "model": model,
                 "status": tally.status,
                 "input_tokens": tokens_in,
                 "output_tokens": tokens_out,
@@ -247,13 +259,14 @@ class Accounts:
                 "rules": tally.rules,
             }
             try:
-                await self.audit.append(tenant, [*tally.triggers, summary])
+                triggers = [{**t, "model": model} if "model" in t else t for t in tally.triggers]
+                await self.audit.append(tenant, [*triggers, summary])
             except Exception as exc:
                 store_failed("audit", tenant, exc)
         status = str(tally.status)
         REQUESTS.labels(tenant, status).inc()
         LATENCY.labels(tenant, "total").observe(latency_ms)
-        label = model_label(tally.model, models)
+        label = model_label(model, models)
         TOKENS.labels(tenant, label, "input").inc(tokens_in)
         TOKENS.labels(tenant, label, "output").inc(tokens_out)
         # One line per request; no prompt, answer or key ever goes here.
@@ -263,7 +276,7 @@ class Accounts:
                     "event": "request",
                     "request_id": tally.request_id,
                     "tenant": tenant,
-                    "model": tally.model,
+                    "model": model,
                     "status": tally.status,
                     "latency_ms": round(latency_ms, 3),
                     "input_tokens": tokens_in,

@@ -8,7 +8,10 @@ Chain: every record gets ``prev`` (the ``hash`` of the record written before it 
 tenant's trail, ``"0" * 64`` for the very first) and ``hash`` (sha256 hex of the record's
 canonical JSON with ``prev`` and without ``hash``). The chain runs across day files in date
 order. ``verify`` detects an edited, removed, inserted or reordered line anywhere after the
-first record, and an incomplete last line. What a chain alone cannot detect:
+first record. An incomplete line at the very end of the trail is reported apart, as
+``torn``: a batch cut short by a crash or a full disk, never acknowledged to anyone, which
+the next append removes; an incomplete line with records after it is tampering. What a chain
+alone cannot detect:
 
 - removal of whole leading day files: ``prune`` does exactly that on purpose, so the first
   remaining record's ``prev`` is accepted as the anchor without a predecessor;
@@ -39,6 +42,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import math
 import os
 import queue
 import re
@@ -50,6 +54,7 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from extproc.client_text import without_surrogates
 from extproc.config import AuditConfig, LoadedConfig
 from extproc.yamlsource import ConfigError, Problem
 
@@ -76,6 +81,22 @@ def canonical(record: Mapping[str, Any]) -> bytes:
 def record_hash(record: Mapping[str, Any]) -> str:
     """The hash a record must carry: over everything but ``hash`` itself, ``prev`` included."""
     return hashlib.sha256(canonical({k: v for k, v in record.items() if k != "hash"})).hexdigest()
+
+
+def storable(value: Any) -> Any:
+    """``value`` as plain JSON that UTF-8 can hold: lone surrogates replaced, non-finite
+    numbers and other objects named in a string, keys made strings."""
+    if isinstance(value, str):
+        return without_surrogates(value)
+    if isinstance(value, bool | int) or value is None:
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else json.dumps(value)
+    if isinstance(value, Mapping):
+        return {storable(str(k)): storable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [storable(v) for v in value]
+    return f"<{type(value).__name__}>"
 
 
 def record_day(value: Any) -> date:
@@ -265,6 +286,8 @@ class AuditLog:
         for directory in self.trails.values():
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.fsyncs = 0  # file fsyncs so far: tests check that batching keeps this low
+        #: Trails whose last write failed (the writer thread keeps it; a success clears it).
+        self._failing: set[Path] = set()
         self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="checkstream-audit", daemon=True)
@@ -272,6 +295,11 @@ class AuditLog:
 
     def audits(self, tenant: str) -> bool:
         return tenant in self.trails
+
+    def failing(self, tenant: str) -> bool:
+        """Whether the last write to ``tenant``'s trail failed (none has succeeded since)."""
+        directory = self.trails.get(tenant)
+        return directory is not None and directory in self._failing
 
     def retarget(self, trails: Mapping[str, Path]) -> None:
         """Follow a reloaded config: trails added, moved or removed. Records already queued
@@ -285,9 +313,9 @@ class AuditLog:
 
         Each record needs ``time`` (ISO-8601, UTC if it has no offset, or epoch seconds),
         which picks its day file; ``prev`` and ``hash`` are added here and must not be given.
-        A tenant without a trail (audit absent or disabled): nothing is written. Raises
-        ValueError for a record that is not plain JSON, and OSError or AuditError when the
-        records could not be made durable.
+        A tenant without a trail (audit absent or disabled): nothing is written. Values JSON
+        cannot hold are written replaced (see ``storable``). Raises OSError or AuditError when
+        the records could not be made durable.
         """
         if self._closed:
             raise RuntimeError("audit log is closed")
@@ -298,14 +326,14 @@ class AuditLog:
         for record in records:
             if "prev" in record or "hash" in record:
                 raise ValueError("audit records get prev and hash from the trail, not the caller")
-            # A JSON round trip copies the record and makes it exactly what verify will parse;
-            # what cannot be written (NaN, objects, lone surrogates) fails this caller here
-            # rather than the whole batch in the writer.
+            # A JSON round trip copies the record and makes it exactly what verify will parse.
+            # What JSON or UTF-8 cannot hold (a client's lone surrogate, NaN, an object) is
+            # replaced rather than refused: a record is never dropped for its values.
             try:
                 text = json.dumps(record, ensure_ascii=False, allow_nan=False)
                 text.encode("utf-8")
-            except TypeError as exc:
-                raise ValueError(f"audit record is not plain JSON: {exc}") from None
+            except (TypeError, ValueError):
+                text = json.dumps(storable(record), ensure_ascii=False, allow_nan=False)
             copy = json.loads(text)
             if self.replica:
                 copy["replica"] = self.replica
@@ -363,6 +391,9 @@ class AuditLog:
             except BaseException as exc:  # whatever it is, the waiters must hear of it
                 log.error("audit: writing %s's trail failed: %s", waiting[0].tenant, exc)
                 error = exc
+                self._failing.add(directory)
+            else:
+                self._failing.discard(directory)
             for pending in waiting:
                 pending.settle(error)
 
@@ -390,6 +421,9 @@ class VerifyResult:
     records: int
     files: int
     problem: str | None = None  # "<file>:<line>: <why>" for the first broken record
+    #: The only problem is an incomplete last line at the very end of the trail: a write cut
+    #: short (crash, full disk), never acknowledged; every record before it verifies.
+    torn: bool = False
 
 
 def verify(path: Path) -> VerifyResult:
@@ -404,6 +438,7 @@ def verify(path: Path) -> VerifyResult:
         sum(result.records for result in results),
         sum(result.files for result in results),
         broken[0].problem if broken else None,
+        torn=bool(broken) and all(result.torn for result in broken),
     )
 
 
@@ -422,9 +457,18 @@ def verify_chain(path: Path, chain: str = "") -> VerifyResult:
     snapshot = _snapshot(path, chain)
     records = 0
     prev: str | None = None
-    for file, size in snapshot:
+    for index, (file, size) in enumerate(snapshot):
         try:
             for number, raw in enumerate(_lines(file, size), start=1):
+                if not raw.endswith(b"\n") and all(s == 0 for _, s in snapshot[index + 1 :]):
+                    # Only the trail's last bytes can be a torn write: the next append cuts
+                    # them off. Anywhere else a cut line means the files were altered.
+                    problem = (
+                        f"{file}:{number}: incomplete last line ({len(raw)} bytes): a write "
+                        "cut short by a crash or a full disk, never acknowledged; the "
+                        f"{records} records before it verify and the next append removes it"
+                    )
+                    return VerifyResult(False, records, len(snapshot), problem, torn=True)
                 try:
                     prev = _checked_hash(raw, prev)
                 except _Broken as broken:
@@ -472,7 +516,7 @@ class _Broken(Exception):
 def _checked_hash(raw: bytes, prev: str | None) -> str:
     """The hash of the record on line ``raw`` once it proves to follow ``prev``."""
     if not raw.endswith(b"\n"):
-        raise _Broken("incomplete last line (a writer died mid-write, or the file was cut)")
+        raise _Broken("incomplete line followed by more records (the files were altered)")
     try:
         record = json.loads(raw)
     except ValueError:

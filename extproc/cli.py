@@ -18,6 +18,8 @@ from extproc.runtime import check_config
 from extproc.yamlsource import ConfigError
 
 DEFAULT_CONFIG = "./checkstream.yaml"
+# `audit verify`: the trail ends in a torn write (crash, full disk), not in tampering.
+AUDIT_TORN = 3
 
 
 def demo_config_path() -> Path:
@@ -249,7 +251,8 @@ def _cmd_audit_verify(args: argparse.Namespace) -> int:
     results = verify_chains(directory)
     broken = {chain: result for chain, result in results.items() if not result.ok}
     for result in broken.values():
-        print(f"BROKEN: {result.problem}")
+        # A torn last line is a crash or a full disk, not tampering: said so, its own code.
+        print(f"{'TORN' if result.torn else 'BROKEN'}: {result.problem}")
     if not broken:
         records = sum(result.records for result in results.values())
         files = sum(result.files for result in results.values())
@@ -259,13 +262,13 @@ def _cmd_audit_verify(args: argparse.Namespace) -> int:
     if len(results) > 1:
         for chain, result in results.items():
             name = f"replica {chain}" if chain else "single-replica trail"
-            state = "ok" if result.ok else "BROKEN"
+            state = "ok" if result.ok else "TORN" if result.torn else "BROKEN"
             print(
                 f"  {name}: {state}, {_count(result.records, 'record')} "
                 f"in {_count(result.files, 'file')}"
             )
     if broken:
-        return 1
+        return AUDIT_TORN if all(result.torn for result in broken.values()) else 1
     if args.against_usage:
         assert loaded is not None
         return _against_usage(loaded, args.tenant, directory)

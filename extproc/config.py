@@ -204,6 +204,9 @@ class AuditConfig(Strict):
     # The path is a volume every replica writes (each its own chain): required when
     # ``replicated: true``.
     shared: bool = False
+    # When this tenant's audit trail or the usage ledger cannot be written: serve and count
+    # the failure, or refuse the tenant's requests (503) until a write succeeds again.
+    on_store_failure: Literal["serve", "refuse"] = "serve"
 
 
 class TenantConfig(Strict):

@@ -55,6 +55,7 @@ from extproc.answers import (
     PassThrough,
     Unreadable,
 )
+from extproc.client_text import store_safe
 from extproc.daily_quotas import DAILY_USD, UNLIMITED, tightest
 from extproc.encodings import DECODABLE, decode_body
 from extproc.formats import WireFormat
@@ -72,6 +73,7 @@ from extproc.midstream import MidstreamGuard
 from extproc.mutations import TO_ADMIN, error_response, header, header_map, immediate
 from extproc.pipeline import Verdict
 from extproc.runtime import Runtime, TenantPlan
+from extproc.store_failure import STORE_UNAVAILABLE, store_refusal
 from extproc.tenancy import Refused, Resolved
 from extproc.usage import period_of
 
@@ -210,6 +212,12 @@ class Exchange:
             self.request_encoding = encoding
         if plan.tracks:
             self.tally = Tally.start(tenant.id, headers.get("x-request-id"))
+        store_down = store_refusal(runtime.accounts, tenant.id, tenant.config)
+        if store_down is not None:
+            # Accounted like any answer: its own records are the probe that lifts the refusal.
+            return await self._local(
+                error_response(fmt, 503, store_down, STORE_UNAVAILABLE, "checkstream_store")
+            )
         limits = tenant.config.rate_limit
         if plan.admits and (not limits.tokens_per_minute or msg.end_of_stream):
             refusal = await self._admit(plan, 0)
@@ -309,7 +317,7 @@ class Exchange:
             )
         slots = [replace(slot, text=readable(slot.text)) for slot in api.prompt_texts(payload)]
         if tally is not None:
-            tally.model = model[:_MAX_MODEL_CHARS] if isinstance(model, str) else ""
+            tally.model = store_safe(model, _MAX_MODEL_CHARS) if isinstance(model, str) else ""
             tally.prompt_chars = sum(len(slot.text) for slot in slots)
         if pending_admission:
             answer = api.max_answer_tokens(payload) or limits.default_max_tokens

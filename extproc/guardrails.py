@@ -49,6 +49,8 @@ class Rule:
 class PhasePlan:
     classifiers: tuple[str, ...] = ()
     rules: tuple[Rule, ...] = ()
+    #: Whose plan this is: large inputs take turns per tenant (``large_inputs``).
+    tenant: str = ""
 
 
 @dataclass(frozen=True)
@@ -112,9 +114,9 @@ def compile_guardrails(loaded: LoadedConfig, registry: Registry) -> Guardrails:
         safety = thresholds.safety if thresholds.safety is not None else model.thresholds.safety
         chunk = thresholds.chunk if thresholds.chunk is not None else model.thresholds.chunk
         tenants[tenant_id] = TenantGuardrails(
-            ingress=_phase(ingress, rules, safety),
-            midstream=_phase(midstream, rules, chunk),
-            egress=_phase(midstream, rules, safety),
+            ingress=_phase(tenant_id, ingress, rules, safety),
+            midstream=_phase(tenant_id, midstream, rules, chunk),
+            egress=_phase(tenant_id, midstream, rules, safety),
             window_tokens=_midstream_setting(cfg.pipeline.midstream, model, "window_tokens"),
             holdback_tokens=_midstream_setting(cfg.pipeline.midstream, model, "holdback_tokens"),
         )
@@ -144,7 +146,9 @@ def _midstream_setting(tenant: MidstreamConfig, model: CheckStreamConfig, key: s
     return int(own if own is not None else getattr(model.pipeline.midstream, key))
 
 
-def _phase(names: tuple[str, ...], rules: list[PolicyRule], default_threshold: float) -> PhasePlan:
+def _phase(
+    tenant: str, names: tuple[str, ...], rules: list[PolicyRule], default_threshold: float
+) -> PhasePlan:
     chosen = tuple(
         Rule(
             r.name,
@@ -157,7 +161,7 @@ def _phase(names: tuple[str, ...], rules: list[PolicyRule], default_threshold: f
         for r in rules
         if r.trigger.classifier in names
     )
-    return PhasePlan(names, chosen)
+    return PhasePlan(names, chosen, tenant)
 
 
 def _rules(

@@ -24,6 +24,9 @@ from extproc.usage import (
 
 
 class Ledger(Protocol):
+    #: The last write failed; the next that succeeds clears it.
+    failing: bool
+
     async def record(self, rec: UsageRecord) -> None:
         """Return once ``rec`` is durable; raise LedgerWriteError if it is not."""
 

@@ -1,7 +1,9 @@
 """Run a phase's classifiers over some texts and turn their scores into one verdict.
 
 Pure of gRPC and HTTP: texts in, ``Verdict`` out. Classifiers of a phase run concurrently;
-sync ones in a thread pool (never on the event loop) unless they declare ``inline``. A
+sync ones in a thread pool (never on the event loop) unless they declare ``inline``. Texts
+over ``INLINE_MAX_CHARS`` go to ``large_inputs`` (processes, or threads of their own), so
+one tenant's huge prompt never stalls the event loop or the threads other tenants share. A
 classifier that raises, times out or returns a malformed result makes the verdict a
 failure naming it; the caller applies the tenant's fail mode.
 """
@@ -20,6 +22,7 @@ from typing import Any
 from extproc.formats.texts import mask_placeholders
 from extproc.guardrails import STRENGTH, PhasePlan, Rule
 from extproc.hookspecs import Classification, Classifier, Span
+from extproc.large_inputs import INLINE_MAX_CHARS, LargeInputs
 from extproc.metrics import CLASSIFIER_LATENCY
 
 
@@ -62,11 +65,17 @@ class ClassifierFailure(Exception):
 
 class Checker:
     def __init__(
-        self, classifiers: Mapping[str, Classifier], executor: Executor, timeout_s: float
+        self,
+        classifiers: Mapping[str, Classifier],
+        executor: Executor,
+        timeout_s: float,
+        large: LargeInputs | None = None,
     ) -> None:
         self.classifiers = classifiers
         self.executor = executor
         self.timeout_s = timeout_s
+        #: Where large inputs go; None: the thread pool (inline ones too).
+        self.large = large
 
     async def check(
         self, plan: PhasePlan, texts: Sequence[str], sources: Sequence[str] | None = None
@@ -80,7 +89,8 @@ class Checker:
         picks = {name: self._picks(name, sources) for name in names}
         n = len(texts)
         try:
-            if all(_runs_inline(self.classifiers[name]) for name in names):
+            small = sum(map(len, texts)) <= INLINE_MAX_CHARS
+            if small and all(_runs_inline(self.classifiers[name]) for name in names):
                 # Microseconds of work each: tasks and a timer would cost more than the
                 # checks, and a timeout could not interrupt synchronous code anyway.
                 inline = {
@@ -91,7 +101,9 @@ class Checker:
                 }
                 return decide(plan, inline, n)
             found = await asyncio.wait_for(
-                asyncio.gather(*(self.classify(name, _pick(texts, picks[name])) for name in names)),
+                asyncio.gather(
+                    *(self.classify(name, _pick(texts, picks[name]), plan.tenant) for name in names)
+                ),
                 self.timeout_s,
             )
             results = [_spread(picks[name], r, n) for name, r in zip(names, found, strict=True)]
@@ -122,17 +134,23 @@ class Checker:
         CLASSIFIER_LATENCY.labels(name).observe((time.perf_counter() - started) * 1000)
         return validate(name, texts, result)
 
-    async def classify(self, name: str, texts: Sequence[str]) -> list[Classification]:
-        """One classifier's validated results: sync ones off the event loop, unless inline."""
+    async def classify(
+        self, name: str, texts: Sequence[str], tenant: str = ""
+    ) -> list[Classification]:
+        """One classifier's validated results: sync ones off the event loop, unless inline
+        and small; ``tenant`` queues large inputs behind that tenant's own."""
         if not texts:
             return []
         classifier = self.classifiers[name]
         started = time.perf_counter()
         try:
-            if getattr(classifier, "inline", False) or inspect.iscoroutinefunction(
-                classifier.classify
-            ):
-                result: Any = classifier.classify(texts)
+            is_async = inspect.iscoroutinefunction(classifier.classify)
+            inline = _runs_inline(classifier)
+            big = not is_async and sum(map(len, texts)) > INLINE_MAX_CHARS
+            if big and self.large is not None:
+                result: Any = await self.large.classify(tenant, classifier, texts)
+            elif (inline and not big) or is_async:
+                result = classifier.classify(texts)
             else:
                 loop = asyncio.get_running_loop()
                 result = await loop.run_in_executor(self.executor, classifier.classify, texts)

@@ -31,6 +31,7 @@ from extproc._proto.checkstream.v1 import classifier_pb2 as pb
 from extproc.config import LoadedConfig
 from extproc.guardrails import compile_guardrails
 from extproc.hookspecs import Classification, Classifier
+from extproc.large_inputs import LargeInputs
 from extproc.pipeline import Checker, ClassifierFailure
 from extproc.registry import PluginError, Registry, load_registry
 from extproc.runtime import CHECK_TIMEOUT_S, CLASSIFIER_THREADS
@@ -153,7 +154,7 @@ def build_server(
 def new_checker(classifiers: Mapping[str, Classifier]) -> Checker:
     """A Checker configured like extproc's (same thread pool size)."""
     executor = ThreadPoolExecutor(CLASSIFIER_THREADS, thread_name_prefix="classifier")
-    return Checker(classifiers, executor, CHECK_TIMEOUT_S)
+    return Checker(classifiers, executor, CHECK_TIMEOUT_S, LargeInputs())
 
 
 def servable_classifiers(

@@ -19,6 +19,7 @@ from extproc.daily_quotas import DailyLimits
 from extproc.formats.texts import apply_redactions
 from extproc.guardrails import Guardrails, TenantGuardrails, compile_guardrails
 from extproc.hookspecs import Classifier
+from extproc.large_inputs import LargeInputs
 from extproc.limits import NANO, LimiterUnavailable
 from extproc.mutations import Forwarding, build_forwarding
 from extproc.pipeline import Checker
@@ -97,11 +98,13 @@ class Runtime:
         registry: Registry | None = None,
         accounts: Accounts | None = None,
         executor: Executor | None = None,
+        large: LargeInputs | None = None,
     ) -> Runtime:
         """Compile ``loaded``; raises ConfigError (located) or PluginError (naming the plugin).
 
-        ``accounts`` (limits, budgets, usage, audit) carry over from the generation this one
-        replaces; without, they are opened here (inside the serving event loop).
+        ``accounts`` (limits, budgets, usage, audit), ``executor`` and ``large`` (where
+        classifiers run) carry over from the generation this one replaces; without, they are
+        opened here (inside the serving event loop).
         """
         registry = registry or load_registry()
         guardrails = compile_guardrails(loaded, registry)
@@ -143,7 +146,9 @@ class Runtime:
             )
         if executor is None:
             executor = ThreadPoolExecutor(CLASSIFIER_THREADS, thread_name_prefix="classifier")
-        checker = Checker(guardrails.classifiers, executor, CHECK_TIMEOUT_S)
+        if large is None:
+            large = LargeInputs()  # no process starts before a large input (or warm())
+        checker = Checker(guardrails.classifiers, executor, CHECK_TIMEOUT_S, large)
         known = set(model.pricing)
         for tenant_config in model.tenants.configs.values():
             known.update(tenant_config.models or ())

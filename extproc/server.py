@@ -179,7 +179,10 @@ class Worker:
                 raise RestartNeeded(f"{self.config_path}: {why}")
             # In the loop's thread: classifiers may open clients bound to this loop.
             runtime = Runtime.from_config(
-                loaded, accounts=old.accounts, executor=old.checker.executor
+                loaded,
+                accounts=old.accounts,
+                executor=old.checker.executor,
+                large=old.checker.large,
             )
         except (ConfigError, PluginError, RestartNeeded) as exc:
             log.error(json.dumps({"event": "reload_refused", "error": str(exc)}))
@@ -213,6 +216,11 @@ async def serve(
         await runtime.accounts.aclose()
         raise
     await server.start()
+    large = runtime.checker.large
+    if large is not None and any(
+        getattr(c, "inline", False) for c in runtime.guardrails.classifiers.values()
+    ):
+        large.warm()
     worker = Worker(processor, loaded.path, control_dir, bound)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -255,6 +263,8 @@ async def serve(
     if stop_admin is not None:
         await stop_admin()
     await processor.runtime.accounts.aclose()
+    if processor.runtime.checker.large is not None:
+        processor.runtime.checker.large.close()
 
 
 async def _prune_audit(processor: ExternalProcessor) -> None:

@@ -174,6 +174,9 @@ class UsageLedger:
     def __init__(self, path: Path, writer: sqlite3.Connection, reader: sqlite3.Connection) -> None:
         self.path = path
         self.commits = 0  # committed batches, for tests and metrics
+        #: The last write failed for the database's sake, not a row's: until one succeeds,
+        #: tenants with ``audit.on_store_failure: refuse`` are refused.
+        self.failing = False
         self._writer_conn = writer
         self._reader = reader
         self._read_lock = threading.Lock()
@@ -265,20 +268,67 @@ class UsageLedger:
 
     def _commit(self, batch: list[_Pending]) -> None:
         conn = self._writer_conn
-        error: Exception | None = None
         try:
             # IMMEDIATE takes the write lock up front, where busy_timeout applies.
             conn.execute("BEGIN IMMEDIATE")
             conn.executemany(_INSERT, [_row(p.record) for p in batch])
             conn.execute("COMMIT")
-            self.commits += 1
         except Exception as exc:
-            if conn.in_transaction:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.execute("ROLLBACK")
-            error = exc
+            self._rollback()
+            if len(batch) == 1:
+                self._settled(batch, exc)
+            else:
+                # One row the database refuses (a value it cannot hold) must not cost the
+                # other requests of the batch, often other tenants', their rows.
+                self._commit_each(batch)
+            return
+        self._settled(batch, None)
+
+    def _commit_each(self, batch: list[_Pending]) -> None:
+        """Insert row by row in one transaction: only the rows that fail are refused."""
+        conn = self._writer_conn
+        errors: list[Exception | None] = [None] * len(batch)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for index, pending in enumerate(batch):
+                if not conn.in_transaction:
+                    # SQLite ended it (disk full, I/O error): nothing more can go in.
+                    raise sqlite3.OperationalError("the transaction was rolled back")
+                try:
+                    # A failing INSERT is undone alone (statement journal); the others stay.
+                    conn.execute(_INSERT, _row(pending.record))
+                except Exception as exc:
+                    errors[index] = exc
+            conn.execute("COMMIT")
+        except Exception as exc:
+            self._rollback()
+            errors = [error or exc for error in errors]
+        stored = [p for p, error in zip(batch, errors, strict=True) if error is None]
+        if stored:
+            self._settled(stored, None)
+        for pending, error in zip(batch, errors, strict=True):
+            if error is not None:
+                self._settled([pending], error)
+
+    def _rollback(self) -> None:
+        conn = self._writer_conn
+        if conn.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+
+    def _settled(self, batch: list[_Pending], error: Exception | None) -> None:
+        if error is None:
+            self.commits += 1
+            self.failing = False
+        elif _is_store_failure(error):
+            self.failing = True
         for pending in batch:
             pending.settle(error)
+
+
+def _is_store_failure(error: Exception) -> bool:
+    """The database or its disk failed (full, read-only, I/O, locked), not one row's values."""
+    return isinstance(error, sqlite3.OperationalError | OSError)
 
 
 def _row(rec: UsageRecord) -> tuple[object, ...]:

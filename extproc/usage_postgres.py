@@ -169,6 +169,8 @@ class PostgresLedger:
     def __init__(self, url: str) -> None:
         self.url = redacted(url)
         self.commits = 0  # committed batches, for tests and the bench
+        #: The last batch failed (audit.on_store_failure: refuse reads it).
+        self.failing = False
         self._dsn = url
         # Opened on first use, inside the event loop that uses it.
         self._pool: AsyncConnectionPool | None = None
@@ -228,8 +230,10 @@ class PostgresLedger:
                     async with pool.connection() as conn:
                         await conn.execute(_INSERT, _columns(p.record for p in batch))
                 self.commits += 1
+                self.failing = False
             except Exception as exc:
                 error = exc
+                self.failing = True
             for pending in batch:
                 _settle(pending.future, error, self.url)
 

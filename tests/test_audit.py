@@ -228,9 +228,6 @@ async def test_bad_records_are_refused_before_queueing(audit: AuditLog) -> None:
         await audit.append("acme", [{"request_id": "r"}])
     with pytest.raises(ValueError, match="prev and hash"):
         await audit.append("acme", [{**trigger(1), "hash": "x"}])
-    for bad in (float("nan"), object(), "\udc80"):
-        with pytest.raises(ValueError):
-            await audit.append("acme", [{**trigger(1), "score": bad}])
     await audit.append("acme", [{**trigger(1), "labels": ("pii", "email"), "note": "caf\u00e9"}])
     assert verify(audit.trails["acme"]).records == 1
     await audit.aclose()
@@ -258,11 +255,9 @@ async def test_a_torn_last_line_is_reported_then_cut_by_the_next_writer(
         file.write('{"time":"2026-03-01T12:00:00Z","request_id":"req-3","ten')
 
     result = verify(tmp_path / "acme")
-    assert not result.ok
-    assert (
-        result.problem
-        == f"{path}:3: incomplete last line (a writer died mid-write, or the file was cut)"
-    )
+    assert (result.ok, result.torn, result.records) == (False, True, 2)
+    assert result.problem is not None
+    assert result.problem.startswith(f"{path}:3: incomplete last line (56 bytes)")
 
     await audit.append("acme", [trigger(4)])
     assert [r["request_id"] for r in read(path)] == ["req-1", "req-2", "req-4"]

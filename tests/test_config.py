@@ -712,3 +712,22 @@ def test_redis_url_from_the_environment(tmp_path: Path, monkeypatch: pytest.Monk
     assert "not both" in str(refused(both))
     neither = write(tmp_path, "limits: {backend: redis}\n")
     assert "limits.url or limits.url_env" in str(refused(neither))
+def test_audit_on_store_failure_is_serve_or_refuse(tmp_path: Path) -> None:
+    text = """\
+tenants:
+  configs:
+    acme:
+      backend_url: "http://127.0.0.1:9001"
+      audit: {enabled: true, on_store_failure: refuse}
+    beta:
+      backend_url: "http://127.0.0.1:9001"
+      audit: {enabled: true}
+"""
+    path = tmp_path / "checkstream.yaml"
+    path.write_text(text)
+    configs = load_config(path).model.tenants.configs
+    assert [c.audit.on_store_failure for c in configs.values() if c.audit] == ["refuse", "serve"]
+    path.write_text(text.replace("on_store_failure: refuse", "on_store_failure: sometimes"))
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert f"{path}:5: tenants.configs.acme.audit.on_store_failure" in str(caught.value)

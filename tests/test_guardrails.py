@@ -111,7 +111,7 @@ def test_disabled_phase_runs_nothing(tmp_path: Path) -> None:
     config = base_config(classifiers=["a"], pipeline={"midstream": {"enabled": False}})
     tenant = compiled(tmp_path, config, [rule("ra", "a", "block")]).tenants["t"]
     assert tenant.ingress.classifiers == ("a",)
-    assert tenant.midstream == PhasePlan()
+    assert tenant.midstream == PhasePlan(tenant="t")
 
 
 def test_rule_on_classifier_not_enabled_for_tenant_is_located(tmp_path: Path) -> None:
