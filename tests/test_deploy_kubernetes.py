@@ -26,10 +26,11 @@ import yaml
 
 from extproc.config import load_config
 from extproc.runtime import check_config
+from tests.postgres_server import postgres_server, postgres_url
 from tests.redis_server import RedisServer, redis_server
 from tests.support import DemoUpstreamThread, gateway_ports, request, wait_until
 
-__all__ = ["redis_server"]  # the fixture is used by name
+__all__ = ["postgres_server", "postgres_url", "redis_server"]  # fixtures used by name
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFESTS = ROOT / "deploy" / "kubernetes"
@@ -157,6 +158,7 @@ def test_the_configmaps_config_passes_config_check(tmp_path: Path) -> None:
     loaded = load_config(tmp_path / "checkstream.yaml", require_secrets=False)
     check_config(loaded)
     assert loaded.model.limits.backend == "redis"
+    assert loaded.model.replicated and loaded.model.usage.backend == "postgres"
 
 
 def test_the_admin_port_is_private_and_the_listener_public() -> None:
@@ -210,7 +212,7 @@ def _env(spec: dict[str, Any], secrets: dict[str, str], redis_url: str) -> dict[
 
 @pytest.mark.e2e
 def test_the_pods_containers_run_as_written_and_serve_a_request(
-    tmp_path: Path, k8s_demo: DemoUpstreamThread, redis_server: RedisServer
+    tmp_path: Path, k8s_demo: DemoUpstreamThread, redis_server: RedisServer, postgres_url: str
 ) -> None:
     spec = pod_spec()
     mounts = {
@@ -225,6 +227,7 @@ def test_the_pods_containers_run_as_written_and_serve_a_request(
     config = yaml.safe_load(_mapped(files["checkstream.yaml"], mounts))
     ports = gateway_ports()
     config["server"].update(ports, host="127.0.0.1")
+    config["server"]["trusted_networks"] = ["127.0.0.0/8"]  # the test's client, not a Pod
     for tenant in config["tenants"]["configs"].values():
         tenant["backend_url"] = f"http://127.0.0.1:{k8s_demo.port}/v1"
     (mounts["/etc/checkstream"] / "checkstream.yaml").write_text(yaml.safe_dump(config))
@@ -233,6 +236,7 @@ def test_the_pods_containers_run_as_written_and_serve_a_request(
             (mounts["/etc/checkstream"] / name).write_text(text)
     secrets = {key: f"test-{key}" for key in one("Secret")["stringData"]}
     secrets["redis-url"] = redis_server.url
+    secrets["usage-dsn"] = postgres_url
 
     def argv(name: str, command: list[str] | None = None) -> list[str]:
         c = container(name)
