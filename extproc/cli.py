@@ -54,7 +54,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return 1
     extra: Callable[[], Awaitable[Callable[[], Awaitable[None]]]] | None = None
     if args.demo:
-        from extproc.demo_upstream import start_demo_upstream
+        from extproc.demo import start_demo_upstream
 
         async def start_demo() -> Callable[[], Awaitable[None]]:
             upstream = await start_demo_upstream(

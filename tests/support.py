@@ -146,7 +146,7 @@ class DemoUpstreamThread:
     _thread: threading.Thread | None = None
 
     def start(self, chunk_delay_ms: float = 5.0) -> DemoUpstreamThread:
-        from extproc.demo_upstream import start_demo_upstream
+        from extproc.demo import start_demo_upstream
 
         ready = threading.Event()
 

@@ -38,7 +38,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from extproc.config import load_config
-from extproc.demo_upstream import answer_pieces
+from extproc.demo import answer_pieces
 from extproc.runtime import config_version
 from tests.support import (
     DemoUpstreamThread,
