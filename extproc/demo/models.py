@@ -7,7 +7,13 @@ from typing import Any, Final
 
 from aiohttp import web
 
-from extproc.demo.wire import error_body, format_of, json_response
+from extproc.demo.wire import (
+    DemoError,
+    error_body,
+    format_of,
+    json_response,
+    raise_requested_error,
+)
 
 DEMO_MODELS: Final = ("checkstream-demo", "checkstream-demo-mini")
 # 2026-01-01T00:00:00Z: a fixed date keeps answers reproducible.
@@ -28,6 +34,10 @@ def _anthropic_model(model: str) -> dict[str, Any]:
 
 
 async def list_models(request: web.Request) -> web.StreamResponse:
+    try:
+        raise_requested_error(request)
+    except DemoError as err:
+        return json_response(error_body(format_of(request), err.status, err.message), err.status)
     if format_of(request) == "anthropic":
         return json_response(
             {
@@ -43,6 +53,10 @@ async def list_models(request: web.Request) -> web.StreamResponse:
 async def get_model(request: web.Request) -> web.StreamResponse:
     model = request.match_info["model"]
     fmt = format_of(request)
+    try:
+        raise_requested_error(request)
+    except DemoError as err:
+        return json_response(error_body(fmt, err.status, err.message), err.status)
     if model not in DEMO_MODELS:
         message = f"the model '{model}' does not exist (the demo serves {', '.join(DEMO_MODELS)})"
         return json_response(error_body(fmt, 404, message), 404)

@@ -68,11 +68,7 @@ class DemoContext:
 
     async def read(self, request: web.Request) -> DemoRequest:
         # Checked before the body so error pass-through can be tested with any payload.
-        status = _int_header(request, "x-demo-status")
-        if status is not None:
-            if not 400 <= status <= 599:
-                raise DemoError(400, f"header x-demo-status must be 4xx or 5xx, got {status}")
-            raise DemoError(status, f"demo upstream error requested via x-demo-status: {status}")
+        raise_requested_error(request)
 
         chunks = _int_header(request, "x-demo-chunks")
         if chunks is not None and chunks < 0:
@@ -98,6 +94,15 @@ class DemoContext:
         if not isinstance(body, dict):
             raise DemoError(400, "request body must be a JSON object")
         return DemoRequest(body, None if chunks is None else min(chunks, MAX_CHUNKS), delay_s)
+
+
+def raise_requested_error(request: web.Request) -> None:
+    """Answer with the error ``x-demo-status`` asks for, if it asks."""
+    status = _int_header(request, "x-demo-status")
+    if status is not None:
+        if not 400 <= status <= 599:
+            raise DemoError(400, f"header x-demo-status must be 4xx or 5xx, got {status}")
+        raise DemoError(status, f"demo upstream error requested via x-demo-status: {status}")
 
 
 def _int_header(request: web.Request, name: str) -> int | None:
