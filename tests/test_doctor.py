@@ -183,14 +183,16 @@ def test_an_invalid_config_is_located_and_the_rest_skipped(
 
 # --- PostgreSQL (usage.backend: postgres) ----------------------------------------------------
 
-PG_BIN = Path("/usr/lib/postgresql/15/bin")
+# Debian installs the server binaries off PATH, under the major version.
+PG_BINS = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))
+PG_BIN = PG_BINS[-1].parent if PG_BINS else Path("/nonexistent")
 
 
 @pytest.fixture(scope="module")
 def postgres() -> Iterator[int]:
     """A throwaway PostgreSQL on a free port (run as user postgres: it refuses root)."""
     if not (PG_BIN / "pg_ctl").exists() or shutil.which("runuser") is None:
-        pytest.skip("PostgreSQL 15 server binaries not installed (apt-get install postgresql)")
+        pytest.skip("PostgreSQL server binaries not installed (apt-get install postgresql)")
     # Its own directory in /tmp: pytest's tmp_path is private to root, and postgres must
     # reach it.
     base = Path(tempfile.mkdtemp(prefix="checkstream-doctor-pg-"))
