@@ -43,7 +43,7 @@ def _compile(loaded: LoadedConfig) -> bool:
 
 def _no_config_hint(path: str) -> str:
     return (
-        f"checkstream: no config at {path}\n"
+        f"checkstream: {path}: file not found, so there is no config to run\n"
         "  to try CheckStream with a built-in backend (no API key): checkstream run --demo\n"
         "  to write a starter config here: checkstream init"
         " (then: checkstream run -c checkstream.yaml)"

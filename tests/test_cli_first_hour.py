@@ -161,7 +161,7 @@ def test_init_defaults_to_the_working_directory(tmp_path: Path) -> None:
 def test_run_without_a_config_points_to_demo_and_init(tmp_path: Path) -> None:
     done = checkstream("run", cwd=tmp_path)
     assert done.returncode == 1
-    assert "no config at ./checkstream.yaml" in done.stderr
+    assert "./checkstream.yaml: file not found" in done.stderr
     assert "checkstream run --demo" in done.stderr
     assert "checkstream init" in done.stderr
     assert "Traceback" not in done.stderr
@@ -170,7 +170,7 @@ def test_run_without_a_config_points_to_demo_and_init(tmp_path: Path) -> None:
 def test_run_with_a_missing_file_says_the_same(tmp_path: Path) -> None:
     done = checkstream("run", "-c", "nowhere.yaml", cwd=tmp_path)
     assert done.returncode == 1
-    assert "no config at nowhere.yaml" in done.stderr
+    assert "nowhere.yaml: file not found" in done.stderr
     assert "--demo" in done.stderr
 
 
