@@ -79,11 +79,11 @@ class UsageRecord:
 
 #: Reports count money in whole nano-dollars (as budgets do), summed exactly.
 COST_QUANTUM: Final = Decimal("0.000000001")
-#: A request that named no model and used no tokens (GET /v1/models, a body that was not
-#: JSON) costs nothing and is no model's usage: reports leave it out.
-_BILLABLE: Final = "NOT (model = '' AND input_tokens = 0 AND output_tokens = 0)"
-#: How a report names a model the request did not state.
-UNKNOWN_MODEL: Final = "(unknown)"
+#: A request that succeeded without naming a model or using a token (GET /v1/models) is
+#: no model's usage and costs nothing: reports leave it out. Refusals stay (they are errors).
+_BILLABLE: Final = "NOT (model = '' AND input_tokens = 0 AND output_tokens = 0 AND status < 400)"
+#: How a report names the model of a request that stated none (refused before its body).
+NO_MODEL: Final = "(no model)"
 
 
 @dataclass(frozen=True)
@@ -333,7 +333,7 @@ def _report_row(
 ) -> UsageRow:
     return UsageRow(
         tenant,
-        model or UNKNOWN_MODEL,
+        model or NO_MODEL,
         requests,
         input_tokens,
         output_tokens,

@@ -198,8 +198,11 @@ def test_usage_report_after_the_tour(demo_gateway: Gateway) -> None:
         reports[fmt] = done.stdout
     rows = json.loads(reports["json"], parse_float=Decimal)
     models = {(row["tenant"], row["model"]) for row in rows}
-    # GET /v1/models went through the gateway twice, and is no model's usage.
-    assert all(model not in ("", "(unknown)") for _tenant, model in models)
+    # GET /v1/models went through the gateway twice, and is no model's usage; the GET of an
+    # unknown path (404) is an error without a model, named so.
+    assert all(model != "" for _tenant, model in models)
+    no_model = [row for row in rows if row["model"] == "(no model)"]
+    assert [(row["tenant"], row["requests"], row["errors"]) for row in no_model] == [("demo", 1, 1)]
     assert ("demo", "checkstream-demo") in models
     assert ("demo-anthropic", "claude-demo") in models
     costs = [row["cost_usd"] for row in rows]

@@ -432,24 +432,26 @@ async def test_bodiless_requests_are_not_billed_rows(
     path = tmp_path / "checkstream.yaml"
     path.write_text(CONFIG)
     ledger = UsageLedger.open(resolve_usage_path(load_config(path)))
-    # GET /v1/models: no model, no tokens (estimated), status 200; then a request whose
-    # model the gateway could not read but whose tokens it estimated.
+    # GET /v1/models: no model, no tokens (estimated), status 200. Then two refusals the
+    # gateway answered before reading a model: a 429 at the headers, a 400 for a body that
+    # was not JSON (its tokens estimated).
     bodiless = _rec("acme", "", 0, 0, estimated=True)
-    unnamed = _rec("acme", "", 12, 0, estimated=True, status=400)
-    await _record_all(ledger, [*SAMPLE, bodiless, unnamed])
+    throttled = _rec("acme", "", 0, 0, status=429)
+    unreadable = _rec("acme", "", 12, 0, estimated=True, status=400)
+    await _record_all(ledger, [*SAMPLE, bodiless, throttled, unreadable])
     await ledger.aclose()
 
     assert main(_usage(path, "--tenant", "acme", "--by", "model", "--format", "json")) == 0
     rows = json.loads(capsys.readouterr().out, parse_float=Decimal)
     models = [row["model"] for row in rows]
     assert "" not in models
-    assert models.count("(unknown)") == 1
-    (unknown,) = (row for row in rows if row["model"] == "(unknown)")
-    assert (unknown["requests"], unknown["input_tokens"], unknown["errors"]) == (1, 12, 1)
-    # The tenant's total counts the unnamed request, not the bodiless one.
+    assert models.count("(no model)") == 1
+    (refused,) = (row for row in rows if row["model"] == "(no model)")
+    assert (refused["requests"], refused["input_tokens"], refused["errors"]) == (2, 12, 2)
+    # The tenant's total counts the refusals, not the bodiless success.
     assert main(_usage(path, "--tenant", "acme", "--format", "json")) == 0
     (total,) = json.loads(capsys.readouterr().out)
-    assert total["requests"] == sum(r.tenant == "acme" for r in SAMPLE) + 1
+    assert total["requests"] == sum(r.tenant == "acme" for r in SAMPLE) + 2
 
 
 async def test_costs_are_exact_and_identical_in_every_format(
