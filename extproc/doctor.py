@@ -109,6 +109,13 @@ def check_envoy_bootstrap(loaded: LoadedConfig) -> Check:
 
 
 def load(path: str) -> tuple[LoadedConfig | None, Check]:
+    if not Path(path).exists():
+        return None, Check(
+            "config",
+            "fail",
+            f"{path}: file not found",
+            "write a starter with `checkstream init`, or name yours with -c FILE",
+        )
     try:
         loaded = load_config(path, require_secrets=False)
     except ConfigError as exc:

@@ -248,3 +248,14 @@ def test_postgres_unreachable_says_how_to_fix() -> None:
     assert "cannot connect" in check.detail
     assert "usage.url" in check.fix
     assert SECRET not in check.line()
+
+
+def test_a_missing_config_points_to_init(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["doctor"]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    missing = line(lines, "FAIL  config:")
+    assert "./checkstream.yaml: file not found" in missing
+    assert "checkstream init" in missing
