@@ -59,7 +59,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         path = args.config
     elif args.demo:
         # A fresh directory per run, so one try's usage never adds up with another's.
-        path = str(new_demo_state())
+        path = str(new_demo_state(args.demo_port))
         phase(started, f"demo state for this run in {Path(path).parent}")
     else:
         path = DEFAULT_CONFIG

@@ -175,13 +175,16 @@ def test_run_with_a_missing_file_says_the_same(tmp_path: Path) -> None:
 
 
 def test_each_demo_run_gets_its_own_state_directory() -> None:
-    first, second = new_demo_state(), new_demo_state()
+    first, second = new_demo_state(), new_demo_state(9123)
     try:
         assert first.parent != second.parent
         assert first.read_text() == demo_config_path().read_text()
         ledger = resolve_usage_path(load_config(first))
         assert ledger.parent == first.parent
         assert ledger != resolve_usage_path(load_config(second))
+        # --demo-port moves the tenants' backend with the demo upstream.
+        backends = {t.backend_url for t in load_config(second).model.tenants.configs.values()}
+        assert backends == {"http://127.0.0.1:9123/v1", "http://127.0.0.1:9123"}
     finally:
         for path in (first, second):
             path.unlink()
