@@ -468,7 +468,7 @@ class Processes:
 
 def start_upstream(procs: Processes) -> Service:
     port = free_port()
-    argv = [sys.executable, "-m", "extproc.demo_upstream", "--host", HOST, "--port", str(port)]
+    argv = [sys.executable, "-m", "extproc.demo", "--host", HOST, "--port", str(port)]
     service = procs.spawn("upstream", [*argv, "--chunk-delay-ms", "0"], port)
     procs.wait_until(
         service,

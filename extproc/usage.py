@@ -24,9 +24,10 @@ import sqlite3
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, astuple, dataclass, fields
+from dataclasses import astuple, dataclass, fields
+from decimal import Decimal
 from pathlib import Path
-from typing import Literal
+from typing import Final, Literal
 
 from extproc.config import LoadedConfig, Price
 
@@ -76,6 +77,15 @@ class UsageRecord:
     cost_usd: float
 
 
+#: Reports count money in whole nano-dollars (as budgets do), summed exactly.
+COST_QUANTUM: Final = Decimal("0.000000001")
+#: A request that succeeded without naming a model or using a token (GET /v1/models) is
+#: no model's usage and costs nothing: reports leave it out. Refusals stay (they are errors).
+BILLABLE: Final = "NOT (model = '' AND input_tokens = 0 AND output_tokens = 0 AND status < 400)"
+#: How a report names the model of a request that stated none (refused before its body).
+NO_MODEL: Final = "(no model)"
+
+
 @dataclass(frozen=True)
 class UsageRow:
     """One line of a report: a tenant's month, or one model of it."""
@@ -87,7 +97,7 @@ class UsageRow:
     output_tokens: int
     estimated_requests: int
     errors: int  # status >= 400
-    cost_usd: float
+    cost_usd: Decimal  # exact, in whole nano-dollars
 
 
 class Pricing:
@@ -358,18 +368,21 @@ def report(path: str | Path, *, tenant: str | None, period: str, by_model: bool)
         )
     # Only these fixed fragments are spliced into the SQL; values are bound.
     model = "model" if by_model else "'*'"
-    where = "period = ?" + (" AND tenant = ?" if tenant is not None else "")
+    where = f"period = ? AND {BILLABLE}" + (" AND tenant = ?" if tenant is not None else "")
     groups = "tenant, model" if by_model else "tenant"
+    # Each row's cost rounded to whole nano-dollars before summing: the total is an exact
+    # integer, with none of the float noise a sum of REALs carries.
     query = (
         f"SELECT tenant, {model}, COUNT(*), SUM(input_tokens), SUM(output_tokens),"
-        f" SUM(estimated), SUM(status >= 400), TOTAL(cost_usd)"
+        f" SUM(estimated), SUM(status >= 400),"
+        f" SUM(CAST(ROUND(cost_usd * 1000000000) AS INTEGER))"
         f" FROM usage WHERE {where} GROUP BY {groups} ORDER BY {groups}"
     )
     params = (period,) if tenant is None else (period, tenant)
     conn = sqlite3.connect(path)
     try:
         conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
-        return [UsageRow(*row) for row in conn.execute(query, params)]
+        return [report_row(*row) for row in conn.execute(query, params)]
     except sqlite3.DatabaseError as exc:
         raise UsageError(f"{path}: not a usage ledger ({exc})") from None
     finally:
@@ -390,21 +403,58 @@ def request_times(path: str | Path, tenant: str, since: float) -> dict[str, floa
         raise UsageError(f"{path}: not a usage ledger ({exc})") from None
     finally:
         conn.close()
+def report_row(
+    tenant: str,
+    model: str,
+    requests: int,
+    input_tokens: int,
+    output_tokens: int,
+    estimated: int,
+    errors: int,
+    cost_nano: int,
+) -> UsageRow:
+    return UsageRow(
+        tenant,
+        model or NO_MODEL,
+        requests,
+        input_tokens,
+        output_tokens,
+        estimated,
+        errors,
+        (Decimal(cost_nano) * COST_QUANTUM).quantize(COST_QUANTUM),
+    )
+
+
+def cost_text(cost: Decimal) -> str:
+    """A cost as every report format prints it: plain decimal, nine places."""
+    return format(cost.quantize(COST_QUANTUM), "f")
+
+
+def _json_row(row: UsageRow) -> str:
+    # Written by hand so the cost is the exact decimal text (a JSON number), not a float.
+    members = (
+        f"    {json.dumps(name)}: "
+        + (cost_text(value) if isinstance(value, Decimal) else json.dumps(value))
+        for name, value in zip((f.name for f in fields(UsageRow)), astuple(row), strict=True)
+    )
+    return "  {\n" + ",\n".join(members) + "\n  }"
 
 
 def render(rows: Sequence[UsageRow], fmt: Literal["table", "json", "csv"]) -> str:
+    """The report as text; costs read the same in all three formats."""
     names = [f.name for f in fields(UsageRow)]
+    texts = [
+        [cost_text(v) if isinstance(v, Decimal) else str(v) for v in astuple(row)] for row in rows
+    ]
     if fmt == "json":
-        return json.dumps([asdict(row) for row in rows], indent=2) + "\n"
+        return ("[\n" + ",\n".join(map(_json_row, rows)) + "\n]\n") if rows else "[]\n"
     if fmt == "csv":
         out = io.StringIO()
         writer = csv.writer(out, lineterminator="\n")
         writer.writerow(names)
-        writer.writerows(astuple(row) for row in rows)
+        writer.writerows(texts)
         return out.getvalue()
-    cells = [names] + [
-        [f"{v:.6f}" if isinstance(v, float) else str(v) for v in astuple(row)] for row in rows
-    ]
+    cells = [names, *texts]
     widths = [max(len(line[i]) for line in cells) for i in range(len(names))]
     # Text columns (tenant, model) to the left, numbers to the right.
     return "".join(

@@ -30,12 +30,14 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from extproc.usage import (
+    BILLABLE,
     LedgerWriteError,
     UsageError,
     UsageRecord,
     UsageRow,
     check_period,
     period_of,
+    report_row,
 )
 
 TABLE = "checkstream_usage"
@@ -303,19 +305,21 @@ def report_query(*, tenant: str | None, period: str, by_model: bool) -> tuple[st
     check_period(period)
     # Only these fixed fragments are spliced into the SQL; values are bound.
     model = "model" if by_model else "'*'"
-    where = "period = %s" + (" AND tenant = %s" if tenant is not None else "")
+    where = f"period = %s AND {BILLABLE}" + (" AND tenant = %s" if tenant is not None else "")
     groups = "tenant, model" if by_model else "tenant"
     query = (
         f"SELECT tenant, {model}, COUNT(*), SUM(input_tokens), SUM(output_tokens),"
-        f" SUM(estimated::int), SUM((status >= 400)::int), COALESCE(SUM(cost_usd), 0)"
+        f" SUM(estimated::int), SUM((status >= 400)::int),"
+        # Each row's cost in whole nano-dollars before summing, as the SQLite ledger does.
+        f" COALESCE(SUM(ROUND(cost_usd * 1000000000)::bigint), 0)"
         f" FROM {TABLE} WHERE {where} GROUP BY {groups} ORDER BY {groups}"
     )
     return query, [period] if tenant is None else [period, tenant]
 
 
 def _usage_row(row: tuple[Any, ...]) -> UsageRow:
-    tenant, model, requests, tokens_in, tokens_out, estimated, errors, cost = row
-    return UsageRow(
+    tenant, model, requests, tokens_in, tokens_out, estimated, errors, cost_nano = row
+    return report_row(
         str(tenant),
         str(model),
         int(requests),
@@ -323,7 +327,7 @@ def _usage_row(row: tuple[Any, ...]) -> UsageRow:
         int(tokens_out),
         int(estimated),
         int(errors),
-        float(cost),
+        int(cost_nano),
     )
 
 

@@ -16,7 +16,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,7 +146,7 @@ class DemoUpstreamThread:
     _thread: threading.Thread | None = None
 
     def start(self, chunk_delay_ms: float = 5.0) -> DemoUpstreamThread:
-        from extproc.demo_upstream import start_demo_upstream
+        from extproc.demo import start_demo_upstream
 
         ready = threading.Event()
 
@@ -225,14 +225,17 @@ def write_policy(directory: Path, name: str, rules: list[tuple[str, str, str]]) 
 
 
 def start_gateway(
-    config_path: Path, env: dict[str, str] | None = None, timeout: float = 40
+    config_path: Path,
+    env: dict[str, str] | None = None,
+    timeout: float = 40,
+    args: Sequence[str] = (),
 ) -> Gateway:
     loaded = yaml.safe_load(config_path.read_text())
     server = loaded["server"]
     log_path = config_path.with_suffix(".log")
     log = log_path.open("wb")
     process = subprocess.Popen(
-        [sys.executable, "-m", "extproc", "run", "-c", str(config_path)],
+        [sys.executable, "-m", "extproc", "run", "-c", str(config_path), *args],
         stdout=log,
         stderr=subprocess.STDOUT,
         env={**os.environ, **(env or {})},
@@ -243,7 +246,7 @@ def start_gateway(
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"gateway exited with {process.returncode}:\n{gateway.log()}")
-        if "checkstream: listening on" in gateway.log():
+        if "] ready: listening on" in gateway.log():
             return gateway
         time.sleep(0.05)
     gateway.stop(signal.SIGKILL)

@@ -12,7 +12,7 @@ import anthropic
 import openai
 import pytest
 
-from extproc.demo_upstream import (
+from extproc.demo import (
     DEMO_MODELS,
     MAX_CHUNKS,
     DemoUpstream,
@@ -21,8 +21,12 @@ from extproc.demo_upstream import (
 )
 
 PROMPT = "Hello gateway"
-# The default 12 pieces of the answer to PROMPT, spelled out so a change in wording is noticed.
-EXPECTED = "This is the CheckStream demo upstream. You said: Hello gateway. It answers"
+# The whole answer to PROMPT, spelled out so a change in wording is noticed: complete sentences.
+EXPECTED = (
+    "This is the CheckStream demo upstream. You said: Hello gateway. It answers one word at a"
+    " time, so the gateway can be tried and measured without an API key."
+)
+WORDS = len(EXPECTED.split())  # one text piece (and one output token) per word
 CHAT_BODY: dict[str, Any] = {"model": "demo", "messages": [{"role": "user", "content": PROMPT}]}
 COMPLETION_BODY: dict[str, Any] = {"model": "demo", "prompt": PROMPT}
 MESSAGES_BODY: dict[str, Any] = {**CHAT_BODY, "max_tokens": 64}
@@ -107,8 +111,8 @@ async def test_openai_chat_non_stream(openai_client: openai.AsyncOpenAI) -> None
     assert completion.choices[0].finish_reason == "stop"
     assert completion.usage is not None
     assert completion.usage.prompt_tokens == 2
-    assert completion.usage.completion_tokens == 12
-    assert completion.usage.total_tokens == 14
+    assert completion.usage.completion_tokens == WORDS
+    assert completion.usage.total_tokens == WORDS + 2
 
 
 async def test_openai_chat_stream(openai_client: openai.AsyncOpenAI) -> None:
@@ -140,8 +144,8 @@ async def test_openai_chat_stream_include_usage(openai_client: openai.AsyncOpenA
     assert chunks[-2].choices[0].finish_reason == "stop"
     assert chunks[-1].choices == []
     assert chunks[-1].usage is not None
-    assert chunks[-1].usage.completion_tokens == 12
-    assert chunks[-1].usage.total_tokens == 14
+    assert chunks[-1].usage.completion_tokens == WORDS
+    assert chunks[-1].usage.total_tokens == WORDS + 2
 
 
 async def test_openai_legacy_completions(openai_client: openai.AsyncOpenAI) -> None:
@@ -176,7 +180,7 @@ async def test_anthropic_non_stream(anthropic_client: anthropic.AsyncAnthropic) 
     assert block.text == EXPECTED
     assert message.stop_reason == "end_turn"
     assert message.usage.input_tokens == 5
-    assert message.usage.output_tokens == 12
+    assert message.usage.output_tokens == WORDS
 
 
 async def test_anthropic_stream(anthropic_client: anthropic.AsyncAnthropic) -> None:
@@ -188,12 +192,12 @@ async def test_anthropic_stream(anthropic_client: anthropic.AsyncAnthropic) -> N
         texts = [text async for text in stream.text_stream]
         message = await stream.get_final_message()
     assert "".join(texts) == EXPECTED
-    assert len(texts) == 12
+    assert len(texts) == WORDS
     block = message.content[0]
     assert isinstance(block, anthropic.types.TextBlock)
     assert block.text == EXPECTED
     assert message.stop_reason == "end_turn"
-    assert message.usage.output_tokens == 12
+    assert message.usage.output_tokens == WORDS
 
 
 async def test_anthropic_stream_event_sequence(

