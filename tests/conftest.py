@@ -20,6 +20,29 @@ from tests.support import (
 
 ALPHA_SECRET = "sk-upstream-alpha-secret"
 
+# Fixtures that start a real server: a test using any of them is end-to-end.
+_SERVER_FIXTURES = frozenset(
+    {
+        "gateway",
+        "upstreams",
+        "demo",
+        "redis_server",
+        "postgres_server",
+        "postgres_url",
+        "browser",
+    }
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark ``e2e`` every test that starts servers: those in ``test_e2e_*`` files and those
+    using a server fixture, so ``pytest -m "not e2e"`` is the fast tier without anyone having
+    to remember a marker."""
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if item.path.name.startswith("test_e2e_") or fixtures & _SERVER_FIXTURES:
+            item.add_marker(pytest.mark.e2e)
+
 
 @pytest.fixture(scope="session")
 def upstreams() -> Iterator[dict[str, RecordingUpstream]]:
