@@ -40,7 +40,7 @@ def test_obfuscated_keyword_in_prompt_is_blocked(
 def test_full_width_email_in_prompt_is_redacted_and_the_rest_kept(
     gateway: Gateway, upstreams: dict[str, RecordingUpstream]
 ) -> None:
-    card = ZWSP.join(["4111"] * 4)
+    card = ZWSP.join(["4111", "1111", "1111", "1111"])
     text = f"Ｈｉ{ZWSP}! mail ｊａｎｅ＠ｅｘａｍｐｌｅ．ｃｏｍ or card {card} — é"
     reply = request(f"{gateway.url}/v1/chat/completions", _chat(text), {"X-Tenant-ID": "guarded"})
     assert reply.status == 200, reply.body
