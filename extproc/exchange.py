@@ -44,6 +44,7 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import (
 from google.protobuf.struct_pb2 import Struct
 
 from extproc.accounting import CLIENT_CLOSED, Tally, iso_now, store_failed
+from extproc.formats.jsonbody import RequestJsonError, parse_request_json
 from extproc.formats.texts import dump_json
 from extproc.limits import Budget, Decision, LimiterUnavailable, to_nano
 from extproc.metering import BodyMeter, StreamMeter
@@ -189,14 +190,14 @@ class Exchange:
             return _EMPTY_BODY_RESPONSE
         fmt = plan.tenant.format
         try:
-            payload = json.loads(self.request_body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            payload = parse_request_json(self.request_body)
+        except RequestJsonError as exc:
             return await self._local(
                 error_response(
                     fmt,
                     400,
-                    f"request body is not valid JSON: {exc}",
-                    "invalid_json",
+                    str(exc),
+                    exc.code,
                     "checkstream_json",
                 )
             )
@@ -430,7 +431,7 @@ class Exchange:
         fmt = plan.tenant.format
         try:
             payload = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (ValueError, RecursionError):  # absurd nesting or a 5,000-digit number too
             return body  # not an answer we know how to read, e.g. an error page
         slots = fmt.answer_texts(payload)
         tally = self.tally
