@@ -107,7 +107,7 @@ class _BoundedLoader(yaml.SafeLoader):
             return super().construct_object(node, deep)
         except yaml.YAMLError:
             raise
-        except (ValueError, TypeError, AttributeError, OverflowError) as exc:
+        except (ValueError, TypeError, AttributeError, LookupError, OverflowError) as exc:
             tag = node.tag.rsplit(":", 1)[-1]
             value = f" {node.value[:40]!r}" if isinstance(node, yaml.ScalarNode) else ""
             raise yaml.constructor.ConstructorError(

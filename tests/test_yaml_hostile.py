@@ -37,7 +37,12 @@ def _billion_laughs(levels: int = 9) -> str:
 
 @pytest.mark.parametrize(
     ("value", "tag"),
-    [("!!float abc", "float"), ("!!timestamp not-a-date", "timestamp"), ("!!int x1", "int")],
+    [
+        ("!!float abc", "float"),
+        ("!!float ''", "float"),  # IndexError inside PyYAML
+        ("!!timestamp not-a-date", "timestamp"),
+        ("!!int x1", "int"),
+    ],
 )
 def test_a_bad_tag_is_located(tmp_path: Path, value: str, tag: str) -> None:
     error = _refused(tmp_path, f"server:\n  port: 8080\n  host: {value}\n")
