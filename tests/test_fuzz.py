@@ -50,7 +50,22 @@ shaped = st.recursive(
     ),
     max_leaves=25,
 )
-payloads = shaped | json_values
+# Requests and answers of the right outline with anything in their fields.
+messages = st.lists(
+    st.dictionaries(st.sampled_from(["role", "content", "type", "text", "name"]), shaped),
+    max_size=3,
+)
+choices = st.lists(
+    st.fixed_dictionaries(
+        {"message": st.dictionaries(st.sampled_from(["role", "content"]), shaped)}
+    ),
+    max_size=2,
+)
+outlined = st.fixed_dictionaries(
+    {"model": shaped, "messages": messages},
+    optional={"system": shaped, "choices": choices, "content": messages},
+)
+payloads = shaped | json_values | outlined
 
 
 @FAST
