@@ -66,9 +66,13 @@ IGNORABLE: Final = frozenset(chr(cp) for lo, hi in _IGNORABLE_RANGES for cp in r
 class Folded:
     """A folded text and how its characters map back to the original's.
 
-    The folded text is made of pieces: ``text[starts[k]:starts[k+1]]`` came from
-    ``original[orig_starts[k]:orig_ends[k]]``, character for character if ``exact[k]``.
-    No pieces: the folded text is the original.
+    Folding runs in two stages. The first maps characters that fold to one character or to
+    none (full-width forms, look-alikes, invisible characters) with ``str.translate``;
+    ``gaps[k]`` is where, in its result, the k-th removed character was. The second folds
+    the rest (expansions such as ``\ufb01`` -> ``fi``, marks composing with their base) unit
+    by unit: ``text[starts[k]:starts[k+1]]`` came from the first stage's
+    ``[orig_starts[k]:orig_ends[k]]``, character for character if ``exact[k]``. No pieces:
+    the second stage changed nothing.
     """
 
     original: str
@@ -77,21 +81,30 @@ class Folded:
     orig_starts: tuple[int, ...] = ()
     orig_ends: tuple[int, ...] = ()
     exact: tuple[bool, ...] = ()
+    gaps: tuple[int, ...] = ()
 
     def original_span(self, start: int, end: int) -> tuple[int, int]:
         """The characters of the original that ``text[start:end]`` came from."""
-        if not self.starts:
-            return start, end
         if end <= start:
-            at = self._map_start(start) if start < len(self.text) else len(self.original)
+            if start >= len(self.text):
+                return len(self.original), len(self.original)
+            at = self._to_original(self._map_start(start))
             return at, at
-        return self._map_start(start), self._map_end(end)
+        first = self._to_original(self._map_start(start))
+        return first, self._to_original(self._map_end(end) - 1) + 1
+
+    def _to_original(self, i: int) -> int:
+        return i + bisect.bisect_right(self.gaps, i) if self.gaps else i
 
     def _map_start(self, i: int) -> int:
+        if not self.starts:
+            return i
         k = bisect.bisect_right(self.starts, i) - 1
         return self.orig_starts[k] + (i - self.starts[k]) if self.exact[k] else self.orig_starts[k]
 
     def _map_end(self, end: int) -> int:
+        if not self.starts:
+            return end
         last = end - 1
         k = bisect.bisect_right(self.starts, last) - 1
         if self.exact[k]:
@@ -101,18 +114,19 @@ class Folded:
 
 @dataclass(frozen=True)
 class _Fold:
-    """One fold's tables: what single characters become, and what to look for."""
+    """One fold's tables: what characters become, and what to look for."""
 
-    single: Mapping[str, str]  # every character the fold changes, alone
-    special: re.Pattern[str]  # one character the fold changes, with its combining marks
+    simple: Mapping[int, str | None]  # 1:1 or removed: a str.translate table
+    removed: re.Pattern[str]  # a character the fold removes
+    single: Mapping[str, str]  # the other characters the fold changes, alone
+    special: re.Pattern[str]  # one of those, with its combining marks
     unit: re.Pattern[str]  # the same, or any character followed by combining marks
     marks: re.Pattern[str]  # a combining mark
     transform: Callable[[str], str]  # for units of several characters
+    everything: Mapping[int, str]  # every change, as one str.translate table
 
 
-def _char_class(chars: Iterable[str]) -> str:
-    """A regex character class of ``chars``, consecutive code points written as ranges."""
-    points = sorted({ord(c) for c in chars})
+def _ranges(points: list[int]) -> str:
     parts = []
     i = 0
     while i < len(points):
@@ -125,8 +139,32 @@ def _char_class(chars: Iterable[str]) -> str:
     return "[" + "".join(parts) + "]"
 
 
-def _fold(text: str, fold: _Fold, original: str | None = None) -> Folded:
-    unit = fold.unit if fold.marks.search(text) else fold.special
+def _char_class(chars: Iterable[str]) -> str:
+    """A regex matching one of ``chars``, consecutive code points written as ranges.
+
+    ``re`` tests a class holding only BMP characters against a bitmap, but one holding any
+    other character against its ranges one by one, about a hundred times slower on large
+    classes; so characters above U+FFFF get their own class, tried only for such characters.
+    """
+    points = sorted({ord(c) for c in chars})
+    bmp = [p for p in points if p <= 0xFFFF]
+    astral = [p for p in points if p > 0xFFFF]
+    options = [_ranges(bmp)] if bmp else []
+    if astral:
+        options.append(f"(?=[\\U00010000-\\U0010ffff]){_ranges(astral)}")
+    return f"(?:{'|'.join(options)})" if options else "(?!)"
+
+
+def _fold(text: str, fold: _Fold) -> Folded:
+    source = text
+    # Stage 1, at C speed: most obfuscation (full-width text, look-alikes, zero-width
+    # characters) maps one character to one or none.
+    ascii = text.isascii()  # no ASCII character is removed or a combining mark
+    removed = [] if ascii else [m.start() for m in fold.removed.finditer(text)]
+    gaps = tuple(at - k for k, at in enumerate(removed))
+    text = text.translate(fold.simple)
+    # Stage 2, unit by unit: expansions and combining marks.
+    unit = fold.special if ascii or not fold.marks.search(text) else fold.unit
     starts: list[int] = []
     orig_starts: list[int] = []
     orig_ends: list[int] = []
@@ -156,16 +194,17 @@ def _fold(text: str, fold: _Fold, original: str | None = None) -> Folded:
             keep(out, start, end, out == chars)
         done = end
     if not pieces and done == 0:
-        return Folded(original if original is not None else text, text)
+        return Folded(source, text, gaps=gaps)
     if done < len(text):
         keep(text[done:], done, len(text), True)
     return Folded(
-        original if original is not None else text,
+        source,
         "".join(pieces),
         tuple(starts),
         tuple(orig_starts),
         tuple(orig_ends),
         tuple(exact),
+        gaps,
     )
 
 
@@ -254,22 +293,37 @@ def _candidates(extra: Iterable[str]) -> Iterable[str]:
 
 
 def _build(transform: Callable[[str], str], chars: Iterable[str]) -> _Fold:
+    simple: dict[int, str | None] = {}
+    removed: set[str] = set()
     single: dict[str, str] = {}
     marks: set[str] = set()
     for ch in chars:
         out = transform(ch)
-        if out != ch:
-            single[ch] = out
         if unicodedata.combining(ch):
             marks.add(ch)
+        if out == ch:
+            continue
+        if not out:
+            simple[ord(ch)] = None
+            removed.add(ch)
+        elif len(out) == 1:
+            simple[ord(ch)] = out
+        else:
+            single[ch] = out
     mark_class = _char_class(marks)
     special = _char_class(single)
     return _Fold(
+        simple=simple,
+        removed=re.compile(_char_class(removed)),
         single=single,
         special=re.compile(f"{special}{mark_class}*"),
         unit=re.compile(f"(?:{special}|.(?={mark_class})){mark_class}*", re.DOTALL),
         marks=re.compile(mark_class),
         transform=transform,
+        everything={
+            **{cp: out or "" for cp, out in simple.items()},
+            **{ord(c): out for c, out in single.items()},
+        },
     )
 
 
@@ -283,17 +337,6 @@ def _key_fold() -> _Fold:
     return _build(_key_transform(confusables()), _candidates(confusables()))
 
 
-@functools.cache
-def _ascii_key_fold() -> tuple[_Fold, dict[int, str]]:
-    """The key fold restricted to lower-case ASCII text, and the same as a translate table."""
-    fold = _key_fold()
-    single = {c: k for c, k in fold.single.items() if c.isascii() and c == c.lower()}
-    table = {ord(c): k for c, k in single.items()}
-    nothing = re.compile(r"[^\x00-\x7f]")  # ASCII text never contains one
-    special = re.compile(_char_class(single))
-    return _Fold(single, special, special, nothing, fold.transform), table
-
-
 def fold_for_patterns(text: str) -> Folded:
     """NFKC, ignorables removed, ASCII look-alike letters and digits made ASCII."""
     if text.isascii():
@@ -303,19 +346,19 @@ def fold_for_patterns(text: str) -> Folded:
 
 def fold_for_keywords(text: str) -> Folded:
     """The case-folded TS #39 skeleton of ``text``, ignorables removed."""
-    if text.isascii():
-        # ASCII lower() keeps every offset, and is what casefold does to ASCII.
-        return _fold(text.lower(), _ascii_key_fold()[0], original=text)
     return _fold(text, _key_fold())
 
 
-def ascii_keyword_key(text: str) -> str:
-    """``fold_for_keywords(text).text`` for an ASCII text, without the offset map (fast)."""
-    return text.lower().translate(_ascii_key_fold()[1])
+def keyword_key(text: str) -> str | None:
+    """``fold_for_keywords(text).text`` without the offset map, at C speed; None when it
+    could differ (combining marks, which the full fold reorders and composes)."""
+    fold = _key_fold()
+    if not text.isascii() and fold.marks.search(text):
+        return None
+    return text.translate(fold.everything)
 
 
 def warm_up() -> None:
     """Build the tables now (about 0.1 s) rather than on the first request."""
     _pattern_fold()
     _key_fold()
-    _ascii_key_fold()
