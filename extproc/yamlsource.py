@@ -65,7 +65,9 @@ class YamlDocument:
 #: pydantic, walks the expanded tree, so a 400-byte "billion laughs" file would never finish.
 MAX_DEPTH = 64
 MAX_ALIASES = 1000
-MAX_NODES = 100_000  # scalars, sequences and mappings once every alias is expanded
+# Values (scalars, sequences, mappings) that aliases may add to those written in the file
+# once expanded: a large config of literal values is fine, a small file exploding is not.
+MAX_NODES = 100_000
 # PyYAML's scanner is quadratic in the nesting of flow collections ("[[[[..."): 5,000 levels
 # take a second before the composer could refuse them, so brackets are counted first. Loose
 # (brackets in quoted strings count too), hence far above MAX_DEPTH.
@@ -133,8 +135,9 @@ def load_yaml(path: Path) -> YamlDocument:
         loader = _BoundedLoader(text)  # refuses control characters (a NUL) at once
         node = loader.get_single_node()
         if node is not None:
-            _index_lines(node, (), lines, set())
-            _check_expansion(node)
+            written: set[int] = set()
+            _index_lines(node, (), lines, written)
+            _check_expansion(node, len(written) + MAX_NODES)
         data = loader.construct_document(node) if node is not None else None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
@@ -181,8 +184,8 @@ def _children(node: yaml.Node) -> list[yaml.Node]:
     return []
 
 
-def _check_expansion(root: yaml.Node) -> None:
-    """Refuse a node graph whose aliases expand past MAX_NODES or MAX_DEPTH, or loop.
+def _check_expansion(root: yaml.Node, max_nodes: int) -> None:
+    """Refuse a node graph whose aliases expand past ``max_nodes`` or MAX_DEPTH, or loop.
 
     Sizes are computed once per node (aliases share nodes), without recursion.
     """
@@ -209,10 +212,9 @@ def _check_expansion(root: yaml.Node) -> None:
         on_path.discard(key)
         size = 1 + sum(sizes[id(c)][0] for c in children)
         depth = 1 + max((sizes[id(c)][1] for c in children), default=0)
-        if size > MAX_NODES:
-            raise yaml.composer.ComposerError(
-                None, None, f"aliases expand to more than {MAX_NODES} values", node.start_mark
-            )
+        if size > max_nodes:
+            message = f"aliases expand to more than {MAX_NODES} values beyond those written"
+            raise yaml.composer.ComposerError(None, None, message, node.start_mark)
         if depth > MAX_DEPTH:
             raise yaml.composer.ComposerError(
                 None, None, f"aliases nest more than {MAX_DEPTH} levels deep", node.start_mark

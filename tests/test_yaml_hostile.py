@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from extproc import yamlsource
 from extproc.config import load_config
 from extproc.control import GatewayControl
 from extproc.policy import lint_policy_file, load_policy_file
@@ -105,6 +106,19 @@ def test_an_alias_bomb_is_refused_without_expanding_it(tmp_path: Path) -> None:
 def test_too_many_aliases_are_refused(tmp_path: Path) -> None:
     text = "base: &b 1\nlist: [" + ", ".join(["*b"] * (MAX_ALIASES + 1)) + "]\n"
     assert f"more than {MAX_ALIASES} aliases" in str(_refused(tmp_path, text))
+
+
+def test_the_alias_limit_counts_only_values_aliases_add(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(yamlsource, "MAX_NODES", 1000)
+    path = tmp_path / "c.yaml"
+    literal = "".join(f"k{i}: [a, b, c, d]\n" for i in range(600))  # 3,600 values written
+    path.write_text(literal)
+    assert len(load_yaml(path).data) == 600
+    path.write_text(literal + "x: &x [a, b, c, d, e, f, g, h, i]\ny: [" + "*x," * 110 + "]\n")
+    with pytest.raises(ConfigError, match="more than 1000 values beyond those written"):
+        load_yaml(path)
 
 
 def test_ordinary_aliases_still_work(tmp_path: Path) -> None:
