@@ -20,13 +20,17 @@ from extproc.config import load_config
 from extproc.formats import FORMATS
 from extproc.formats.jsonbody import RequestJsonError, parse_request_json
 from extproc.formats.sse import SseDecoder, SseEvent, encode_event
+from extproc.hookspecs import Span
 from extproc.policy import load_policy_file
 from extproc.yamlsource import ConfigError
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 WORK = Path(tempfile.mkdtemp(prefix="checkstream-fuzz-"))
 
-scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12)
+# Lone surrogates too: "\ud800" is a valid JSON escape that no UTF-8 encoder accepts.
+any_text = st.text(st.characters(exclude_categories=()), max_size=12)
+surrogates = st.sampled_from(["\ud800", "a\udfff b", "\udbff\udfff"])
+scalars = st.none() | st.booleans() | st.integers() | st.floats() | any_text | surrogates
 json_values = st.recursive(
     scalars,
     lambda inner: (
@@ -91,7 +95,10 @@ sse_text = st.text(alphabet=st.sampled_from(list('data:event :\r\n{}[]",0a\ufeff
 @given(st.sampled_from(sorted(FORMATS)), st.lists(payloads | sse_text, min_size=1, max_size=5))
 def test_stream_event_readers_never_raise(name: str, datas: list[Any]) -> None:
     fmt = FORMATS[name]
-    raw = b"".join(d.encode() if isinstance(d, str) else encode_event(json.dumps(d)) for d in datas)
+    raw = b"".join(
+        d.encode("utf-8", "surrogatepass") if isinstance(d, str) else encode_event(json.dumps(d))
+        for d in datas
+    )
     decoder = SseDecoder()
     tracker = fmt.stream_tracker()
     for event in decoder.feed(raw) + decoder.finish():
@@ -110,11 +117,11 @@ def test_request_and_answer_readers_never_raise(name: str, payload: Any) -> None
     fmt = FORMATS[name]
     slots = fmt.prompt_texts(payload)
     assert all(isinstance(slot.text, str) for slot in slots)
-    fmt.redact_request(payload, slots, [()] * len(slots))
+    fmt.redact_request(payload, slots, [(Span(0, 1, "X"),)] * len(slots))
     fmt.max_answer_tokens(payload)
     fmt.ensure_stream_usage(payload)
     answers = fmt.answer_texts(payload)
-    fmt.redact_answer(payload, answers, [()] * len(answers))
+    fmt.redact_answer(payload, answers, [(Span(0, 1, "X"),)] * len(answers))
     fmt.answer_usage(payload)
     fmt.blocked_answer(payload, "blocked", "rule")
 

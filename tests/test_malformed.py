@@ -16,7 +16,8 @@ from extproc.formats.jsonbody import (
     nesting_depth,
     parse_request_json,
 )
-from extproc.formats.sse import SseDecoder, json_data
+from extproc.formats.sse import SseDecoder, encode_event, json_data
+from extproc.hookspecs import Span
 from extproc.runtime import Runtime
 from tests.test_exchange import _gated_exchange, body, immediate, runtime
 
@@ -113,3 +114,30 @@ def test_absurd_backend_events_never_raise(name: str) -> None:
         assert fmt.is_usage_only(event) is False
         tracker.observe(event)
     assert tracker.ending("r", "why")
+
+
+@pytest.mark.parametrize("name", ["openai", "anthropic"])
+def test_lone_surrogates_survive_redaction_blocking_and_stream_endings(name: str) -> None:
+    fmt = FORMATS[name]
+    payload = json.loads(
+        '{"model": "m\\ud800", "system": "s\\udc00",'
+        ' "messages": [{"role": "user", "content": "hi \\ud800 there"}]}'
+    )
+    slots = fmt.prompt_texts(payload)
+    redacted = fmt.redact_request(payload, slots, [(Span(0, 2, "X"),)] * len(slots))
+    assert json.loads(redacted)["messages"][0]["content"] == "[REDACTED:X] \ud800 there"
+    assert json.loads(fmt.blocked_answer(payload, "no \ud800", "rule"))
+    tracker = fmt.stream_tracker()
+    first = (
+        '{"id": "x\\ud800", "model": "m\\ud800", "choices": [{"index": 0, "delta": {}}]}'
+        if name == "openai"
+        else '{"type": "message_start", "message": {"id": "x\\ud800", "model": "m\\ud800"}}'
+    )
+    decoder = SseDecoder()
+    kind = None if name == "openai" else "message_start"
+    for event in decoder.feed(encode_event(first, kind)):
+        tracker.observe(event)
+    ending = tracker.ending("rule", "why")
+    if name == "openai":  # its final chunk repeats the stream's id and model
+        assert b"\\ud800" in ending
+    ending.decode("utf-8")  # valid UTF-8 on the wire
