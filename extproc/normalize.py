@@ -155,16 +155,15 @@ def _char_class(chars: Iterable[str]) -> str:
     return f"(?:{'|'.join(options)})" if options else "(?!)"
 
 
-def _fold(text: str, fold: _Fold) -> Folded:
-    source = text
+def _fold(original: str, fold: _Fold) -> Folded:
     # Stage 1, at C speed: most obfuscation (full-width text, look-alikes, zero-width
     # characters) maps one character to one or none.
-    ascii = text.isascii()  # no ASCII character is removed or a combining mark
-    removed = [] if ascii else [m.start() for m in fold.removed.finditer(text)]
+    is_ascii = original.isascii()  # no ASCII character is removed or a combining mark
+    removed = [] if is_ascii else [m.start() for m in fold.removed.finditer(original)]
     gaps = tuple(at - k for k, at in enumerate(removed))
-    text = text.translate(fold.simple)
+    text = original.translate(fold.simple)
     # Stage 2, unit by unit: expansions and combining marks.
-    unit = fold.special if ascii or not fold.marks.search(text) else fold.unit
+    unit = fold.special if is_ascii or not fold.marks.search(text) else fold.unit
     starts: list[int] = []
     orig_starts: list[int] = []
     orig_ends: list[int] = []
@@ -194,11 +193,11 @@ def _fold(text: str, fold: _Fold) -> Folded:
             keep(out, start, end, out == chars)
         done = end
     if not pieces and done == 0:
-        return Folded(source, text, gaps=gaps)
+        return Folded(original, text, gaps=gaps)
     if done < len(text):
         keep(text[done:], done, len(text), True)
     return Folded(
-        source,
+        original,
         "".join(pieces),
         tuple(starts),
         tuple(orig_starts),
