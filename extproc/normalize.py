@@ -158,10 +158,13 @@ def _char_class(chars: Iterable[str]) -> str:
 def _fold(original: str, fold: _Fold) -> Folded:
     # Stage 1, at C speed: most obfuscation (full-width text, look-alikes, zero-width
     # characters) maps one character to one or none.
-    is_ascii = original.isascii()  # no ASCII character is removed or a combining mark
-    removed = [] if is_ascii else [m.start() for m in fold.removed.finditer(original)]
-    gaps = tuple(at - k for k, at in enumerate(removed))
     text = original.translate(fold.simple)
+    # Where characters were removed, looked for only if some were.
+    removed = (
+        [m.start() for m in fold.removed.finditer(original)] if len(text) < len(original) else []
+    )
+    gaps = tuple(at - k for k, at in enumerate(removed))
+    is_ascii = original.isascii()  # no ASCII character is a combining mark
     # Stage 2, unit by unit: expansions and combining marks.
     unit = fold.special if is_ascii or not fold.marks.search(text) else fold.unit
     starts: list[int] = []
