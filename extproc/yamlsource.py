@@ -262,6 +262,8 @@ def _index_lines(node: yaml.Node, prefix: KeyPath, out: dict[KeyPath, int], seen
             _index_lines(value_node, (*prefix, key), out, seen)
     elif isinstance(node, yaml.SequenceNode):
         for index, item in enumerate(node.value):
+            if id(item) in seen:
+                continue  # an alias: its lines are the anchor's, already indexed there
             out[(*prefix, index)] = item.start_mark.line + 1
             _index_lines(item, (*prefix, index), out, seen)
 

@@ -97,6 +97,8 @@ def test_an_alias_bomb_is_refused_without_expanding_it(tmp_path: Path) -> None:
     assert len(bomb) < 400
     error = _refused(tmp_path, bomb)
     assert "aliases expand to more than" in str(error)
+    (problem,) = error.problems
+    assert (problem.line, problem.path) == (6, "f")  # the first node past the limit
     merge_bomb = "a0: &a0 {x: 1, y: 2}\n" + "".join(
         f"a{i}: &a{i} {{{', '.join(f'k{j}: *a{i - 1}' for j in range(9))}}}\n" for i in range(1, 10)
     )
