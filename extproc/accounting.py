@@ -18,7 +18,6 @@ import logging
 import os
 import sqlite3
 import time
-import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -42,6 +41,7 @@ from extproc.limits import (
 from extproc.metering import estimate_tokens
 from extproc.metrics import EXTPROC_ERRORS, LATENCY, REQUESTS, TOKENS, model_label
 from extproc.replica import replica_name
+from extproc.request_id import request_id as choose_request_id
 from extproc.suspensions import SharedSuspensions, shared_suspensions
 from extproc.usage import Pricing, UsageRecord, period_of
 
@@ -79,9 +79,13 @@ class Tally:
     rules: list[str] = field(default_factory=list)
     done: bool = False
 
+    #: The client's x-request-id when it was not safe to use as ``request_id`` (capped).
+    client_request_id: str | None = None
+
     @staticmethod
-    def start(tenant: str, request_id: str | None) -> Tally:
-        return Tally(tenant, store_safe(request_id) if request_id else uuid.uuid4().hex)
+    def start(tenant: str, client_request_id: str | None) -> Tally:
+        chosen = choose_request_id(client_request_id)
+        return Tally(tenant, chosen.value, client_request_id=chosen.client)
 
     def tokens(self) -> tuple[int, int, bool]:
         """Input and output tokens, and whether either was estimated."""
@@ -258,6 +262,8 @@ class Accounts:
                 "latency_ms": round(latency_ms, 3),
                 "rules": tally.rules,
             }
+            if tally.client_request_id is not None:
+                summary["client_request_id"] = tally.client_request_id
             try:
                 triggers = [{**t, "model": model} if "model" in t else t for t in tally.triggers]
                 await self.audit.append(tenant, [*triggers, summary])

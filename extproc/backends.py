@@ -6,6 +6,8 @@ import re
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from extproc.client_paths import normalize_client_path
+
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
@@ -41,8 +43,10 @@ class Backend:
         The client's path is kept whole and the backend's prefix put in front, except that a
         backend_url ending in ``/v1`` and a client path starting with ``/v1/`` share that
         segment once: ``https://api.openai.com/v1`` + ``/v1/chat/completions`` gives
-        ``/v1/chat/completions``, not ``/v1/v1/...``.
+        ``/v1/chat/completions``, not ``/v1/v1/...``. ``UnsafePath`` if the client's path
+        cannot be normalised (``client_paths``): the result never leaves the base path.
         """
+        client_path = normalize_client_path(client_path)  # so the result stays under base
         base = self.base_path
         path_only = client_path.partition("?")[0]
         if base.endswith("/v1") and (path_only == "/v1" or path_only.startswith("/v1/")):

@@ -92,6 +92,9 @@ class GatewayControl:
                 await asyncio.to_thread(check_config, loaded)
             except (ConfigError, PluginError) as exc:
                 return self._refused(str(exc))
+            except Exception as exc:  # a loader bug: still a refusal naming it, never a bare 500
+                log.exception("unexpected error while loading %s", path)
+                return self._refused(f"{path}: could not be loaded: {type(exc).__name__}: {exc}")
             why = restart_needed(self.loaded, loaded)
             if why is not None:
                 return self._refused(f"{path}: {why}")

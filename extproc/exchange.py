@@ -60,6 +60,7 @@ from extproc.daily_quotas import DAILY_USD, UNLIMITED, tightest
 from extproc.encodings import DECODABLE, decode_body
 from extproc.formats import WireFormat
 from extproc.formats.endpoints import Endpoint, find_endpoint
+from extproc.formats.jsonbody import RequestJsonError, parse_request_json
 from extproc.formats.texts import dump_json, readable
 from extproc.limits import NANO, Budget, Decision, LimiterUnavailable, to_nano
 from extproc.metrics import (
@@ -279,14 +280,14 @@ class Exchange:
                     error_response(fmt, 400, str(exc), "invalid_encoding", "checkstream_encoding")
                 )
         try:
-            payload = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            payload = parse_request_json(raw)
+        except RequestJsonError as exc:
             return await self._local(
                 error_response(
                     fmt,
                     400,
-                    f"request body is not valid JSON: {exc}",
-                    "invalid_json",
+                    str(exc),
+                    exc.code,
                     "checkstream_json",
                 )
             )

@@ -42,10 +42,16 @@ def header(name: str, value: str) -> HeaderValueOption:
 
 
 def header_map(headers: HttpHeaders) -> dict[str, str]:
-    """Envoy's header list as a dict (names are already lower-case in HTTP/2 and Envoy)."""
+    """Envoy's header list as a dict (names are already lower-case in HTTP/2 and Envoy).
+
+    A header sent several times becomes one comma-separated value (RFC 9110 section 5.3),
+    so no value is lost: two ``x-api-key`` headers are both seen, two ``x-tenant-id``
+    headers name no tenant.
+    """
     out: dict[str, str] = {}
     for h in headers.headers.headers:
-        out[h.key] = h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value
+        value = h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value
+        out[h.key] = f"{out[h.key]},{value}" if h.key in out else value
     return out
 
 

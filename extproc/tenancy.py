@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from extproc.backends import Backend, backend_from_url
+from extproc.client_paths import UnsafePath, normalize_client_path
 from extproc.config import CheckStreamConfig, TenantConfig
 from extproc.formats import FORMATS, WireFormat
 from extproc.formats import openai as openai_format
@@ -36,7 +37,8 @@ class Tenant:
 @dataclass(frozen=True)
 class Resolved:
     tenant: Tenant
-    #: The request path with any tenant path prefix removed (query string kept).
+    #: The request path, normalised (``client_paths``), with any tenant path prefix removed
+    #: (query string kept).
     path: str
     #: The client's key is a CheckStream key from api_key_map: it must never go upstream.
     key_is_ours: bool
@@ -52,16 +54,20 @@ class Refused:
 
 
 def client_keys(headers: Mapping[str, str]) -> list[str]:
-    """The API keys a client presented: ``Authorization: Bearer``, then ``x-api-key``."""
+    """The API keys a client presented: ``Authorization: Bearer``, then ``x-api-key``.
+
+    A header sent several times arrives as one comma-separated list (``header_map``); every
+    value counts, so a second header cannot hide a key of another tenant or of ours. API
+    keys and bearer tokens never contain commas.
+    """
     keys = []
-    auth = headers.get("authorization")
-    if auth:
-        scheme, _, token = auth.partition(" ")
+    for auth in (headers.get("authorization") or "").split(","):
+        scheme, _, token = auth.strip().partition(" ")
         if scheme.lower() == "bearer" and token.strip():
             keys.append(token.strip())
-    key = (headers.get("x-api-key") or "").strip()
-    if key:
-        keys.append(key)
+    for key in (headers.get("x-api-key") or "").split(","):
+        if key.strip():
+            keys.append(key.strip())
     return keys
 
 
@@ -104,6 +110,10 @@ class TenantResolver:
                 None,
             )
         key_tenant = next(iter(key_tenants), None)
+        try:
+            path = normalize_client_path(path)
+        except UnsafePath as exc:
+            return self._refuse(400, str(exc), "invalid_path", key_tenant)
         if not self.enabled:
             return self._finish(self.default, path, key_tenant is not None)
         named: str | None = None

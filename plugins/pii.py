@@ -12,6 +12,10 @@ versions, not personal data. In checkstream.yaml::
 
 Score is 1.0 when anything is found, else 0.0; spans are non-overlapping, in text order,
 labelled with the entity name (``[REDACTED:CREDIT_CARD]``).
+
+Patterns see the text folded by ``extproc.normalize.fold_for_patterns`` (NFKC, invisible
+characters removed, look-alike letters made ASCII), so a full-width e-mail address or a
+card number with zero-width spaces is found; spans point at the characters the client sent.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Final
 
 from extproc.hookspecs import Classification, ClassifierFactory, Span, hookimpl
+from extproc.normalize import fold_for_patterns
 
 TYPE_NAME: Final = "pii_detector"
 
@@ -421,9 +426,17 @@ class PiiDetector:
         self._text_finders = tuple((rank[e], _TEXT_FINDERS[e]) for e in rank if e in _TEXT_FINDERS)
         self._run_finders = tuple((rank[e], *_RUN_FINDERS[e]) for e in rank if e in _RUN_FINDERS)
         self._iban_rank = rank.get("IBAN")
+        fold_for_patterns("\u200b")  # builds the tables now, not on the first request
 
     def find(self, text: str) -> tuple[Span, ...]:
-        """Non-overlapping spans in text order; the longest candidate wins an overlap."""
+        """Non-overlapping spans of ``text`` in order; the longest candidate wins an overlap."""
+        folded = fold_for_patterns(text)
+        spans = self._find_folded(folded.text)
+        if folded.text is text or not spans:
+            return spans
+        return tuple(Span(*folded.original_span(s.start, s.end), s.label) for s in spans)
+
+    def _find_folded(self, text: str) -> tuple[Span, ...]:
         candidates = [
             (start, end, rank) for rank, finder in self._text_finders for start, end in finder(text)
         ]

@@ -123,7 +123,7 @@ def test_config_check_bad_yaml(tmp_path: Path, capsys: pytest.CaptureFixture[str
     path.write_text("tenants:\n  configs: {a: [\n")
     assert main(["config", "check", str(path)]) == 1
     err = capsys.readouterr().err
-    assert f"{path}:3: invalid YAML" in err
+    assert f"{path}:3: tenants.configs.a: invalid YAML" in err
     assert "Traceback" not in err
 
 
@@ -328,7 +328,10 @@ def test_policy_lint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
             POLICY + "  - name: r\n    trigger: {classifier: pii_detector}\n    action: log\n",
             ":7: policies[1].name: duplicate rule name 'r'",
         ),
-        "syntax.yaml": ("version: '1.0'\npolicies: [\n  {name: x\n", ":4: invalid YAML:"),
+        "syntax.yaml": (
+            "version: '1.0'\npolicies: [\n  {name: x\n",
+            ":4: policies[0]: invalid YAML:",
+        ),
     }
     paths = []
     for name, (text, _) in bad_policies.items():

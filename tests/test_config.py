@@ -376,7 +376,7 @@ def test_yaml_syntax_error_reports_line(tmp_path: Path) -> None:
     assert len(error.problems) == 1
     problem = error.problems[0]
     assert problem.line == 4
-    assert str(error).startswith(f"{path}:4: invalid YAML: ")
+    assert str(error).startswith(f"{path}:4: server.host: invalid YAML: ")  # the open list
 
 
 def test_yaml_bad_indentation_reports_line(tmp_path: Path) -> None:

@@ -80,7 +80,9 @@ class OpenAIFormat:
         if isinstance(messages, list):
             for i, message in enumerate(messages):
                 if isinstance(message, dict):
-                    source = _ROLE_SOURCES.get(message.get("role"), "user")
+                    role = message.get("role")
+                    # A role of the wrong type (a list: unhashable) reads as the user's.
+                    source = _ROLE_SOURCES.get(role, "user") if isinstance(role, str) else "user"
                     found = _content(message.get("content"), ("messages", i, "content"))
                     found += _tool_arguments(message, ("messages", i))
                     slots += with_source(found, source)

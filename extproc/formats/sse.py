@@ -155,12 +155,13 @@ def _parse(raw: bytes, skip: int) -> SseEvent:
 
 def json_data(event: SseEvent) -> Any:
     """The event's data parsed as JSON; None if it has no data or the data is not JSON
-    (such as OpenAI's ``[DONE]``)."""
+    (such as OpenAI's ``[DONE]``) or too deeply nested or large to read (the backend's
+    input: it must never raise)."""
     if event.data is None:
         return None
     try:
         return json.loads(event.data)
-    except ValueError:
+    except (ValueError, RecursionError):  # ValueError: also a 5,000-digit integer
         return None
 
 

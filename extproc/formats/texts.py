@@ -140,8 +140,15 @@ def _set(node: Any, path: JsonPath, value: object) -> Any:
 
 
 def dump_json(payload: Any) -> bytes:
-    """``payload`` as the compact UTF-8 JSON body CheckStream sends on."""
-    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+    """``payload`` as the compact UTF-8 JSON body CheckStream sends on.
+
+    A lone surrogate (``"\\ud800"`` is valid JSON, but no UTF-8) is written back as the
+    escape it arrived as: the whole body is then ASCII JSON, which means the same.
+    """
+    try:
+        return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        return json.dumps(payload, separators=(",", ":")).encode()
 
 
 @dataclass(frozen=True, slots=True)
