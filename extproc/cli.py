@@ -471,7 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="stop Envoy taking connections and wait (up to server.drain_timeout_s) until "
         "no request is in flight: a Kubernetes preStop hook",
     )
-    drain.add_argument("-c", "--config", default=DEFAULT_CONFIG)
+    add_config_option(drain)
     drain.set_defaults(handler=_cmd_envoy_drain)
 
     config = commands.add_parser("config", help="configuration files")

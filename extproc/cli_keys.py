@@ -12,6 +12,7 @@ from datetime import UTC, date, datetime
 
 import yaml
 
+from extproc.cli_options import add_config_option
 from extproc.config import load_config
 from extproc.keyindex import entry_for, new_key, stored_keys
 from extproc.yamlsource import ConfigError
@@ -24,13 +25,13 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     keys = commands.add_parser("keys", help="hashed CheckStream API keys")
     keys_commands = keys.add_subparsers(dest="keys_command", required=True)
     new = keys_commands.add_parser("new", help="make a key: printed once, with its YAML entry")
-    new.add_argument("--tenant", required=True, metavar="ID")
+    new.add_argument("--tenant", required=True, metavar="ID", help="the tenant the key is for")
     new.add_argument("--name", required=True, help="what the key is for (ci, app-prod, ...)")
     new.add_argument("--expires", type=_future_date, metavar="YYYY-MM-DD", help="last valid day")
     new.add_argument("-c", "--config", help="also check the tenant exists and the name is free")
     new.set_defaults(handler=_cmd_new)
     listing = keys_commands.add_parser("list", help="keys per tenant: name, expiry, status")
-    listing.add_argument("-c", "--config", default="./checkstream.yaml")
+    add_config_option(listing)
     listing.set_defaults(handler=_cmd_list)
 
 

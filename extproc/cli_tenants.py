@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from extproc.audit import resolve_audit_dirs
+from extproc.cli_options import add_config_option
 from extproc.config import LoadedConfig, load_config
 from extproc.keyindex import new_key
 from extproc.offboarding import OffboardingError, export_tenant, purge_tenant
@@ -22,8 +23,6 @@ from extproc.runtime import check_config
 from extproc.usage import resolve_usage_path
 from extproc.yamlsource import ConfigError
 
-DEFAULT_CONFIG = "./checkstream.yaml"
-
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     tenants = commands.add_parser("tenants", help="onboard and offboard tenants")
@@ -31,23 +30,30 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
     new = sub.add_parser("new", help="add a tenant and its policy from a shipped template")
     new.add_argument("name", metavar="NAME", help="the tenant id")
-    new.add_argument("-c", "--config", default=DEFAULT_CONFIG)
-    new.add_argument("--template", required=True, choices=template_names())
-    new.add_argument("--backend-url", required=True, metavar="URL")
-    new.add_argument("--format", choices=["openai", "anthropic"], default="openai")
+    add_config_option(new)
+    new.add_argument(
+        "--template", required=True, choices=template_names(), help="policy template to start from"
+    )
+    new.add_argument("--backend-url", required=True, metavar="URL", help="the tenant's LLM backend")
+    new.add_argument(
+        "--format",
+        choices=["openai", "anthropic"],
+        default="openai",
+        help="the API its clients speak (default openai)",
+    )
     new.add_argument("--token-env", metavar="VAR", help="managed auth: the backend key's env var")
     new.add_argument("--key-name", default="first", help="name of the first API key (first)")
     new.set_defaults(handler=_cmd_new)
 
     export = sub.add_parser("export", help="a tenant's usage, audit trail and checksums")
-    export.add_argument("-c", "--config", default=DEFAULT_CONFIG)
-    export.add_argument("--tenant", required=True, metavar="ID")
+    add_config_option(export)
+    export.add_argument("--tenant", required=True, metavar="ID", help="the tenant to export")
     export.add_argument("--out", required=True, metavar="DIR", help="a new or empty directory")
     export.set_defaults(handler=_cmd_export)
 
     purge = sub.add_parser("purge", help="delete a tenant's ledger rows and audit files")
-    purge.add_argument("-c", "--config", default=DEFAULT_CONFIG)
-    purge.add_argument("--tenant", required=True, metavar="ID")
+    add_config_option(purge)
+    purge.add_argument("--tenant", required=True, metavar="ID", help="the tenant to purge")
     purge.add_argument("--export", metavar="DIR", help="its export; must hold all that goes")
     purge.add_argument("--yes", action="store_true", help="really delete")
     purge.add_argument(

@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Final
 
+from extproc.keyindex import digest_of, new_key
+
 CONFIG_NAME: Final = "checkstream.yaml"
 POLICY_PATH: Final = "policies/default.yaml"
 
@@ -44,11 +46,12 @@ classifiers:               # named classifier instances; built-in types need no 
 tenants:
   resolution:              # how a request finds its tenant, tried in order
     - api_key_mapping: true          # Authorization: Bearer <key> or x-api-key
-  default_tenant: default  # requests without a known key; delete to refuse them (401/403)
-  api_key_map:             # CheckStream keys you hand to clients -> tenant
-    sk-checkstream-change-me: default
+  # No default_tenant: a request without a known key is refused. Hand out more keys with
+  # `checkstream keys new --tenant default --name NAME`; only their SHA-256 is stored here.
   configs:
     default:
+      api_keys:
+        - {name: first, sha256: "$DIGEST"}   # the key `checkstream init` printed once
       # Any OpenAI-compatible backend: OpenAI, vLLM (http://host:8000/v1), Ollama
       # (http://127.0.0.1:11434/v1), or the built-in demo (`checkstream run --demo`).
       backend_url: "https://api.openai.com/v1"
@@ -78,10 +81,11 @@ policies:
 """
 
 
-def write_starter(directory: Path, *, force: bool) -> list[Path]:
-    """Write the starter files into ``directory``; raise FileExistsError naming the first
-    file that exists (unless ``force``)."""
-    files = {directory / CONFIG_NAME: STARTER_CONFIG, directory / POLICY_PATH: STARTER_POLICY}
+def write_starter(directory: Path, *, force: bool, key: str) -> list[Path]:
+    """Write the starter files into ``directory``, the config holding only the SHA-256 of
+    ``key``; raise FileExistsError naming the first file that exists (unless ``force``)."""
+    config = STARTER_CONFIG.replace("$DIGEST", digest_of(key))
+    files = {directory / CONFIG_NAME: config, directory / POLICY_PATH: STARTER_POLICY}
     if not force:
         for path in files:
             if path.exists():
@@ -95,7 +99,8 @@ def write_starter(directory: Path, *, force: bool) -> list[Path]:
 def _cmd_init(args: argparse.Namespace) -> int:
     directory = Path(args.directory)
     try:
-        written = write_starter(directory, force=args.force)
+        key = new_key()
+        written = write_starter(directory, force=args.force, key=key)
     except FileExistsError as exc:
         print(
             f"checkstream: {exc.args[0]} already exists; nothing written "
@@ -109,6 +114,7 @@ def _cmd_init(args: argparse.Namespace) -> int:
     for path in written:
         print(f"wrote {path}")
     config = directory / CONFIG_NAME
+    print(f"the tenant's first CheckStream key (shown once, only its hash is stored): {key}")
     print(
         "next: set OPENAI_API_KEY (or edit backend_url and auth), then\n"
         f"  checkstream config check -c {config}\n"

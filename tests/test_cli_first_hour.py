@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 from importlib.metadata import version
@@ -17,6 +18,7 @@ import pytest
 from extproc.cli import build_parser, main
 from extproc.config import load_config
 from extproc.demo.state import demo_config_path, new_demo_state
+from extproc.keyindex import digest_of
 from extproc.starter import STARTER_CONFIG
 from extproc.usage import resolve_usage_path
 
@@ -115,7 +117,8 @@ def test_init_writes_a_commented_starter_that_passes_config_check(starter_dir: P
     config_path = starter_dir / "checkstream.yaml"
     policy_path = starter_dir / "policies" / "default.yaml"
     text = config_path.read_text()
-    assert text == STARTER_CONFIG
+    # The starter as shipped, with the SHA-256 of the key init printed (never the key).
+    assert re.fullmatch(re.escape(STARTER_CONFIG).replace(r"\$DIGEST", "[0-9a-f]{64}"), text)
     assert sum(line.lstrip().startswith("#") for line in text.splitlines()) >= 5
     assert "#" in policy_path.read_text()
     # What the starter promises: one tenant on an OpenAI-compatible backend, a PII redact
@@ -147,7 +150,9 @@ def test_init_never_overwrites_without_force(starter_dir: Path) -> None:
     assert config_path.read_text() == "# mine\n"
     done = checkstream("init", "--force", str(starter_dir))
     assert done.returncode == 0
-    assert config_path.read_text() == STARTER_CONFIG
+    key = done.stdout.split("stored): ")[1].split()[0]
+    assert key.startswith("sk-cs-") and key not in config_path.read_text()
+    assert digest_of(key) in config_path.read_text()
 
 
 def test_init_defaults_to_the_working_directory(tmp_path: Path) -> None:

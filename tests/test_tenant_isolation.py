@@ -197,7 +197,9 @@ async def test_a_lone_surrogate_model_reaches_every_store_replaced(tmp_path: Pat
     conn.close()
     assert sorted(t for t, _m, _r in rows) == ["a"] * 10 + ["b"] * 10
     assert {m for t, m, _r in rows if t == "a"} == {"m" + REPLACEMENT}
-    assert f"req-1{REPLACEMENT}" in {r for _t, _m, r in rows}
+    # An id that is not short and plain is replaced by a generated one before any store.
+    ids = {r for _t, _m, r in rows}
+    assert len(ids) == 20 and all(r.isascii() and r.isalnum() for r in ids)
     trail = [
         json.loads(line)
         for file in sorted((tmp_path / "audit-a").glob("*.jsonl"))
