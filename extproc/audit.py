@@ -134,6 +134,19 @@ def day_files(directory: Path, chain: str = "") -> list[tuple[date, Path]]:
     return chains(directory).get(chain, [])
 
 
+def every_day_file(directory: Path) -> list[tuple[date, Path]]:
+    """The day files of every replica's chain, oldest first (export, purge)."""
+    return sorted(
+        (entry for files in chains(directory).values() for entry in files),
+        key=lambda entry: (entry[0], entry[1].name),
+    )
+
+
+def lock_files(directory: Path) -> list[Path]:
+    """Every chain's lock file in ``directory``."""
+    return [directory / _lock_name(chain) for chain in chains(directory)]
+
+
 def _lock_name(chain: str) -> str:
     return f".{chain}.lock" if chain else LOCK_NAME
 

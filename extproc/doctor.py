@@ -10,7 +10,6 @@ load. Nothing here changes state: no ledger or audit file is opened, no model is
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import re
 import socket
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Any, Final, Literal
 from urllib.parse import urlsplit
 
+import psycopg
 from pydantic import BaseModel
 
 from extproc.cli_options import add_config_option
@@ -237,26 +237,15 @@ def check_redis(url: str) -> Check:
 
 
 def check_postgres(url: str) -> Check:
-    """A real login when a PostgreSQL driver is installed, else a TCP connect."""
-    parts = urlsplit(url)
+    """A real login with the driver the ledger uses."""
     where = _safe_url(url)
     fix = "start PostgreSQL or correct usage.url / usage.url_env"
     try:
-        driver: Any = importlib.import_module("psycopg")
-    except ImportError:
-        driver = None
-    if driver is not None:
-        try:
-            driver.connect(url, connect_timeout=int(_TIMEOUT_S)).close()
-        except Exception as exc:  # the driver's errors have no common base we can import
-            return Check("postgres", "fail", f"{where}: {exc}".strip(), fix)
-        return Check("postgres", "ok", f"{where} accepts a login")
-    host, port = parts.hostname or "127.0.0.1", parts.port or 5432
-    try:
-        socket.create_connection((host, port), timeout=_TIMEOUT_S).close()
-    except OSError as exc:
-        return Check("postgres", "fail", f"{where}: cannot connect: {exc}", fix)
-    return Check("postgres", "ok", f"{where} accepts TCP connections (no driver to try a login)")
+        psycopg.connect(url, connect_timeout=int(_TIMEOUT_S)).close()
+    except psycopg.Error as exc:
+        reason = str(exc).strip().replace(url, where)
+        return Check("postgres", "fail", f"{where}: cannot connect: {reason}", fix)
+    return Check("postgres", "ok", f"{where} accepts a login")
 
 
 def _postgres_url(loaded: LoadedConfig) -> str | None:

@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from extproc.audit import LOCK_NAME, day_files, verify
+from extproc.audit import every_day_file, lock_files, verify
 
 MANIFEST = "manifest.json"
 _COLUMNS = (
@@ -109,7 +109,7 @@ def export_tenant(tenant: str, ledger: Path, trail: Path | None, out: Path) -> E
     (out / "usage.csv").write_text(_csv(rows))
     records = [dict(zip(_COLUMNS, row, strict=True)) for row in rows]
     (out / "usage.json").write_text(json.dumps(records, indent=1) + "\n")
-    days = day_files(trail) if trail is not None and trail.is_dir() else []
+    days = every_day_file(trail) if trail is not None and trail.is_dir() else []
     check = verify(trail) if days and trail is not None else None
     if days:
         (out / "audit").mkdir()
@@ -181,7 +181,7 @@ def _operator() -> str:
 
 def purge_tenant(tenant: str, ledger: Path, trail: Path | None, export: Path | None) -> Purged:
     """Delete the tenant's rows and day files; with ``export``, only if it holds them all."""
-    days = day_files(trail) if trail is not None and trail.is_dir() else []
+    days = every_day_file(trail) if trail is not None and trail.is_dir() else []
     manifest_sha = "none (--force)"
     if export is not None:
         manifest = read_manifest(export, tenant)
@@ -205,10 +205,12 @@ def purge_tenant(tenant: str, ledger: Path, trail: Path | None, export: Path | N
             )
     finally:
         conn.close()
+    locks = lock_files(trail) if trail is not None and trail.is_dir() else []
     for _day, path in days:
         path.unlink()
     if trail is not None and trail.is_dir():
-        (trail / LOCK_NAME).unlink(missing_ok=True)
+        for lock in locks:
+            lock.unlink(missing_ok=True)
         if not any(trail.iterdir()):
             trail.rmdir()
     return Purged(deleted, len(days))

@@ -249,7 +249,8 @@ class Runtime:
             "requests": row.requests if row else 0,
             "input_tokens": row.input_tokens if row else 0,
             "output_tokens": row.output_tokens if row else 0,
-            "cost_usd": row.cost_usd if row else 0.0,
+            # The report's exact decimal, as a JSON number (nano-dollar precision).
+            "cost_usd": float(row.cost_usd) if row else 0.0,
         }
 
 
