@@ -64,13 +64,13 @@ class StreamMeter:
             usage = fmt.usage(event)
             if usage is not None:
                 self.usage = merge_usage(self.usage, usage)
-                if out is not None and fmt.is_usage_only(event):
-                    continue
             text = fmt.delta_text(event)
             if text:
                 self.answer_chars += len(text)
             if out is not None:
-                out += event.raw
+                kept = fmt.without_usage(event) if usage is not None else event
+                if kept is not None:
+                    out += kept.raw
         # Without a chunk to drop, the bytes go on exactly as they came (an incomplete event
         # tail included), so pass-through stays byte-identical and lags nothing.
         return chunk if out is None else bytes(out)

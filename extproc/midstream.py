@@ -116,8 +116,12 @@ class MidstreamGuard:
             usage = fmt.usage(event)
             if usage is not None:
                 self.usage = merge_usage(self.usage, usage)
-                if self.drop_usage_chunk and fmt.is_usage_only(event):
-                    continue  # asked for by CheckStream, not by the client
+                if self.drop_usage_chunk:
+                    # Asked for by CheckStream, not by the client.
+                    kept = fmt.without_usage(event)
+                    if kept is None:
+                        continue
+                    event = kept
             start = len(self.text)
             delta = fmt.delta_text(event)
             if delta:
