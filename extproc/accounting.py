@@ -7,21 +7,25 @@ made durable, metrics are counted and one JSON log line is written. The exchange
 before the last byte of the response goes out, so nothing is lost when a client hangs up
 right after (design: "durable before the response ends").
 
+Closing runs in a task of its own that the caller only waits for: when the client or Envoy
+ends the gRPC stream, the caller is cancelled but the closing is not, so a request is never
+half counted (in the ledger but not the audit trail, the metrics or the log). ``settle``
+waits for closings still running before the stores close at shutdown. Run by the worker.
+
 ``Accounts`` holds the long-lived parts (limiter with budgets, ledger, audit log and the admin's
 suspensions). They outlive a config reload: counts must not reset because a policy changed.
 """
 
 from __future__ import annotations
 
-import json
-import logging
+import asyncio
 import time
-import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from extproc import logs
 from extproc.audit import AuditLog, resolve_audit_dirs
 from extproc.config import LoadedConfig, TenantConfig
 from extproc.formats.texts import Usage
@@ -35,10 +39,11 @@ from extproc.limits import (
 )
 from extproc.metering import estimate_tokens
 from extproc.metrics import EXTPROC_ERRORS, LATENCY, REQUESTS, TOKENS, model_label
+from extproc.request_ids import new_request_id
 from extproc.suspensions import SharedSuspensions
 from extproc.usage import Pricing, UsageLedger, UsageRecord, period_of, resolve_usage_path
 
-log = logging.getLogger("checkstream.requests")
+log = logs.get("checkstream.requests")
 
 #: The status recorded for a request whose client (or Envoy) went away before it ended.
 CLIENT_CLOSED = 499
@@ -71,7 +76,7 @@ class Tally:
 
     @staticmethod
     def start(tenant: str, request_id: str | None) -> Tally:
-        return Tally(tenant, request_id or uuid.uuid4().hex)
+        return Tally(tenant, request_id or new_request_id())
 
     def tokens(self) -> tuple[int, int, bool]:
         """Input and output tokens, and whether either was estimated."""
@@ -103,6 +108,8 @@ class Accounts:
     #: The same, shared by every replica through Redis (limits.backend: redis); these win.
     shared: SharedSuspensions | None = None
     shared_suspensions: dict[str, bool] = field(default_factory=dict)
+    #: Requests being closed; kept here so a cancelled caller cannot lose them.
+    closing: set[asyncio.Task[None]] = field(default_factory=set)
 
     @classmethod
     def open(cls, loaded: LoadedConfig) -> Accounts:
@@ -122,7 +129,13 @@ class Accounts:
             shared=shared,
         )
 
+    async def settle(self, timeout_s: float = 30.0) -> None:
+        """Wait (bounded) for the requests still being closed."""
+        if self.closing:
+            await asyncio.wait(set(self.closing), timeout=timeout_s)
+
     async def aclose(self) -> None:
+        await self.settle()
         await self.limiter.aclose()
         if self.shared is not None:
             await self.shared.aclose()
@@ -142,10 +155,25 @@ class Accounts:
         self, tally: Tally, config: TenantConfig, pricing: Pricing, models: frozenset[str]
     ) -> None:
         """Close ``tally`` once; every store's failure is logged and counted, never raised
-        (the client's response is already decided)."""
+        (the client's response is already decided).
+
+        Idempotent: only the first call for a request closes it, whichever of the exchange's
+        end and the stream's abandonment comes first. Cancelling the caller does not cancel
+        the closing.
+        """
         if tally.done:
             return
         tally.done = True
+        task = asyncio.get_running_loop().create_task(
+            self._close(tally, config, pricing, models), name=f"close-{tally.request_id}"
+        )
+        self.closing.add(task)
+        task.add_done_callback(self.closing.discard)
+        await asyncio.shield(task)
+
+    async def _close(
+        self, tally: Tally, config: TenantConfig, pricing: Pricing, models: frozenset[str]
+    ) -> None:
         tenant = tally.tenant
         latency_ms = (time.monotonic() - tally.started) * 1000
         tokens_in, tokens_out, estimated = tally.tokens()
@@ -205,21 +233,17 @@ class Accounts:
         TOKENS.labels(tenant, label, "output").inc(tokens_out)
         # One line per request; no prompt, answer or key ever goes here.
         log.info(
-            json.dumps(
-                {
-                    "event": "request",
-                    "request_id": tally.request_id,
-                    "tenant": tenant,
-                    "model": tally.model,
-                    "status": tally.status,
-                    "latency_ms": round(latency_ms, 3),
-                    "input_tokens": tokens_in,
-                    "output_tokens": tokens_out,
-                    "tokens_estimated": estimated,
-                    "cost_usd": cost,
-                    "rules": tally.rules,
-                }
-            )
+            "request",
+            request_id=tally.request_id,
+            tenant=tenant,
+            model=tally.model,
+            status=tally.status,
+            latency_ms=round(latency_ms, 3),
+            input_tokens=tokens_in,
+            output_tokens=tokens_out,
+            tokens_estimated=estimated,
+            cost_usd=cost,
+            rules=tally.rules,
         )
 
 
@@ -231,5 +255,4 @@ def store_failed(kind: str, tenant: str, exc: Exception, **context: str) -> None
     """Count and log a store that failed (limiter, usage_ledger, audit); never the request's
     text or keys, which a store error does not carry."""
     EXTPROC_ERRORS.labels(kind).inc()
-    event = {"event": f"{kind}_error", "tenant": tenant, "error": str(exc), **context}
-    log.error(json.dumps(event))
+    log.error(f"{kind}_error", tenant=tenant, error=str(exc), **context)

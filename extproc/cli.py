@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
+import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from importlib.resources import files
 from pathlib import Path
 
+from extproc import logs
 from extproc.config import AuditConfig, LoadedConfig, load_config
 from extproc.registry import PluginError
 from extproc.runtime import check_config
@@ -52,6 +53,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     # Compiled here too so a bad policy or plugin is reported once, before anything starts.
     if loaded is None or not _compile(loaded):
         return 1
+    logs.configure(logs.resolve_format(loaded.model.server.log_format))
+    log = logs.get("checkstream.launcher")
     extra: Callable[[], Awaitable[Callable[[], Awaitable[None]]]] | None = None
     if args.demo:
         from extproc.demo_upstream import start_demo_upstream
@@ -60,11 +63,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
             upstream = await start_demo_upstream(
                 "127.0.0.1", args.demo_port, args.demo_chunk_delay_ms
             )
-            print(
-                f"checkstream: demo upstream on http://127.0.0.1:{upstream.port} "
-                f"(OpenAI and Anthropic compatible, {args.demo_chunk_delay_ms:g} ms per chunk)",
-                file=sys.stderr,
-                flush=True,
+            log.info(
+                "demo upstream started",
+                url=f"http://127.0.0.1:{upstream.port}",
+                formats="openai, anthropic",
+                chunk_delay_ms=args.demo_chunk_delay_ms,
             )
             return upstream.close
 
@@ -75,10 +78,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from extproc.server import serve
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     loaded = _load(args.config)
     if loaded is None:
         return 1
+    worker = os.environ.get(logs.WORKER_ENV, "")
+    logs.configure(
+        logs.resolve_format(loaded.model.server.log_format),
+        worker=int(worker) if worker.isdigit() else None,
+    )
     port = args.port if args.port is not None else loaded.model.server.extproc_port
     control = Path(args.control_dir) if args.control_dir else None
     try:
@@ -95,11 +102,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _cmd_classifiers_serve(args: argparse.Namespace) -> int:
     from extproc.remote import servable_classifiers, serve
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     # No secrets needed: this process scores texts and never calls a tenant's backend.
     loaded = _load(args.config, require_secrets=False)
     if loaded is None:
         return 1
+    logs.configure(logs.resolve_format(loaded.model.server.log_format))
     try:
         classifiers = servable_classifiers(loaded)
     except ConfigError as exc:

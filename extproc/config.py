@@ -54,6 +54,9 @@ class ServerConfig(Strict):
     # /metrics and /readyz through the listener too (always on admin_port). Metrics name every
     # tenant and its volumes: turn this off where tenants can reach the listener.
     metrics_on_listener: bool = True
+    # json: one JSON object per line for log shippers; text: for a person. Unset: text
+    # when stdout is a terminal, json otherwise (logs.py).
+    log_format: Literal["json", "text"] | None = None
 
 
 class ResolutionStep(Strict):

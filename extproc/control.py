@@ -8,8 +8,6 @@ the control file and SIGHUP and waits for each one's acknowledgement (``reloadin
 from __future__ import annotations
 
 import asyncio
-import json
-import logging
 import signal
 import time
 from collections.abc import Mapping, Sequence
@@ -18,6 +16,7 @@ from pathlib import Path
 
 import aiohttp
 
+from extproc import logs
 from extproc.admin import ReloadOutcome
 from extproc.config import LoadedConfig, load_config
 from extproc.metrics import render_metrics
@@ -35,7 +34,7 @@ from extproc.runtime import check_config, config_version
 from extproc.suspensions import SharedSuspensions
 from extproc.yamlsource import ConfigError
 
-log = logging.getLogger("checkstream.admin")
+log = logs.get("checkstream.admin")
 
 # Compiling a config may load models; a worker busy with that still answers within this.
 _ACK_TIMEOUT_S = 60.0
@@ -66,13 +65,19 @@ class GatewayControl:
         self.listener_url = listener_url
         self.workers: Sequence[WorkerHandle] = ()
         self.serving = False
+        #: Set at once on SIGTERM/SIGINT: /healthz and /readyz answer 503 from then on.
+        self.draining = False
         self.suspensions: dict[str, bool] = {}
         self.generation = 0
         self.lock = asyncio.Lock()
 
     # -- AdminBackend ----------------------------------------------------------------------
+    def live(self) -> bool:
+        return not self.draining
+
     def ready(self) -> bool:
-        return self.serving and all(w.process.returncode is None for w in self.workers)
+        alive = all(w.process.returncode is None for w in self.workers)
+        return self.serving and not self.draining and alive
 
     def metrics(self) -> tuple[bytes, str]:
         return render_metrics(self.metrics_dir)
@@ -93,7 +98,7 @@ class GatewayControl:
                 return self._refused("; ".join(errors))
             self.loaded = loaded
             self.version = config_version(loaded)
-            log.info(json.dumps({"event": "reloaded", "version": self.version}))
+            log.info("reloaded", version=self.version)
             return ReloadOutcome(True, self.version, None)
 
     async def set_suspended(self, tenant: str, suspended: bool) -> bool:
@@ -113,7 +118,7 @@ class GatewayControl:
             if errors:
                 raise RuntimeError("; ".join(errors))
             event = "tenant_suspended" if suspended else "tenant_resumed"
-            log.info(json.dumps({"event": event, "tenant": tenant}))
+            log.info(event, tenant=tenant)
             return True
 
     async def tenant_info(
@@ -131,7 +136,7 @@ class GatewayControl:
 
     # -- workers ---------------------------------------------------------------------------
     def _refused(self, error: str) -> ReloadOutcome:
-        log.error(json.dumps({"event": "reload_refused", "error": error}))
+        log.error("reload_refused", error=error)
         return ReloadOutcome(False, self.version, error)
 
     async def _order(self, action: Action) -> list[str]:

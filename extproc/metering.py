@@ -41,7 +41,7 @@ def merge_usage(known: Usage | None, new: Usage) -> Usage:
 class StreamMeter:
     """Reads usage and answer length from an SSE answer as it passes."""
 
-    __slots__ = ("answer_chars", "decoder", "drop_usage_chunk", "fmt", "usage")
+    __slots__ = ("answer_chars", "decoder", "drop_usage_chunk", "ended", "fmt", "usage")
 
     def __init__(self, fmt: WireFormat, *, drop_usage_chunk: bool) -> None:
         self.fmt = fmt
@@ -49,6 +49,8 @@ class StreamMeter:
         self.decoder = SseDecoder()
         self.usage: Usage | None = None
         self.answer_chars = 0
+        #: The answer's last event has passed: the client can have read all of it.
+        self.ended = False
 
     def feed(self, chunk: bytes) -> bytes:
         """What to send on for ``chunk``: the chunk itself unless an event must go."""
@@ -67,6 +69,8 @@ class StreamMeter:
             text = fmt.delta_text(event)
             if text:
                 self.answer_chars += len(text)
+            elif fmt.ends_stream(event):
+                self.ended = True
             if out is not None:
                 kept = fmt.without_usage(event) if usage is not None else event
                 if kept is not None:

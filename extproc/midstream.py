@@ -84,6 +84,8 @@ class MidstreamGuard:
         self.stopped = False
         self.firing: frozenset[str] = frozenset()  # rules the last check triggered
         self.usage: Usage | None = None
+        #: The answer's last event has been released to the client.
+        self.ended = False
 
     async def feed(self, chunk: bytes) -> Release:
         """Take one body chunk; return what may be sent to the client now."""
@@ -202,6 +204,8 @@ class MidstreamGuard:
                 if rendered is not None:
                     event = self.fmt.with_delta_text(event, rendered)
             self.tracker.observe(event)
+            if item.end == item.start and self.fmt.ends_stream(event):
+                self.ended = True
             out += event.raw
             self.released = max(self.released, item.end)
         return bytes(out)

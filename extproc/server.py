@@ -7,8 +7,6 @@ live in ``exchange.py``.
 from __future__ import annotations
 
 import asyncio
-import json
-import logging
 import signal
 from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
@@ -21,6 +19,7 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import (
     ProcessingResponse,
 )
 
+from extproc import logs
 from extproc.config import LoadedConfig, load_config
 from extproc.exchange import Answer, Exchange
 from extproc.registry import PluginError
@@ -33,10 +32,11 @@ from extproc.reloading import (
     restart_needed,
     write_ack,
 )
+from extproc.request_ids import stamp, with_request_id
 from extproc.runtime import Runtime
 from extproc.yamlsource import ConfigError
 
-log = logging.getLogger("checkstream.extproc")
+log = logs.get("checkstream.extproc")
 
 # Audit files past retention are removed at start and then this often.
 _PRUNE_EVERY_S = 3600.0
@@ -50,15 +50,14 @@ class ExternalProcessor(external_processor_pb2_grpc.ExternalProcessorServicer): 
         self, request_iterator: AsyncIterator[ProcessingRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[ProcessingResponse]:
         exchange = Exchange(self.runtime)
+        # However the RPC ends (client gone, Envoy reset, deadline, server stop), the request
+        # is still accounted: the callback runs even when this generator is never resumed.
+        context.add_done_callback(lambda _: _abandon(exchange))
         try:
             async for answer in self._answers(exchange, request_iterator, context):
                 yield answer
         finally:
-            tally = exchange.tally
-            if tally is not None and not tally.done:
-                # The stream ended early (client gone, Envoy reset): still account for it,
-                # in a task, since a cancelled generator cannot await.
-                _in_background(exchange.abandon())
+            _abandon(exchange)
 
     async def _answers(
         self,
@@ -70,7 +69,10 @@ class ExternalProcessor(external_processor_pb2_grpc.ExternalProcessorServicer): 
             kind = request.WhichOneof("request")
             answer: Answer
             if kind == "request_headers":
+                replaced = stamp(request.request_headers)
                 answer = await exchange.on_request_headers(request.request_headers)
+                if replaced is not None:
+                    answer = with_request_id(answer, replaced)
             elif kind == "response_body":
                 answer = await exchange.on_response_body(request.response_body)
             elif kind == "request_body":
@@ -86,7 +88,7 @@ class ExternalProcessor(external_processor_pb2_grpc.ExternalProcessorServicer): 
             else:
                 # A message this version does not know: answering nothing would stall the
                 # request until message_timeout, so fail it now and say why.
-                log.error("unsupported ext_proc message %r", kind)
+                log.error("unsupported_message", kind=kind)
                 await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"unsupported message {kind}")
                 return
             if answer is None:
@@ -99,6 +101,14 @@ class ExternalProcessor(external_processor_pb2_grpc.ExternalProcessorServicer): 
 
 
 _BACKGROUND: set[asyncio.Task[None]] = set()
+
+
+def _abandon(exchange: Exchange) -> None:
+    """Account for a request whose stream ended before its response did, once."""
+    tally = exchange.tally
+    if tally is not None and not tally.done:
+        # In a task: a cancelled generator cannot await, and a done callback is not async.
+        _in_background(exchange.abandon())
 
 
 def _in_background(coro: Coroutine[Any, Any, None]) -> None:
@@ -137,6 +147,9 @@ class Worker:
         self.port = port
         self.lock = asyncio.Lock()
 
+    def on_drain(self) -> None:
+        self.processor.runtime.draining = True
+
     def on_hangup(self) -> None:
         _in_background(self.hangup())
 
@@ -171,11 +184,12 @@ class Worker:
                 loaded, accounts=old.accounts, executor=old.checker.executor
             )
         except (ConfigError, PluginError, RestartNeeded) as exc:
-            log.error(json.dumps({"event": "reload_refused", "error": str(exc)}))
+            log.error("reload_refused", error=str(exc))
             return old.version, str(exc)
         old.accounts.retarget(loaded)
+        runtime.draining = old.draining
         self.processor.runtime = runtime
-        log.info(json.dumps({"event": "reloaded", "version": runtime.version}))
+        log.info("reloaded", version=runtime.version)
         return runtime.version, None
 
 
@@ -202,7 +216,10 @@ async def serve(
         loop.add_signal_handler(sig, stop.set)
     # Before the line the launcher waits for: SIGHUP's default action would kill us.
     loop.add_signal_handler(signal.SIGHUP, worker.on_hangup)
-    print(f"extproc listening on {host}:{bound}", flush=True)
+    # The launcher's first step of a drain: the listener's /healthz answers 503 from now.
+    loop.add_signal_handler(signal.SIGUSR1, worker.on_drain)
+    # The launcher waits for this line (any log format) before it starts Envoy.
+    log.info("extproc listening", address=f"{host}:{bound}")
     background = [loop.create_task(_prune_audit(processor))]
     shared = runtime.accounts.shared
     if shared is not None:
@@ -212,6 +229,9 @@ async def serve(
     await server.stop(loaded.model.server.drain_timeout_s)
     for task in background:
         task.cancel()
+    # Streams cut by the stop are abandoned from callbacks: let those run, then wait for
+    # every request to be accounted before the stores close.
+    await asyncio.sleep(0)
     if _BACKGROUND:
         await asyncio.wait(set(_BACKGROUND), timeout=5)
     await processor.runtime.accounts.aclose()
@@ -223,8 +243,8 @@ async def _prune_audit(processor: ExternalProcessor) -> None:
         try:
             removed = await asyncio.to_thread(runtime.accounts.audit.prune, runtime.audit_retention)
         except OSError as exc:
-            log.error(json.dumps({"event": "audit_prune_failed", "error": str(exc)}))
+            log.error("audit_prune_failed", error=str(exc))
         else:
             for path in removed:
-                log.info(json.dumps({"event": "audit_pruned", "file": str(path)}))
+                log.info("audit_pruned", file=str(path))
         await asyncio.sleep(_PRUNE_EVERY_S)

@@ -10,15 +10,14 @@ restarts, like the counts it sits next to. A Redis outage keeps the last known s
 from __future__ import annotations
 
 import asyncio
-import json
-import logging
 from typing import Final
 
 import redis.exceptions
 
+from extproc import logs
 from extproc.limits import redis_client
 
-log = logging.getLogger("checkstream.suspensions")
+log = logs.get("checkstream.suspensions")
 
 KEY: Final = "checkstream:suspensions"
 FOLLOW_EVERY_S: Final = 1.0
@@ -44,7 +43,7 @@ class SharedSuspensions:
                 current = await self.read()
             except _ERRORS as exc:
                 if not failing:
-                    log.error(json.dumps({"event": "suspensions_unavailable", "error": str(exc)}))
+                    log.error("suspensions_unavailable", error=str(exc))
                 failing = True
             else:
                 failing = False

@@ -160,14 +160,8 @@ def _verified(records: list[dict[str, Any]]) -> str:
 
 
 def _log_events(gw: Gateway, event: str) -> list[dict[str, Any]]:
-    """JSON lines of the extproc workers (relayed as ``[extproc-N] {...}``) of one event."""
-    found = []
-    for line in gw.log().splitlines():
-        if line.startswith("[extproc-"):
-            text = line.partition("] ")[2]
-            if text.startswith("{") and f'"event": "{event}"' in text:
-                found.append(json.loads(text))
-    return found
+    """The gateway's log records (JSON Lines, every line) of one event."""
+    return gw.events(event)
 
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]

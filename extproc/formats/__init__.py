@@ -121,6 +121,11 @@ class WireFormat(Protocol):
         Never drops answer content."""
         ...
 
+    def ends_stream(self, event: SseEvent) -> bool:
+        """Whether ``event`` is the one that ends a complete answer (OpenAI ``[DONE]``,
+        Anthropic ``message_stop``): a client that received it has read the whole answer."""
+        ...
+
     def answer_usage(self, payload: Any) -> Usage | None:
         """The token counts of a non-streamed answer (its ``usage`` object), if it has one."""
         ...

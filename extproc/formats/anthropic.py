@@ -184,6 +184,12 @@ class AnthropicFormat:
         """Always ``event``: Anthropic streams usage unasked, in events the client expects."""
         return event
 
+    def ends_stream(self, event: SseEvent) -> bool:
+        """``message_stop``, named by the event line or, from servers that omit it, the data."""
+        if event.event is not None:
+            return event.event == "message_stop"
+        return event.data is not None and '"message_stop"' in event.data
+
     def ensure_stream_usage(self, payload: Any) -> Any | None:
         """Always None: Anthropic streams always report usage."""
         return None

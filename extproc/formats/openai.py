@@ -241,6 +241,12 @@ class OpenAIFormat:
             return None
         return with_data(event, dump_json(_without_key(chunk, "usage")).decode())
 
+    def ends_stream(self, event: SseEvent) -> bool:
+        """``[DONE]`` (chat completions, completions), or the Responses API's last event."""
+        if event.data == "[DONE]":
+            return True
+        return event.event in _RESPONSES_ENDINGS
+
     def ensure_stream_usage(self, payload: Any) -> Any | None:
         """A streamed chat completions or completions request with
         ``stream_options.include_usage`` set, since OpenAI streams token counts only when
@@ -347,6 +353,9 @@ def _stream_text(event: SseEvent) -> tuple[dict[str, Any], JsonPath, str] | None
             path, text = ("choices", i, "text"), choice.get("text")
         return (chunk, path, text) if isinstance(text, str) and text else None
     return None
+
+
+_RESPONSES_ENDINGS = frozenset({"response.completed", "response.failed", "response.incomplete"})
 
 
 def _empty(value: object, *ignored: str) -> bool:
