@@ -131,6 +131,21 @@ def _address(host: str, port: int) -> dict[str, Any]:
     return {"socket_address": {"address": host, "port_value": port}}
 
 
+# A client's x-request-id reaches logs, audit trails and the ledger, and Envoy echoes the
+# request's id on every response, its own and extproc's immediate ones included: an invalid
+# one (over 128 characters, or other than [A-Za-z0-9._:-]) is dropped here, before anything
+# answers, and extproc gives the request a new one (request_ids.py).
+_DROP_INVALID_REQUEST_ID = """\
+function envoy_on_request(handle)
+  local headers = handle:headers()
+  local id = headers:get("x-request-id")
+  if id ~= nil and (#id == 0 or #id > 128 or string.find(id, "[^%w%._:%-]")) then
+    headers:remove("x-request-id")
+  end
+end
+"""
+
+
 def _listener(config: CheckStreamConfig, routes: list[dict[str, Any]]) -> dict[str, Any]:
     server = config.server
     hcm = {
@@ -149,6 +164,13 @@ def _listener(config: CheckStreamConfig, routes: list[dict[str, Any]]) -> dict[s
             "virtual_hosts": [{"name": "llm", "domains": ["*"], "routes": routes}],
         },
         "http_filters": [
+            {
+                "name": "drop_invalid_request_id",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
+                    "default_source_code": {"inline_string": _DROP_INVALID_REQUEST_ID},
+                },
+            },
             {
                 "name": "strip_internal_headers",
                 "typed_config": {
