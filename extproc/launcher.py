@@ -335,7 +335,8 @@ async def _wait_events(events: list[asyncio.Event], children: list[_Child], what
 async def _drain(admin_port: int, timeout_s: float) -> None:
     """Stop accepting, then wait (bounded) until no request is in flight."""
     with contextlib.suppress(OSError):
-        await asyncio.to_thread(_admin_get, admin_port, "/drain_listeners?inboundonly", "POST")
+        # Not ?inboundonly: that skips listeners without traffic_direction, ours included.
+        await asyncio.to_thread(_admin_get, admin_port, "/drain_listeners", "POST")
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
