@@ -184,9 +184,9 @@ def test_port_in_use_fails_start_instead_of_hanging(
     assert done.returncode == 1
     # The reason is a log record (stdout, JSON Lines off a terminal).
     records = [json.loads(line) for line in done.stdout.splitlines()]
-    assert any(
-        r["level"] == "error" and r["event"].startswith("cannot start") for r in records
-    ), done.stdout
+    assert any(r["level"] == "error" and r["event"].startswith("cannot start") for r in records), (
+        done.stdout
+    )
 
 
 def test_extproc_down_fails_closed_with_a_json_error(
