@@ -11,6 +11,7 @@ same renderer here. Fields are passed as key/values, never formatted into the me
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -70,14 +71,23 @@ class _SafeStream:
             self.stream.write(text)
             self.stream.flush()
         except (BrokenPipeError, ValueError, OSError):
-            self.closed = True
+            self._gone()
 
     def flush(self) -> None:
         if not self.closed:
             try:
                 self.stream.flush()
             except (BrokenPipeError, ValueError, OSError):
-                self.closed = True
+                self._gone()
+
+    def _gone(self) -> None:
+        self.closed = True
+        # The interpreter flushes stdout once more at exit; pointed at /dev/null, that
+        # flush cannot fail and turn a clean exit into an error.
+        with contextlib.suppress(OSError, ValueError):
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, self.stream.fileno())
+            os.close(null)
 
 
 _OUT = _SafeStream(sys.stdout)
