@@ -159,9 +159,7 @@ async def _tenant_info(request: web.Request) -> web.Response:
 async def _reload(request: web.Request) -> web.Response:
     outcome = await _backend(request).reload()
     if outcome.ok:
-        log.info("reloaded", version=outcome.version)
         return web.json_response({"status": "reloaded", "version": outcome.version})
-    log.warning("reload_refused", version=outcome.version, error=outcome.error)
     return web.json_response(
         {"status": "refused", "error": outcome.error, "version": outcome.version}, status=400
     )
@@ -171,7 +169,6 @@ async def _set_suspended(request: web.Request, suspended: bool) -> web.Response:
     tenant = request.match_info["tenant"]
     if not await _backend(request).set_suspended(tenant, suspended):
         return _error(404, f"unknown tenant: {tenant}")
-    log.info("tenant_suspended" if suspended else "tenant_resumed", tenant=tenant)
     return web.json_response({"tenant": tenant, "suspended": suspended})
 
 
@@ -203,7 +200,7 @@ async def start_admin(
     backend: AdminBackend, host: str, port: int, token: str | None
 ) -> Callable[[], Awaitable[None]]:
     """Serve the admin app on host:port; returns the coroutine function that stops it."""
-    # No access log: Prometheus scrapes /metrics every few seconds; changes are logged above.
+    # No access log: Prometheus scrapes /metrics every few seconds; the backend logs changes.
     # A short shutdown: a scrape or reload in flight must not hold the gateway's exit.
     runner = web.AppRunner(build_admin_app(backend, token), access_log=None, shutdown_timeout=5.0)
     await runner.setup()

