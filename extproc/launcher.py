@@ -355,9 +355,16 @@ async def _watch(
                 ]
                 with contextlib.suppress(asyncio.CancelledError):
                     await child.relay
-                # Not ready in time: its death (or a hang) shows up in the next round.
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(ready.wait(), _STARTUP_TIMEOUT_S)
+                # Dead or not ready in time: that shows up in the next round.
+                readied = asyncio.create_task(ready.wait())
+                exited = asyncio.create_task(fresh.process.wait())
+                await asyncio.wait(
+                    [readied, exited],
+                    timeout=_STARTUP_TIMEOUT_S,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                readied.cancel()
+                exited.cancel()
                 if ready.is_set():
                     log.info(f"{fresh.name} restarted", child=fresh.name)
     finally:
