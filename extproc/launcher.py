@@ -1,8 +1,8 @@
 """``checkstream run``: start extproc worker(s) and Envoy, supervise them, stop them cleanly
 (the launcher process).
 
-There is never a half-alive gateway: if any child exits, the others are stopped and ``run``
-exits non-zero. On SIGTERM or Ctrl-C, ``/healthz`` and ``/readyz`` answer 503 at once (the
+A worker that dies is restarted with backoff; if Envoy dies, or a worker keeps dying, the
+others are stopped and ``run`` exits non-zero: never a half-alive gateway. On SIGTERM or Ctrl-C, ``/healthz`` and ``/readyz`` answer 503 at once (the
 admin port's and the listener's), Envoy stops accepting connections and closes keep-alive
 ones after their current request, in-flight requests get up to ``server.drain_timeout_s`` to
 finish, then Envoy and the workers stop and ``run`` exits 0.
@@ -244,8 +244,12 @@ async def _supervise(
             "--drain-strategy",
             "immediate",
         ]
-        # Envoy's own lines are plain text; the relay makes them records.
-        envoy, _ = await _spawn("envoy", envoy_argv)
+        envoy_env = None
+        if logs.resolve_format(server.log_format) == "json":
+            # Envoy writes the same records itself (spdlog's clock is local time: UTC).
+            envoy_argv += ["--log-format", _envoy_log_format()]
+            envoy_env = {**os.environ, "TZ": "UTC"}
+        envoy, _ = await _spawn("envoy", envoy_argv, env=envoy_env)
         children.append(envoy)
         await _poll(
             lambda: _admin_get(server.envoy_admin_port, "/ready").strip() == "LIVE",
@@ -369,6 +373,15 @@ async def _watch(
                     log.info(f"{fresh.name} restarted", child=fresh.name)
     finally:
         stop_wait.cancel()
+
+
+def _envoy_log_format() -> str:
+    """Envoy's ``--log-format`` for JSON records like ours (``%j``: the message, escaped)."""
+    replica = json.dumps(logs.replica_name())
+    return (
+        '{"time":"%Y-%m-%dT%T.%eZ","level":"%l","logger":"envoy.%n","event":"%j",'
+        f'"replica":{replica}}}'
+    )
 
 
 async def _reload(control: GatewayControl) -> None:
