@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -193,3 +194,51 @@ def test_sigkill_of_the_launcher_takes_envoy_and_the_workers_with_it(
                 os.kill(pid, signal.SIGKILL)
     for port in (ports["port"], ports["extproc_port"]):
         assert wait_until(lambda p=port: _port_free(p), 5), port  # type: ignore[misc]
+
+
+def test_a_stream_cut_by_the_drain_timeout_is_counted_once(
+    tmp_path: Path, demo: DemoUpstreamThread
+) -> None:
+    ports = gateway_ports()
+    config = {
+        "server": {"host": "127.0.0.1", "drain_timeout_s": 1, **ports},
+        "tenants": {
+            "configs": {
+                "demo": {
+                    "backend_url": f"http://127.0.0.1:{demo.port}/v1",
+                    "audit": {"enabled": True},
+                }
+            }
+        },
+    }
+    gw = start_gateway(write_config(tmp_path, config))
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", gw.port, timeout=20)
+        headers = {
+            "Content-Type": "application/json",
+            "X-Tenant-ID": "demo",
+            "x-request-id": "cut-by-drain",
+            "x-demo-chunks": "100",
+            "x-demo-delay-ms": "100",  # 10 s: longer than the drain allows
+        }
+        conn.request("POST", "/v1/chat/completions", body=STREAM, headers=headers)
+        response = conn.getresponse()
+        assert response.status == 200
+        response.read1(65536)
+        gw.process.send_signal(signal.SIGTERM)
+        with pytest.raises(http.client.IncompleteRead):
+            response.read()
+        assert gw.process.wait(30) == 0, gw.log()[-3000:]
+    finally:
+        gw.stop(signal.SIGKILL)
+    with sqlite3.connect(tmp_path / "checkstream-usage.db") as db:
+        rows = db.execute("SELECT request_id, status FROM usage").fetchall()
+    assert rows == [("cut-by-drain", 499)]
+    trail = [
+        json.loads(line)
+        for path in (tmp_path / "audit" / "demo").glob("*.jsonl")
+        for line in path.read_text().splitlines()
+    ]
+    assert [(r["request_id"], r["status"]) for r in trail] == [("cut-by-drain", 499)]
+    logged = [(r["request_id"], r["status"]) for r in gw.events("request")]
+    assert logged == [("cut-by-drain", 499)]
