@@ -2,13 +2,15 @@
 (the launcher process).
 
 A worker that dies is restarted with backoff; if Envoy dies, or a worker keeps dying, the
-others are stopped and ``run`` exits non-zero: never a half-alive gateway. On SIGTERM or Ctrl-C, ``/healthz`` and ``/readyz`` answer 503 at once (the
-admin port's and the listener's), Envoy stops accepting connections and closes keep-alive
-ones after their current request, in-flight requests get up to ``server.drain_timeout_s`` to
-finish, then Envoy and the workers stop and ``run`` exits 0.
+others are stopped and ``run`` exits non-zero: never a half-alive gateway.
+
+On SIGTERM or Ctrl-C, ``/healthz`` and ``/readyz`` answer 503 at once (the admin port's and
+the listener's), Envoy stops accepting connections and closes keep-alive ones after their
+current request, in-flight requests get up to ``server.drain_timeout_s`` to finish, then
+Envoy and the workers stop and ``run`` exits 0.
 
 No orphans: every child runs in its own process group, which is signalled on every way out
-of the launcher (signal, crash, a closed stdout); a child also gets SIGKILL from the kernel
+of the launcher (signal, crash, a closed stdout); a child also gets SIGTERM from the kernel
 when the launcher dies without a chance to clean up (``PR_SET_PDEATHSIG``, for SIGKILL).
 """
 
@@ -72,15 +74,15 @@ async def _relay_output(
 ) -> None:
     """Forward a child's output line by line; set ``ready`` when it prints ``ready_marker``.
 
-    A worker's lines are already records and go on as they are; any other line (Envoy's
-    own log, a crashing child's traceback) becomes a record of logger ``name``.
+    Lines that are already records (workers', Envoy's) go on as they are; any other line (a
+    crashing child's traceback) becomes a record of logger ``name``.
     """
     child_log = logs.get(f"checkstream.{name}").bind(**fields)
     while line := await stream.readline():
         text = line.decode("utf-8", "replace").rstrip()
         if ready_marker and ready_marker in text:
             ready.set()
-        if logs.is_json_object(text):
+        if logs.is_record(text):
             logs.write_line(text)
         elif text:
             child_log.info(text)

@@ -91,6 +91,7 @@ class _SafeStream:
 
 
 _OUT = _SafeStream(sys.stdout)
+_FORMAT: LogFormat = "json"
 
 
 class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
@@ -150,7 +151,8 @@ def configure(
             renderer,
         ],
     )
-    global _OUT
+    global _OUT, _FORMAT
+    _FORMAT = fmt
     _OUT = _SafeStream(stream if stream is not None else sys.stdout)
     handler = _Handler(_OUT)
     handler.setFormatter(formatter)
@@ -187,6 +189,12 @@ def get(name: str) -> structlog.stdlib.BoundLogger:
     """A logger named ``name`` (the ``logger`` field)."""
     logger: structlog.stdlib.BoundLogger = structlog.stdlib.get_logger(name)
     return logger
+
+
+def is_record(line: str) -> bool:
+    """Whether a child's output line is already a record in this process's format: any line
+    for text (a person reads them), a JSON object for json."""
+    return _FORMAT == "text" or is_json_object(line)
 
 
 def is_json_object(line: str) -> bool:
