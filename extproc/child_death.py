@@ -24,10 +24,13 @@ def die_with_parent(parent: int) -> Callable[[], None] | None:
     if not sys.platform.startswith("linux"):
         return None
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    # Looked up here, in the parent: the child, between fork and exec, does as little as it
+    # can (other threads' locks were copied in whatever state they were).
+    prctl = libc.prctl
+    term = int(signal.SIGTERM)
 
     def arm() -> None:
-        # Runs in the child between fork and exec: no allocation-heavy work, no logging.
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        prctl(_PR_SET_PDEATHSIG, term, 0, 0, 0)
         if os.getppid() != parent:
             # The launcher died before the request was armed: nobody will ever stop us.
             os._exit(1)
