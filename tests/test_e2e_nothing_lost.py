@@ -15,6 +15,7 @@ import json
 import random
 import socket
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -110,9 +111,47 @@ class Stack:
         return len(self.ledger(tenant))
 
 
+class ResettingBackend:
+    """A backend that starts a streamed answer, then drops the connection (RST) mid-way."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = int(self.sock.getsockname()[1])
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(65536)
+                chunk = b'data: {"choices":[{"index":0,"delta":{"content":"Hel"}}]}\n\n'
+                conn.sendall(
+                    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                    b"transfer-encoding: chunked\r\n\r\n"
+                    + f"{len(chunk):x}\r\n".encode()
+                    + chunk
+                    + b"\r\n"
+                )
+                time.sleep(0.1)
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RST)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+_RST = b"\x01\x00\x00\x00\x00\x00\x00\x00"  # SO_LINGER on, 0 s: close sends RST
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     demo = DemoUpstreamThread().start(chunk_delay_ms=2)
+    resetting = ResettingBackend()
     directory = tmp_path_factory.mktemp("nothing-lost")
     openai_backend = {"backend_url": f"http://127.0.0.1:{demo.port}/v1"}
     anthropic_backend = {
@@ -125,6 +164,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     tenants["reset"]["backend_timeout_ms"] = 300
     tenants["tight"] = {**openai_backend, "rate_limit": {"tokens_per_minute": TPM}}
     tenants["tight-anthropic"] = {**anthropic_backend, "rate_limit": {"tokens_per_minute": TPM}}
+    tenants["backend-reset"] = {"backend_url": f"http://127.0.0.1:{resetting.port}/v1"}
     with refusing_port() as down:
         tenants["down"] = {"backend_url": f"http://127.0.0.1:{down}/v1"}
         for config in tenants.values():
@@ -137,6 +177,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         finally:
             assert gw.stop() == 0, gw.log()[-3000:]
             demo.stop()
+            resetting.close()
 
 
 # -- the official SDKs hang up right after the last event --------------------------------
@@ -296,6 +337,23 @@ def test_streams_envoy_resets_are_each_counted_once(stack: Stack) -> None:
         conn.close()
     assert stack.settled(tenant, 10) == 10
     assert {status for _, status in stack.ledger(tenant)} == {499}
+
+
+def test_streams_the_backend_resets_are_each_counted_once(stack: Stack) -> None:
+    import http.client
+
+    tenant = "backend-reset"
+    for _ in range(10):
+        conn = http.client.HTTPConnection("127.0.0.1", stack.gw.port, timeout=10)
+        body = json.dumps({"model": "m", "stream": True, "messages": MESSAGES})
+        headers = {"Content-Type": "application/json", "X-Tenant-ID": tenant}
+        conn.request("POST", "/v1/chat/completions", body=body, headers=headers)
+        response = conn.getresponse()
+        assert response.status == 200
+        with pytest.raises(http.client.IncompleteRead):
+            response.read()
+        conn.close()
+    assert stack.settled(tenant, 10) == 10
 
 
 # -- request ids -----------------------------------------------------------------------------
