@@ -3,8 +3,9 @@
 One gateway (real Envoy, real extproc, the demo upstream). For each way of ending a request
 (the official SDKs, sync and async, which hang up right after the last event; raw sockets
 closed at random points; streams Envoy resets when the backend goes silent or drops the
-connection) a tenant of its own receives the traffic, and four counts must agree: usage ledger rows, audit request
-records, ``checkstream_requests_total`` and JSON request log lines. Responses carry
+connection) a tenant of its own receives the traffic, and four counts must agree: usage
+ledger rows, audit request records, ``checkstream_requests_total`` and JSON request log
+lines. Responses carry
 ``x-request-id``, the same id as in all four.
 """
 
