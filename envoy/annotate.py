@@ -41,6 +41,9 @@ NOTES = {
     "              # it bounds the backend's silence, not the length of a streamed answer.",
     "              - name: unrouted": "              # Reached only if extproc did not route "
     "the request: never forward it.",
+    "          - name: drop_invalid_request_id": "          # A client's invalid x-request-id "
+    "is dropped before anything answers;\n          # extproc then gives the request a new "
+    "one (extproc/request_ids.py).",
     "          - name: strip_internal_headers": "          # A client must not choose its own "
     "route: drop the header before ext_proc runs.",
     "          - name: envoy.filters.http.ext_proc": "          # CheckStream's decisions. Every "

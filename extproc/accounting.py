@@ -7,14 +7,18 @@ made durable, metrics are counted and one JSON log line is written. The exchange
 before the last byte of the response goes out, so nothing is lost when a client hangs up
 right after (design: "durable before the response ends").
 
+Closing runs in a task of its own that the caller only waits for: when the client or Envoy
+ends the gRPC stream, the caller is cancelled but the closing is not, so a request is never
+half counted (in the ledger but not the audit trail, the metrics or the log). ``settle``
+waits for closings still running before the stores close at shutdown. Run by the worker.
+
 ``Accounts`` holds the long-lived parts (limiter with budgets, ledger, audit log and the admin's
 suspensions). They outlive a config reload: counts must not reset because a policy changed.
 """
 
 from __future__ import annotations
 
-import json
-import logging
+import asyncio
 import os
 import sqlite3
 import time
@@ -23,6 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from extproc import logs
 from extproc.audit import AuditLog, resolve_audit_dirs
 from extproc.budget_alerts import BudgetAlerts, BudgetTracker, MemoryClaims, RedisClaims
 from extproc.client_text import store_safe
@@ -45,7 +50,7 @@ from extproc.request_id import request_id as choose_request_id
 from extproc.suspensions import SharedSuspensions, shared_suspensions
 from extproc.usage import Pricing, UsageRecord, period_of
 
-log = logging.getLogger("checkstream.requests")
+log = logs.get("checkstream.requests")
 
 #: The status recorded for a request whose client (or Envoy) went away before it ended.
 CLIENT_CLOSED = 499
@@ -128,6 +133,8 @@ class Accounts:
             self.budgets = BudgetTracker(
                 self.daily, self.limiter, BudgetAlerts(MemoryClaims(), self.audit)
             )
+    #: Requests being closed; kept here so a cancelled caller cannot lose them.
+    closing: set[asyncio.Task[None]] = field(default_factory=set)
 
     @classmethod
     def open(cls, loaded: LoadedConfig) -> Accounts:
@@ -171,7 +178,13 @@ class Accounts:
             budgets=BudgetTracker(daily, limiter, BudgetAlerts(claims, audit)),
         )
 
+    async def settle(self, timeout_s: float = 30.0) -> None:
+        """Wait (bounded) for the requests still being closed."""
+        if self.closing:
+            await asyncio.wait(set(self.closing), timeout=timeout_s)
+
     async def aclose(self) -> None:
+        await self.settle()  # requests still closing write to every store below
         assert self.budgets is not None
         await self.budgets.aclose()  # before the audit log: alerts in flight write there
         await self.limiter.aclose()
@@ -193,10 +206,25 @@ class Accounts:
         self, tally: Tally, config: TenantConfig, pricing: Pricing, models: frozenset[str]
     ) -> None:
         """Close ``tally`` once; every store's failure is logged and counted, never raised
-        (the client's response is already decided)."""
+        (the client's response is already decided).
+
+        Idempotent: only the first call for a request closes it, whichever of the exchange's
+        end and the stream's abandonment comes first. Cancelling the caller does not cancel
+        the closing.
+        """
         if tally.done:
             return
         tally.done = True
+        task = asyncio.get_running_loop().create_task(
+            self._close(tally, config, pricing, models), name=f"close-{tally.request_id}"
+        )
+        self.closing.add(task)
+        task.add_done_callback(self.closing.discard)
+        await asyncio.shield(task)
+
+    async def _close(
+        self, tally: Tally, config: TenantConfig, pricing: Pricing, models: frozenset[str]
+    ) -> None:
         tenant = tally.tenant
         # The client chose it: made storable here, before the ledger, audit, metrics or log.
         model = tally.model = store_safe(tally.model)
@@ -277,21 +305,17 @@ class Accounts:
         TOKENS.labels(tenant, label, "output").inc(tokens_out)
         # One line per request; no prompt, answer or key ever goes here.
         log.info(
-            json.dumps(
-                {
-                    "event": "request",
-                    "request_id": tally.request_id,
-                    "tenant": tenant,
-                    "model": model,
-                    "status": tally.status,
-                    "latency_ms": round(latency_ms, 3),
-                    "input_tokens": tokens_in,
-                    "output_tokens": tokens_out,
-                    "tokens_estimated": estimated,
-                    "cost_usd": cost,
-                    "rules": tally.rules,
-                }
-            )
+            "request",
+            request_id=tally.request_id,
+            tenant=tenant,
+            model=model,
+            status=tally.status,
+            latency_ms=round(latency_ms, 3),
+            input_tokens=tokens_in,
+            output_tokens=tokens_out,
+            tokens_estimated=estimated,
+            cost_usd=cost,
+            rules=tally.rules,
         )
 
 
@@ -303,5 +327,4 @@ def store_failed(kind: str, tenant: str, exc: Exception, **context: str) -> None
     """Count and log a store that failed (limiter, usage_ledger, audit); never the request's
     text or keys, which a store error does not carry."""
     EXTPROC_ERRORS.labels(kind).inc()
-    event = {"event": f"{kind}_error", "tenant": tenant, "error": str(exc), **context}
-    log.error(json.dumps(event))
+    log.error(f"{kind}_error", tenant=tenant, error=str(exc), **context)

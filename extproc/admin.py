@@ -1,6 +1,7 @@
 """The admin HTTP server, run by the launcher on ``server.admin_port``.
 
-Open to anyone who can reach the port: ``GET /healthz``, ``GET /readyz``, ``GET /metrics``
+Open to anyone who can reach the port: ``GET /healthz`` (503 once the gateway drains),
+``GET /readyz``, ``GET /metrics``
 and ``GET /admin/tenant-info`` (it resolves the caller's own tenant, exactly as traffic is
 resolved). Every other ``/admin/*`` endpoint changes the gateway and needs the header
 ``x-checkstream-admin-token`` equal to ``$CHECKSTREAM_ADMIN_TOKEN``:
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import logging
 import os
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -34,9 +34,10 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
+from extproc import logs
 from extproc.suspensions import SuspensionOutcome
 
-log = logging.getLogger("checkstream.admin")
+log = logs.get("checkstream.admin")
 
 ADMIN_TOKEN_ENV = "CHECKSTREAM_ADMIN_TOKEN"
 TOKEN_HEADER = "x-checkstream-admin-token"
@@ -58,6 +59,10 @@ class ReloadOutcome:
 
 class AdminBackend(Protocol):
     """What the admin server asks of the gateway; the launcher implements it."""
+
+    def live(self) -> bool:
+        """The gateway is not draining (a load balancer must stop sending it traffic)."""
+        ...
 
     def ready(self) -> bool:
         """Envoy and all workers are serving and the gateway is not draining."""
@@ -128,7 +133,7 @@ async def _guard(
     except web.HTTPException as exc:
         return _error(exc.status, exc.reason.lower())
     except Exception:
-        log.exception("admin %s %s failed", request.method, request.path)
+        log.exception("admin_failed", method=request.method, path=request.path)
         return _error(500, "internal error")
 
 
@@ -137,7 +142,9 @@ def _backend(request: web.Request) -> AdminBackend:
 
 
 async def _healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+    if _backend(request).live():
+        return web.json_response({"status": "ok"})
+    return web.json_response({"status": "draining"}, status=503)
 
 
 async def _readyz(request: web.Request) -> web.Response:
@@ -161,11 +168,7 @@ async def _tenant_info(request: web.Request) -> web.Response:
 async def _reload(request: web.Request) -> web.Response:
     outcome = await _backend(request).reload()
     if outcome.ok:
-        log.info("configuration reloaded, version %s", outcome.version)
         return web.json_response({"status": "reloaded", "version": outcome.version})
-    log.warning(
-        "configuration reload refused, still serving %s:\n%s", outcome.version, outcome.error
-    )
     return web.json_response(
         {"status": "refused", "error": outcome.error, "version": outcome.version}, status=400
     )
@@ -175,10 +178,7 @@ async def _set_suspended(request: web.Request, suspended: bool) -> web.Response:
     tenant = request.match_info["tenant"]
     outcome = await _backend(request).set_suspended(tenant, suspended)
     if outcome.status != 200:
-        log.warning("tenant %s not %s: %s", tenant, "suspended" if suspended else "resumed",
-                    outcome.error)  # fmt: skip
         return _error(outcome.status, outcome.error or "refused")
-    log.info("tenant %s %s", tenant, "suspended" if suspended else "resumed")
     return web.json_response({"tenant": tenant, "suspended": suspended})
 
 
@@ -215,7 +215,7 @@ async def start_admin(
     backend: AdminBackend, host: str, port: int, token: str | None
 ) -> Callable[[], Awaitable[None]]:
     """Serve the admin app on host:port; returns the coroutine function that stops it."""
-    # No access log: Prometheus scrapes /metrics every few seconds; changes are logged above.
+    # No access log: Prometheus scrapes /metrics every few seconds; the backend logs changes.
     # A short shutdown: a scrape or reload in flight must not hold the gateway's exit.
     runner = web.AppRunner(build_admin_app(backend, token), access_log=None, shutdown_timeout=5.0)
     await runner.setup()

@@ -36,6 +36,11 @@ class AnswerHandler(Protocol):
         """The client's response has ended early (a stopped stream): the rest is discarded."""
         ...
 
+    @property
+    def ended(self) -> bool:
+        """The answer's last event reached the client (a stream read to its end)."""
+        ...
+
     async def feed(self, chunk: bytes) -> bytes:
         """What to send the client now for ``chunk`` (possibly nothing: held back)."""
         ...
@@ -51,6 +56,7 @@ class AnswerHandler(Protocol):
 
 class PassThrough:
     closed = False
+    ended = False
 
     async def feed(self, chunk: bytes) -> bytes:
         return chunk
@@ -64,6 +70,7 @@ class PassThrough:
 
 class MeteredBody:
     closed = False
+    ended = False
 
     def __init__(self, fmt: WireFormat) -> None:
         self.meter = BodyMeter(fmt)
@@ -85,6 +92,10 @@ class MeteredStream:
     def __init__(self, fmt: WireFormat, *, drop_usage_chunk: bool) -> None:
         self.meter = StreamMeter(fmt, drop_usage_chunk=drop_usage_chunk)
 
+    @property
+    def ended(self) -> bool:
+        return self.meter.ended
+
     async def feed(self, chunk: bytes) -> bytes:
         return self.meter.feed(chunk)
 
@@ -99,6 +110,10 @@ class CheckedStream:
     def __init__(self, guard: MidstreamGuard) -> None:
         self.guard = guard
         self.closed = False
+
+    @property
+    def ended(self) -> bool:
+        return self.guard.ended
 
     async def feed(self, chunk: bytes) -> bytes:
         release = await self.guard.feed(chunk)
@@ -120,6 +135,7 @@ class CheckedBody:
     released unchecked: it is replaced, unless the tenant fails open."""
 
     closed = False
+    ended = False
 
     def __init__(
         self,
@@ -197,6 +213,7 @@ class Unreadable:
     closed), replaced by the format's blocked answer naming the encoding."""
 
     closed = False
+    ended = False
 
     def __init__(self, fmt: WireFormat, encoding: str) -> None:
         self.fmt = fmt
@@ -229,6 +246,10 @@ class Decoded:
     @property
     def closed(self) -> bool:
         return self.inner.closed
+
+    @property
+    def ended(self) -> bool:
+        return self.inner.ended
 
     async def feed(self, chunk: bytes) -> bytes:
         return await self.inner.feed(self._decode(chunk))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
+import os
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from extproc import cli_keys, cli_tenants, doctor, starter
+from extproc import cli_keys, cli_tenants, doctor, logs, starter
 from extproc.cli_options import DEFAULT_CONFIG, add_config_option
 from extproc.config import AuditConfig, LoadedConfig, load_config
 from extproc.registry import PluginError
@@ -64,7 +64,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
     elif args.demo:
         # A fresh directory per run, so one try's usage never adds up with another's.
         path = str(new_demo_state(args.demo_port))
-        phase(started, f"demo state for this run in {Path(path).parent}")
     else:
         path = DEFAULT_CONFIG
     if not Path(path).exists():
@@ -73,14 +72,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
     loaded = _load(path)
     if loaded is None:
         return 1
+    logs.configure(logs.resolve_format(loaded.model.server.log_format))
+    if args.demo and not args.config:
+        phase(started, "demo state for this run", directory=str(Path(path).parent))
     names = classifier_names(loaded)
-    tenants = len(loaded.model.tenants.configs)
-    loading = (
-        f"; loading {len(names)} classifier{'s' * (len(names) != 1)} ({', '.join(names)})"
-        if names
-        else ""
+    phase(
+        started,
+        "loading classifiers",
+        config=path,
+        tenants=len(loaded.model.tenants.configs),
+        classifiers=", ".join(names),
     )
-    phase(started, f"config {path}: {tenants} tenant{'s' * (tenants != 1)}{loading}...")
     # Compiled here too so a bad policy or plugin is reported once, before anything starts.
     if not _compile(loaded):
         return 1
@@ -94,8 +96,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
             )
             phase(
                 started,
-                f"demo upstream on http://127.0.0.1:{upstream.port} "
-                f"(OpenAI and Anthropic compatible, {args.demo_chunk_delay_ms:g} ms per chunk)",
+                "demo upstream started",
+                url=f"http://127.0.0.1:{upstream.port}",
+                formats="openai, anthropic",
+                chunk_delay_ms=args.demo_chunk_delay_ms,
             )
             return upstream.close
 
@@ -121,10 +125,14 @@ def classifier_names(loaded: LoadedConfig) -> list[str]:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from extproc.server import serve
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     loaded = _load(args.config)
     if loaded is None:
         return 1
+    worker = os.environ.get(logs.WORKER_ENV, "")
+    logs.configure(
+        logs.resolve_format(loaded.model.server.log_format),
+        worker=int(worker) if worker.isdigit() else None,
+    )
     port = args.port if args.port is not None else loaded.model.server.extproc_port
     control = Path(args.control_dir) if args.control_dir else None
     try:
@@ -141,11 +149,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _cmd_classifiers_serve(args: argparse.Namespace) -> int:
     from extproc.remote import servable_classifiers, serve
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     # No secrets needed: this process scores texts and never calls a tenant's backend.
     loaded = _load(args.config, require_secrets=False)
     if loaded is None:
         return 1
+    logs.configure(logs.resolve_format(loaded.model.server.log_format))
     try:
         classifiers = servable_classifiers(loaded)
     except ConfigError as exc:

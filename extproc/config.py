@@ -66,6 +66,9 @@ class ServerConfig(Strict):
     # This replica's name in audit records and chain files. CHECKSTREAM_REPLICA overrides it;
     # absent, POD_NAME, else the host name (extproc/replica.py).
     replica: ReplicaName | None = None
+    # json: one JSON object per line for log shippers; text: for a person. Unset: text
+    # when stdout is a terminal, json otherwise (logs.py).
+    log_format: Literal["json", "text"] | None = None
 
 
 class ResolutionStep(Strict):

@@ -8,8 +8,6 @@ the control file and SIGHUP and waits for each one's acknowledgement (``reloadin
 from __future__ import annotations
 
 import asyncio
-import json
-import logging
 import signal
 import time
 from collections.abc import Mapping, Sequence
@@ -19,6 +17,7 @@ from typing import Any
 
 import aiohttp
 
+from extproc import logs
 from extproc.admin import ReloadOutcome
 from extproc.config import LoadedConfig, load_config
 from extproc.metrics import render_metrics
@@ -37,7 +36,7 @@ from extproc.runtime import check_config, config_version
 from extproc.suspensions import SuspensionOutcome, kept_in_redis, record_suspension
 from extproc.yamlsource import ConfigError
 
-log = logging.getLogger("checkstream.admin")
+log = logs.get("checkstream.admin")
 
 # Compiling a config may load models; a worker busy with that still answers within this.
 _ACK_TIMEOUT_S = 60.0
@@ -74,12 +73,18 @@ class GatewayControl:
         #: Why the last reload (admin, SIGHUP or file change) was refused; None once one
         #: succeeds.
         self.reload_error: str | None = None
+        #: Set at once on SIGTERM/SIGINT: /healthz and /readyz answer 503 from then on.
+        self.draining = False
         self.generation = 0
         self.lock = asyncio.Lock()
 
     # -- AdminBackend ----------------------------------------------------------------------
+    def live(self) -> bool:
+        return not self.draining
+
     def ready(self) -> bool:
-        return self.serving and all(w.process.returncode is None for w in self.workers)
+        alive = all(w.process.returncode is None for w in self.workers)
+        return self.serving and not self.draining and alive
 
     def metrics(self) -> tuple[bytes, str]:
         return render_metrics(self.metrics_dir)
@@ -104,7 +109,7 @@ class GatewayControl:
             self.loaded = loaded
             self.version = config_version(loaded)
             self.reload_error = None
-            log.info(json.dumps({"event": "reloaded", "version": self.version}))
+            log.info("reloaded", version=self.version)
             return ReloadOutcome(True, self.version, None)
 
     async def set_suspended(self, tenant: str, suspended: bool) -> SuspensionOutcome:
@@ -114,7 +119,7 @@ class GatewayControl:
                 return outcome
             errors = await self._order("suspensions")
             event = "tenant_suspended" if suspended else "tenant_resumed"
-            log.info(json.dumps({"event": event, "tenant": tenant}))
+            log.info(event, tenant=tenant)
             if errors and not kept_in_redis(self.loaded):
                 return SuspensionOutcome(500, "; ".join(errors))
             # With Redis the suspension is recorded; a worker that missed the order follows
@@ -150,7 +155,7 @@ class GatewayControl:
     # -- workers ---------------------------------------------------------------------------
     def _refused(self, error: str) -> ReloadOutcome:
         self.reload_error = error
-        log.error(json.dumps({"event": "reload_refused", "error": error}))
+        log.error("reload_refused", version=self.version, error=error)
         return ReloadOutcome(False, self.version, error)
 
     async def _order(self, action: Action) -> list[str]:

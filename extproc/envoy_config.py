@@ -131,6 +131,21 @@ def _address(host: str, port: int) -> dict[str, Any]:
     return {"socket_address": {"address": host, "port_value": port}}
 
 
+# A client's x-request-id reaches logs, audit trails and the ledger, and Envoy echoes the
+# request's id on every response, its own and extproc's immediate ones included: an invalid
+# one (over 128 characters, or other than [A-Za-z0-9._:-]) is dropped here, before anything
+# answers, and extproc gives the request a new one (request_ids.py).
+_DROP_INVALID_REQUEST_ID = """\
+function envoy_on_request(handle)
+  local headers = handle:headers()
+  local id = headers:get("x-request-id")
+  if id ~= nil and (#id == 0 or #id > 128 or string.find(id, "[^%w%._:%-]")) then
+    headers:remove("x-request-id")
+  end
+end
+"""
+
+
 def _listener(config: CheckStreamConfig, routes: list[dict[str, Any]]) -> dict[str, Any]:
     server = config.server
     hcm = {
@@ -147,6 +162,9 @@ def _listener(config: CheckStreamConfig, routes: list[dict[str, Any]]) -> dict[s
         # With use_remote_address every client is external to Envoy (no internal_address_config),
         # and Envoy would replace a client's x-request-id: keep it, as before.
         "preserve_external_request_id": True,
+        # x-request-id on every response, Envoy's own replies included (request_ids.py).
+        "generate_request_id": True,
+        "always_set_request_id_in_response": True,
         "route_config": {
             "name": "checkstream",
             # use_remote_address makes Envoy tell backends the client's address: not theirs.
@@ -154,6 +172,13 @@ def _listener(config: CheckStreamConfig, routes: list[dict[str, Any]]) -> dict[s
             "virtual_hosts": [{"name": "llm", "domains": ["*"], "routes": routes}],
         },
         "http_filters": [
+            {
+                "name": "drop_invalid_request_id",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
+                    "default_source_code": {"inline_string": _DROP_INVALID_REQUEST_ID},
+                },
+            },
             {
                 "name": "strip_internal_headers",
                 "typed_config": {

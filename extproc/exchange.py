@@ -21,7 +21,6 @@ Python's cost is per gRPC message, so a plain pass-through request costs one mes
 from __future__ import annotations
 
 import json
-import logging
 import math
 import time
 from collections.abc import Mapping
@@ -44,6 +43,7 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import (
 )
 from google.protobuf.struct_pb2 import Struct
 
+from extproc import logs
 from extproc.accounting import CLIENT_CLOSED, Tally, iso_now, store_failed
 from extproc.answers import (
     AnswerHandler,
@@ -73,12 +73,13 @@ from extproc.metrics import (
 from extproc.midstream import MidstreamGuard
 from extproc.mutations import TO_ADMIN, error_response, header, header_map, immediate
 from extproc.pipeline import Verdict
+from extproc.request_size import request_too_large
 from extproc.runtime import Runtime, TenantPlan
 from extproc.store_failure import STORE_UNAVAILABLE, store_refusal
 from extproc.tenancy import Refused, Resolved
 from extproc.usage import period_of
 
-log = logging.getLogger("checkstream.policy")
+log = logs.get("checkstream.policy")
 
 RULE_HEADER = "x-checkstream-rule"
 _EMPTY_BODY_RESPONSE = ProcessingResponse(request_body=BodyResponse())
@@ -321,8 +322,15 @@ class Exchange:
             tally.model = store_safe(model, _MAX_MODEL_CHARS) if isinstance(model, str) else ""
             tally.prompt_chars = sum(len(slot.text) for slot in slots)
         if pending_admission:
-            answer = api.max_answer_tokens(payload) or limits.default_max_tokens
+            asked = api.max_answer_tokens(payload)
+            answer = asked or limits.default_max_tokens
             prompt = -(-sum(len(slot.text) for slot in slots) // 4)
+            too_large = request_too_large(prompt, answer, asked, limits.tokens_per_minute)
+            if too_large is not None:
+                # It could never fit, so it is not a rate limit: no Retry-After, no retry.
+                return await self._local(
+                    error_response(fmt, 400, too_large, "request_too_large", "checkstream_limits")
+                )
             refusal = await self._admit(plan, prompt + answer)
             if refusal is not None:
                 return refusal
@@ -577,17 +585,7 @@ class Exchange:
             return await self._local(immediate(429, body, headers, "checkstream_budget"))
         limit = decision.limit_name or "unknown"
         RATE_LIMITED.labels(tenant.id, limit).inc()
-        if (
-            limit == "tokens_per_minute"
-            and limits.tokens_per_minute
-            and (tokens > limits.tokens_per_minute)
-        ):
-            message = (
-                f"this request may use {tokens} tokens, more than the tenant's "
-                f"tokens_per_minute ({limits.tokens_per_minute}): lower max_tokens"
-            )
-        else:
-            message = f"rate limit reached ({limit}); retry after {_ceil(decision.retry_after_s)}s"
+        message = f"rate limit reached ({limit}); retry after {_ceil(decision.retry_after_s)}s"
         body = tenant.format.error_body(429, message, "rate_limit_exceeded")
         return await self._local(
             immediate(429, body, _limit_headers(decision, refused=True), "checkstream_limits")
@@ -629,7 +627,10 @@ class Exchange:
         usage, chars = self.handler.result()
         if usage is not None or chars:
             tally.usage, tally.answer_chars = usage, chars
-        tally.status = CLIENT_CLOSED
+        if not self.handler.ended:
+            # 499 only when the client left before the end; a client that hung up right
+            # after the last event (the SDKs do) read the whole answer with its status.
+            tally.status = CLIENT_CLOSED
         await self._finish()
 
     # -- policy bookkeeping ----------------------------------------------------------------
@@ -685,22 +686,18 @@ class Exchange:
                         record["excerpt"] = excerpt
                 tally.triggers.append(record)
             # Structured, and never the text itself: prompts and answers may hold PII.
-            log.info(json.dumps(event))
+            log.info("policy_trigger", **_without(event, "event"))
 
     def _fails_open(self, plan: TenantPlan, verdict: Verdict, phase: str) -> bool:
         """Count and log a failed check; True if the tenant's fail mode lets traffic pass."""
         tenant = plan.tenant
         CLASSIFIER_ERRORS.labels(tenant.id, verdict.failed_classifier or "unknown").inc()
         log.error(
-            json.dumps(
-                {
-                    "event": "classifier_failure",
-                    "tenant": tenant.id,
-                    "phase": phase,
-                    "error": verdict.failure,
-                    "fail_mode": tenant.config.fail_mode,
-                }
-            )
+            "classifier_failure",
+            tenant=tenant.id,
+            phase=phase,
+            error=verdict.failure,
+            fail_mode=tenant.config.fail_mode,
         )
         return tenant.config.fail_mode == "open"
 

@@ -41,7 +41,7 @@ def merge_usage(known: Usage | None, new: Usage) -> Usage:
 class StreamMeter:
     """Reads usage and answer length from an SSE answer as it passes."""
 
-    __slots__ = ("answer_chars", "decoder", "drop_usage_chunk", "fmt", "usage")
+    __slots__ = ("answer_chars", "decoder", "drop_usage_chunk", "ended", "fmt", "usage")
 
     def __init__(self, fmt: WireFormat, *, drop_usage_chunk: bool) -> None:
         self.fmt = fmt
@@ -49,6 +49,8 @@ class StreamMeter:
         self.decoder = SseDecoder()
         self.usage: Usage | None = None
         self.answer_chars = 0
+        #: The answer's last event has passed: the client can have read all of it.
+        self.ended = False
 
     def feed(self, chunk: bytes) -> bytes:
         """What to send on for ``chunk``: the chunk itself unless an event must go."""
@@ -64,13 +66,15 @@ class StreamMeter:
             usage = fmt.usage(event)
             if usage is not None:
                 self.usage = merge_usage(self.usage, usage)
-                if out is not None and fmt.is_usage_only(event):
-                    continue
             text = fmt.delta_text(event)
             if text:
                 self.answer_chars += len(text)
+            elif fmt.ends_stream(event):
+                self.ended = True
             if out is not None:
-                out += event.raw
+                kept = fmt.without_usage(event) if usage is not None else event
+                if kept is not None:
+                    out += kept.raw
         # Without a chunk to drop, the bytes go on exactly as they came (an incomplete event
         # tail included), so pass-through stays byte-identical and lags nothing.
         return chunk if out is None else bytes(out)

@@ -100,6 +100,8 @@ class MidstreamGuard:
     @property
     def answer_chars(self) -> int:
         return self.size
+        #: The answer's last event has been released to the client.
+        self.ended: bool = False
 
     async def feed(self, chunk: bytes) -> Release:
         """Take one body chunk; return what may be sent to the client now."""
@@ -138,8 +140,12 @@ class MidstreamGuard:
             usage = fmt.usage(event)
             if usage is not None:
                 self.usage = merge_usage(self.usage, usage)
-                if self.drop_usage_chunk and fmt.is_usage_only(event):
-                    continue  # asked for by CheckStream, not by the client
+                if self.drop_usage_chunk:
+                    # Asked for by CheckStream, not by the client.
+                    kept = fmt.without_usage(event)
+                    if kept is None:
+                        continue
+                    event = kept
             start = self.size
             delta = fmt.stream_delta(event)
             if delta is None:
@@ -255,6 +261,8 @@ class MidstreamGuard:
                 rendered = {ch: "".join(self.sent[ch]) for ch in self.redacted}
                 event = fmt.rewrite_repeats(event, rendered) or event
             self.tracker.observe(event)
+            if item.end == item.start and self.fmt.ends_stream(event):
+                self.ended = True
             out += event.raw
         self._trim()
         return bytes(out)

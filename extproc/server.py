@@ -7,8 +7,6 @@ live in ``exchange.py``.
 from __future__ import annotations
 
 import asyncio
-import json
-import logging
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from pathlib import Path
@@ -21,6 +19,7 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import (
     ProcessingResponse,
 )
 
+from extproc import logs
 from extproc.admin import admin_token_from_env, start_admin
 from extproc.config import LoadedConfig, load_config
 from extproc.exchange import Answer, Exchange
@@ -34,12 +33,13 @@ from extproc.reloading import (
     restart_needed,
     write_ack,
 )
+from extproc.request_ids import stamp, with_request_id
 from extproc.runtime import Runtime
 from extproc.suspensions import SuspensionStoreUnavailable
 from extproc.watching import watch_config
 from extproc.yamlsource import ConfigError
 
-log = logging.getLogger("checkstream.extproc")
+log = logs.get("checkstream.extproc")
 
 # Audit files past retention are removed at start and then this often.
 _PRUNE_EVERY_S = 3600.0
@@ -53,15 +53,14 @@ class ExternalProcessor(external_processor_pb2_grpc.ExternalProcessorServicer): 
         self, request_iterator: AsyncIterator[ProcessingRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[ProcessingResponse]:
         exchange = Exchange(self.runtime)
+        # However the RPC ends (client gone, Envoy reset, deadline, server stop), the request
+        # is still accounted: the callback runs even when this generator is never resumed.
+        context.add_done_callback(lambda _: _abandon(exchange))
         try:
             async for answer in self._answers(exchange, request_iterator, context):
                 yield answer
         finally:
-            tally = exchange.tally
-            if tally is not None and not tally.done:
-                # The stream ended early (client gone, Envoy reset): still account for it,
-                # in a task, since a cancelled generator cannot await.
-                _in_background(exchange.abandon())
+            _abandon(exchange)
 
     async def _answers(
         self,
@@ -73,9 +72,12 @@ class ExternalProcessor(external_processor_pb2_grpc.ExternalProcessorServicer): 
             kind = request.WhichOneof("request")
             answer: Answer
             if kind == "request_headers":
+                replaced = stamp(request.request_headers)
                 answer = await exchange.on_request_headers(
                     request.request_headers, request.attributes
                 )
+                if replaced is not None:
+                    answer = with_request_id(answer, replaced)
             elif kind == "response_body":
                 answer = await exchange.on_response_body(request.response_body)
             elif kind == "request_body":
@@ -91,7 +93,7 @@ class ExternalProcessor(external_processor_pb2_grpc.ExternalProcessorServicer): 
             else:
                 # A message this version does not know: answering nothing would stall the
                 # request until message_timeout, so fail it now and say why.
-                log.error("unsupported ext_proc message %r", kind)
+                log.error("unsupported_message", kind=kind)
                 await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"unsupported message {kind}")
                 return
             if answer is None:
@@ -104,6 +106,14 @@ class ExternalProcessor(external_processor_pb2_grpc.ExternalProcessorServicer): 
 
 
 _BACKGROUND: set[asyncio.Task[None]] = set()
+
+
+def _abandon(exchange: Exchange) -> None:
+    """Account for a request whose stream ended before its response did, once."""
+    tally = exchange.tally
+    if tally is not None and not tally.done:
+        # In a task: a cancelled generator cannot await, and a done callback is not async.
+        _in_background(exchange.abandon())
 
 
 def _in_background(coro: Coroutine[Any, Any, None]) -> None:
@@ -141,6 +151,9 @@ class Worker:
         self.control_dir = control_dir
         self.port = port
         self.lock = asyncio.Lock()
+
+    def on_drain(self) -> None:
+        self.processor.runtime.draining = True
 
     def on_hangup(self) -> None:
         _in_background(self.hangup())
@@ -185,11 +198,12 @@ class Worker:
                 large=old.checker.large,
             )
         except (ConfigError, PluginError, RestartNeeded) as exc:
-            log.error(json.dumps({"event": "reload_refused", "error": str(exc)}))
+            log.error("reload_refused", error=str(exc))
             return old.version, str(exc)
         old.accounts.retarget(loaded)
+        runtime.draining = old.draining
         self.processor.runtime = runtime
-        log.info(json.dumps({"event": "reloaded", "version": runtime.version}))
+        log.info("reloaded", version=runtime.version)
         return runtime.version, None
 
 
@@ -246,7 +260,10 @@ async def serve(
             raise OSError(
                 f"the admin server cannot listen on {settings.admin_port}: {exc}"
             ) from None
-    print(f"extproc listening on {host}:{bound}", flush=True)
+    # The launcher's first step of a drain: the listener's /healthz answers 503 from now.
+    loop.add_signal_handler(signal.SIGUSR1, worker.on_drain)
+    # The launcher waits for this line (any log format) before it starts Envoy.
+    log.info("extproc listening", address=f"{host}:{bound}")
     background = [loop.create_task(_prune_audit(processor))]
     if control_dir is None:  # on its own (a sidecar): nobody else watches the files
         background.append(loop.create_task(watch_config(lambda: processor.runtime.config, reload)))
@@ -258,6 +275,9 @@ async def serve(
     await server.stop(loaded.model.server.drain_timeout_s)
     for task in background:
         task.cancel()
+    # Streams cut by the stop are abandoned from callbacks: let those run, then wait for
+    # every request to be accounted before the stores close.
+    await asyncio.sleep(0)
     if _BACKGROUND:
         await asyncio.wait(set(_BACKGROUND), timeout=5)
     if stop_admin is not None:
@@ -273,8 +293,8 @@ async def _prune_audit(processor: ExternalProcessor) -> None:
         try:
             removed = await asyncio.to_thread(runtime.accounts.audit.prune, runtime.audit_retention)
         except OSError as exc:
-            log.error(json.dumps({"event": "audit_prune_failed", "error": str(exc)}))
+            log.error("audit_prune_failed", error=str(exc))
         else:
             for path in removed:
-                log.info(json.dumps({"event": "audit_pruned", "file": str(path)}))
+                log.info("audit_pruned", file=str(path))
         await asyncio.sleep(_PRUNE_EVERY_S)

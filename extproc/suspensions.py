@@ -16,17 +16,16 @@ Run by the launcher (writes) and by every extproc worker (follows). One truth pe
 from __future__ import annotations
 
 import asyncio
-import json
-import logging
 from dataclasses import dataclass
 from typing import Final
 
 import redis.exceptions
 
+from extproc import logs
 from extproc.config import LoadedConfig
 from extproc.limits import redis_client
 
-log = logging.getLogger("checkstream.suspensions")
+log = logs.get("checkstream.suspensions")
 
 KEY: Final = "checkstream:suspensions"
 # Half the agreement goal: a follower's read lands within a second of the write.
@@ -123,7 +122,7 @@ class SharedSuspensions:
                 await self.refresh(into)
             except SuspensionStoreUnavailable as exc:
                 if not failing:
-                    log.error(json.dumps({"event": "suspensions_unavailable", "error": str(exc)}))
+                    log.error("suspensions_unavailable", error=str(exc))
                 failing = True
             else:
                 failing = False

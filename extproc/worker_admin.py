@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 from collections.abc import Mapping
 from typing import Any
 
+from extproc import logs
 from extproc.admin import ReloadOutcome
 from extproc.control import listener_url, proxy_tenant_info
 from extproc.metrics import render_metrics
@@ -23,7 +23,7 @@ from extproc.replica import replica_name
 from extproc.server import Worker
 from extproc.suspensions import SuspensionOutcome, SuspensionStoreUnavailable, record_suspension
 
-log = logging.getLogger("checkstream.admin")
+log = logs.get("checkstream.admin")
 
 
 class WorkerAdmin:
@@ -32,6 +32,9 @@ class WorkerAdmin:
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
         self.reload_error: str | None = None
+
+    def live(self) -> bool:
+        return not self.worker.processor.runtime.draining
 
     def ready(self) -> bool:
         return not self.worker.processor.runtime.draining

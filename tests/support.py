@@ -197,6 +197,13 @@ class Gateway:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def records(self) -> list[dict[str, Any]]:
+        """The log as JSON Lines records (every line must be one)."""
+        return [json.loads(line) for line in self.log().splitlines() if line]
+
+    def events(self, event: str) -> list[dict[str, Any]]:
+        return [r for r in self.records() if r.get("event") == event]
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
         if self.process.poll() is None:
             self.process.send_signal(sig)
@@ -224,6 +231,10 @@ def write_policy(directory: Path, name: str, rules: list[tuple[str, str, str]]) 
     return path
 
 
+# The launcher's line once everything serves (JSON log format, the default off a terminal).
+LISTENING = '"event": "listening"'
+
+
 def start_gateway(
     config_path: Path,
     env: dict[str, str] | None = None,
@@ -246,7 +257,7 @@ def start_gateway(
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"gateway exited with {process.returncode}:\n{gateway.log()}")
-        if "] ready: listening on" in gateway.log():
+        if LISTENING in gateway.log():
             return gateway
         time.sleep(0.05)
     gateway.stop(signal.SIGKILL)

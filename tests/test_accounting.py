@@ -85,6 +85,12 @@ tenants:
       backend_url: "http://127.0.0.1:9/v1"
       rate_limit: {requests_per_minute: 10}
       budget: {monthly_usd: 0.0001}
+    guarded:
+      backend_url: "http://127.0.0.1:9/v1"
+      pipeline: {midstream: {classifiers: [never]}}
+      policy_path: guarded-policy.yaml
+classifiers:
+  never: {type: keyword, terms: [zzzz-never-said]}
 """
 
 
@@ -94,9 +100,18 @@ def fixed_clock(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(limits_module, "time", SimpleNamespace(time=lambda: T0))
 
 
+GUARDED_POLICY = """\
+version: "1.0"
+name: guarded
+policies:
+  - {name: never_seen, trigger: {classifier: never, threshold: 0.5}, action: log}
+"""
+
+
 def write_config(directory: Path, text: str = CONFIG) -> Path:
     path = directory / "checkstream.yaml"
     path.write_text(text)
+    (directory / "guarded-policy.yaml").write_text(GUARDED_POLICY)
     return path
 
 
@@ -331,6 +346,27 @@ async def test_openai_stream_usage_is_asked_for_read_and_removed(runtime: Runtim
     assert await remaining(runtime, "tpm") == 10000 - 40
 
 
+@pytest.mark.parametrize("guarded", [False, True])
+async def test_litellm_usage_chunk_never_reaches_a_client_that_did_not_ask(
+    runtime: Runtime, guarded: bool
+) -> None:
+    # LiteLLM sends the usage with one empty-delta choice rather than `choices: []`.
+    tenant = "tpm"
+    if guarded:
+        tenant = "guarded"
+    exchange, _ = await send_request(runtime, tenant, chat(stream=True))
+    head = {"id": "c", "object": "chat.completion.chunk", "model": MODEL}
+    text = {**head, "choices": [{"index": 0, "delta": {"content": "Hello."}}]}
+    usage = {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
+    litellm = {**head, "choices": [{"index": 0, "delta": {}}], "usage": usage}
+    kept = f"data: {json.dumps(text)}\n\n".encode()
+    stream = kept + f"data: {json.dumps(litellm)}\n\ndata: [DONE]\n\n".encode()
+    _, out = await complete(exchange, stream, "text/event-stream", cuts=2)
+    assert out == kept + b"data: [DONE]\n\n"
+    [row] = ledger_rows(runtime)
+    assert (row["input_tokens"], row["output_tokens"], row["estimated"]) == (5, 2, 0)
+
+
 async def test_anthropic_stream_usage_comes_from_start_and_delta(runtime: Runtime) -> None:
     payload = {"model": CLAUDE, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
     exchange, decision = await send_request(
@@ -458,6 +494,86 @@ async def test_abandoned_anthropic_stream_estimates_its_output(runtime: Runtime)
     assert row_summary(row)[2:6] == (132, estimate_tokens(ANSWER_CHARS), 1, CLIENT_CLOSED)
 
 
+@pytest.mark.parametrize("fmt", ["openai", "anthropic", "guarded"])
+async def test_a_stream_read_to_its_last_event_is_200_even_if_the_end_never_came(
+    runtime: Runtime, fmt: str
+) -> None:
+    # The SDKs hang up right after [DONE] / message_stop; Envoy then cancels the gRPC stream
+    # before extproc sees the body's end. The client read everything: 200, not 499.
+    if fmt != "anthropic":
+        tenant = "guarded" if fmt == "guarded" else "tpm"
+        exchange, _ = await send_request(runtime, tenant, chat(stream=True))
+        data = openai_stream().data
+    else:
+        payload = {"model": CLAUDE, "stream": True, "messages": [{"role": "user", "content": "h"}]}
+        exchange, _ = await send_request(runtime, "claude", json.dumps(payload).encode(), MESSAGES)
+        data = anthropic_stream().data
+    await exchange.on_response_headers(response_headers(content_type="text/event-stream"))
+    released = streamed([await exchange.on_response_body(body(data, end=False))])
+    assert fmt != "guarded" or released.endswith(b"data: [DONE]\n\n")  # all released
+    await exchange.abandon()
+    [row] = ledger_rows(runtime)
+    assert row["status"] == 200
+
+
+async def test_a_stream_left_before_its_last_event_is_499(runtime: Runtime) -> None:
+    exchange, _ = await send_request(runtime, "guarded", chat(stream=True))
+    await exchange.on_response_headers(response_headers(content_type="text/event-stream"))
+    data = openai_stream().data
+    await exchange.on_response_body(body(data[: data.index(b"data: [DONE]")], end=False))
+    await exchange.abandon()
+    [row] = ledger_rows(runtime)
+    assert row["status"] == CLIENT_CLOSED
+
+
+class _SlowLedger(UsageLedger):
+    """A ledger whose writes take a while, so the caller can be cancelled mid-write."""
+
+    async def record(self, rec: Any) -> None:
+        await asyncio.sleep(0.2)
+        await super().record(rec)
+
+
+async def test_a_cancelled_caller_does_not_cut_the_closing_short(
+    runtime: Runtime, caplog: pytest.LogCaptureFixture
+) -> None:
+    accounts = runtime.accounts
+    assert accounts.ledger is not None
+    slow = _SlowLedger.open(runtime.config.path.parent / "usage.db")
+    await accounts.ledger.aclose()
+    accounts.ledger = slow
+    exchange, _ = await send_request(runtime, "counted", chat())
+    await exchange.on_response_headers(response_headers())
+    before = (
+        REGISTRY.get_sample_value(
+            "checkstream_requests_total", {"tenant": "counted", "status": "200"}
+        )
+        or 0.0
+    )
+    # The gRPC stream is cancelled while the ledger write is under way (client gone).
+    task = asyncio.create_task(exchange.on_response_body(body(openai_answer())))
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    with caplog.at_level("INFO", logger="checkstream.requests"):
+        await accounts.settle()
+    [row] = ledger_rows(runtime)
+    assert row["status"] == 200
+    after = REGISTRY.get_sample_value(
+        "checkstream_requests_total", {"tenant": "counted", "status": "200"}
+    )
+    assert after == before + 1
+    [line] = [
+        json.loads(r.getMessage()) for r in caplog.records if r.name == "checkstream.requests"
+    ]
+    assert (line["event"], line["request_id"]) == ("request", row["request_id"])
+    # Finishing again (the stream's abandonment racing the end) counts nothing more.
+    await exchange.abandon()
+    await accounts.settle()
+    assert len(ledger_rows(runtime)) == 1
+
+
 # --- tokens_per_minute ---------------------------------------------------------------------
 
 
@@ -492,19 +608,22 @@ async def test_an_answer_longer_than_reserved_is_charged_in_full(runtime: Runtim
     assert await remaining(runtime, "tpm") == 10000 - 312
 
 
-async def test_a_reservation_above_tokens_per_minute_is_refused_and_recorded(
+async def test_a_request_that_can_never_fit_is_400_and_recorded(
     runtime: Runtime,
 ) -> None:
+    # Not a rate limit: waiting cannot help, so no 429 and no Retry-After for SDKs to obey.
     _, refused = await send_request(runtime, "tpm", chat(max_tokens=20000))
     status, headers, error = immediate(refused)
-    assert status == 429
-    assert headers["retry-after"] == "60"
+    assert status == 400
+    assert "retry-after" not in headers
+    assert error["error"]["code"] == "request_too_large"
     assert error["error"]["message"] == (
-        "this request may use 20010 tokens, more than the tenant's tokens_per_minute "
-        "(10000): lower max_tokens"
+        "this request may use about 20010 tokens (10 for the prompt, 20000 for the answer), "
+        "more than the tenant's tokens_per_minute (10000), so it can never be served: "
+        "lower max_tokens"
     )
     [row] = ledger_rows(runtime)
-    assert row_summary(row) == ("tpm", MODEL, 0, 0, 0, 429, 0.0)
+    assert row_summary(row) == ("tpm", MODEL, 0, 0, 0, 400, 0.0)
     assert await remaining(runtime, "tpm") == 10000
 
 

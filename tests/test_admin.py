@@ -36,6 +36,7 @@ class FakeGateway:
     """The launcher's side of the admin API, with knobs for each outcome."""
 
     is_ready: bool = True
+    is_live: bool = True
     reload_outcome: ReloadOutcome = RELOADED
     tenants: set[str] = field(default_factory=lambda: {"acme"})
     suspended: set[str] = field(default_factory=set)
@@ -46,6 +47,9 @@ class FakeGateway:
     def _maybe_fail(self) -> None:
         if self.fail:
             raise BackendFailure("db password is hunter2")
+
+    def live(self) -> bool:
+        return self.is_live
 
     def ready(self) -> bool:
         self._maybe_fail()
@@ -143,6 +147,12 @@ async def test_healthz_answers_ok(admin: Call) -> None:
     answer = await admin("GET", "/healthz")
     assert (answer.status, answer.json()) == (200, {"status": "ok"})
     assert answer.headers["content-type"].startswith("application/json")
+
+
+async def test_healthz_answers_503_once_draining(admin: Call, backend: FakeGateway) -> None:
+    backend.is_live = False
+    answer = await admin("GET", "/healthz")
+    assert (answer.status, answer.json()) == (503, {"status": "draining"})
 
 
 async def test_readyz_follows_the_gateway(admin: Call, backend: FakeGateway) -> None:

@@ -284,6 +284,17 @@ def test_wrong_type(tmp_path: Path) -> None:
     )
 
 
+def test_log_format_is_json_or_text(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, "server: {log_format: text}\n")).model.server.log_format == (
+        "text"
+    )
+    text = "server:\n  log_format: xml\n"
+    path = write(tmp_path, text)
+    assert_located(
+        refused(path), path, line_of(text, "log_format"), "server.log_format", "'json' or 'text'"
+    )
+
+
 def test_rate_limit_out_of_range(tmp_path: Path) -> None:
     text = BASE + "      rate_limit: {requests_per_minute: 0}\n"
     path = write(tmp_path, text)

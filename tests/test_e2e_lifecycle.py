@@ -25,10 +25,12 @@ from extproc.demo import answer_pieces
 from extproc.envoy_config import render_yaml
 from tests.support import (
     DemoUpstreamThread,
+    Gateway,
     child_processes,
     gateway_ports,
     request,
     start_gateway,
+    wait_until,
     write_config,
     write_policy,
 )
@@ -105,25 +107,73 @@ def test_sigterm_lets_in_flight_stream_finish_then_exits_0(
         request(f"{gw.url}/healthz", timeout=2)
 
 
-@pytest.mark.parametrize("victim", ["envoy", "extproc"])
-def test_a_dying_child_stops_the_whole_gateway(
-    tmp_path: Path, demo: DemoUpstreamThread, victim: str
-) -> None:
+def _worker_pids(gw: Gateway) -> list[int]:
+    return [pid for pid, cmd in child_processes(gw.process.pid).items() if " serve " in cmd]
+
+
+def test_a_dying_envoy_stops_the_whole_gateway(tmp_path: Path, demo: DemoUpstreamThread) -> None:
     gw = start_gateway(write_config(tmp_path, _config(demo.port, tmp_path)))
     try:
         children = child_processes(gw.process.pid)
-        marker = "/envoy " if victim == "envoy" else " serve "
-        targets = [pid for pid, cmd in children.items() if marker in cmd]
-        assert len(targets) == 1, children
-        os.kill(targets[0], signal.SIGKILL)
+        [envoy] = [pid for pid, cmd in children.items() if "/envoy " in cmd]
+        os.kill(envoy, signal.SIGKILL)
         code = gw.process.wait(30)
     finally:
         gw.stop(signal.SIGKILL)
     assert code == 1
     assert "exited unexpectedly" in gw.log()
     # No half-alive gateway: nothing listens any more.
-    for pid in children:
-        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text()
+    assert wait_until(lambda: all(_gone(pid) for pid in children), 10), children
+    with pytest.raises(OSError):
+        request(f"{gw.url}/healthz", timeout=2)
+
+
+def _gone(pid: int) -> bool:
+    return not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text()
+
+
+def test_a_killed_worker_is_restarted_and_the_gateway_serves_on(
+    tmp_path: Path, demo: DemoUpstreamThread
+) -> None:
+    gw = start_gateway(write_config(tmp_path, _config(demo.port, tmp_path)))
+    try:
+        [worker] = _worker_pids(gw)
+        os.kill(worker, signal.SIGKILL)
+        assert wait_until(lambda: len(_worker_pids(gw)) == 1 and _worker_pids(gw) != [worker], 20)
+        assert wait_until(lambda: request(f"{gw.url}/healthz", timeout=2).status == 200, 20)
+        reply = request(
+            f"{gw.url}/v1/chat/completions",
+            {"model": "m", "messages": [{"role": "user", "content": "x"}]},
+            {"X-Tenant-ID": "demo"},
+        )
+        assert reply.status == 200
+        assert gw.process.poll() is None
+        restarts = [r for r in gw.records() if r["event"] == "extproc-0 restarted"]
+        assert len(restarts) == 1
+    finally:
+        assert gw.stop() == 0, gw.log()[-3000:]
+
+
+def test_a_worker_that_keeps_dying_stops_the_gateway(
+    tmp_path: Path, demo: DemoUpstreamThread
+) -> None:
+    gw = start_gateway(write_config(tmp_path, _config(demo.port, tmp_path)))
+    killed: set[int] = set()
+    try:
+        deadline = time.monotonic() + 60
+        while gw.process.poll() is None and time.monotonic() < deadline:
+            for pid in _worker_pids(gw):
+                if pid not in killed:
+                    os.kill(pid, signal.SIGKILL)
+                    killed.add(pid)
+            time.sleep(0.05)
+        code = gw.process.wait(10)
+    finally:
+        gw.stop(signal.SIGKILL)
+    assert code == 1
+    assert len(killed) == 5  # restarted four times, then given up on
+    [last] = [r for r in gw.records() if r["event"].endswith("; stopping")]
+    assert last["deaths_in_window"] == 5
     with pytest.raises(OSError):
         request(f"{gw.url}/healthz", timeout=2)
 
@@ -182,7 +232,11 @@ def test_port_in_use_fails_start_instead_of_hanging(
             timeout=90,
         )
     assert done.returncode == 1
-    assert "cannot start" in done.stderr
+    # The reason is a log record (stdout, JSON Lines off a terminal).
+    records = [json.loads(line) for line in done.stdout.splitlines()]
+    assert any(r["level"] == "error" and r["event"].startswith("cannot start") for r in records), (
+        done.stdout
+    )
 
 
 def test_extproc_down_fails_closed_with_a_json_error(

@@ -220,17 +220,27 @@ def test_the_streams_really_have_a_usage_chunk_to_drop() -> None:
         assert (stream.without_usage_chunk != stream.data) == name.startswith("openai")
 
 
-def test_usage_on_chunks_with_choices_is_read_and_never_dropped() -> None:
-    # vLLM with continuous usage stats: every chunk reports usage next to its choice.
-    def chunk(text: str, completion: int) -> bytes:
+def test_usage_on_chunks_with_choices_is_read_and_only_the_usage_removed() -> None:
+    # vLLM with continuous usage stats: every chunk reports usage next to its choice. The
+    # client did not ask for usage, so it loses the usage field and keeps every choice.
+    def chunk(text: str, completion: int | None) -> bytes:
         choice = {"index": 0, "delta": {"content": text}, "finish_reason": None}
-        usage = {"prompt_tokens": 5, "completion_tokens": completion}
-        return _event({"id": "c", "choices": [choice], "usage": usage}, b"\n")
+        body: dict[str, object] = {"id": "c", "choices": [choice]}
+        if completion is not None:
+            body["usage"] = {"prompt_tokens": 5, "completion_tokens": completion}
+        return _event(body, b"\n")
 
     data = chunk("ab", 1) + chunk("cde", 2) + b"data: [DONE]\n\n"
     meter = StreamMeter(OPENAI, drop_usage_chunk=True)
-    assert meter.feed(data) + meter.finish() == data
+    out = meter.feed(data) + meter.finish()
+    assert [json.loads(line[6:]) for line in out.split(b"\n\n")[:2]] == [
+        json.loads(chunk(text, None)[6:]) for text in ("ab", "cde")
+    ]
+    assert out.endswith(b"data: [DONE]\n\n")
     assert (meter.usage, meter.answer_chars) == (Usage(5, 2), 5)
+    # A client that asked for usage gets the stream byte for byte.
+    asked = StreamMeter(OPENAI, drop_usage_chunk=False)
+    assert asked.feed(data) + asked.finish() == data
 
 
 def test_a_stream_without_usage_leaves_usage_none_and_counts_chars() -> None:

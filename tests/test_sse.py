@@ -529,16 +529,54 @@ def test_openai_with_delta_text() -> None:
 
 def test_openai_usage() -> None:
     assert OPENAI.usage(one(USAGE_CHUNK)) == Usage(9, 12)
-    assert OPENAI.is_usage_only(one(USAGE_CHUNK))
+    assert OPENAI.without_usage(one(USAGE_CHUNK)) is None
     with_null_usage = sse({**CHUNK_HEAD, "choices": [], "usage": None})
     for raw in [chat_chunk({"content": "x"}), with_null_usage, b"data: [DONE]\n\n"]:
         assert OPENAI.usage(one(raw)) is None
-        assert not OPENAI.is_usage_only(one(raw))
-    # Some servers report usage on every chunk; such a chunk is not usage-only.
+        assert OPENAI.without_usage(one(raw)) == one(raw)
+    # Some servers report usage on every chunk, or on the last content chunk: the content
+    # stays, only the usage goes.
     choice = {"index": 0, "delta": {"content": "x"}, "finish_reason": None}
     every = sse({**CHUNK_HEAD, "choices": [choice], "usage": {"prompt_tokens": 3}})
     assert OPENAI.usage(one(every)) == Usage(3, None)
-    assert not OPENAI.is_usage_only(one(every))
+    kept = OPENAI.without_usage(one(every))
+    assert kept is not None and json_data(kept) == {**CHUNK_HEAD, "choices": [choice]}
+    assert OPENAI.delta_text(kept) == "x"
+
+
+USAGE = {"prompt_tokens": 9, "completion_tokens": 12, "total_tokens": 21}
+
+
+@pytest.mark.parametrize(
+    "choices",
+    [
+        [],
+        [{"index": 0, "delta": {}}],  # LiteLLM
+        [{"index": 0, "delta": {}, "finish_reason": None, "logprobs": None}],
+        [{"index": 0, "delta": {"content": None}, "finish_reason": None}],
+        [{"index": 0, "text": ""}],  # legacy completions
+    ],
+)
+def test_openai_usage_only_chunks_in_every_shape_are_dropped(choices: list[object]) -> None:
+    event = one(sse({**CHUNK_HEAD, "choices": choices, "usage": USAGE}))
+    assert OPENAI.usage(event) == Usage(9, 12)
+    assert OPENAI.without_usage(event) is None
+
+
+@pytest.mark.parametrize(
+    "choice",
+    [
+        {"index": 0, "delta": {"content": "end."}, "finish_reason": "stop"},
+        {"index": 0, "delta": {}, "finish_reason": "stop"},  # the finish reason is content
+        {"index": 0, "delta": {"role": "assistant"}},
+        {"index": 0, "text": "end."},
+    ],
+)
+def test_openai_usage_on_a_content_chunk_keeps_the_content(choice: dict[str, object]) -> None:
+    event = one(sse({**CHUNK_HEAD, "choices": [choice], "usage": USAGE}))
+    kept = OPENAI.without_usage(event)
+    assert kept is not None
+    assert json_data(kept) == {**CHUNK_HEAD, "choices": [choice]}
 
 
 def test_openai_ensure_stream_usage() -> None:
@@ -745,7 +783,7 @@ def test_anthropic_usage() -> None:
     assert ANTHROPIC.usage(one(final)) == Usage(3050, 503)
     for raw in [text_delta("usage"), TEXT_START, sse({"type": "ping"}, "ping")]:
         assert ANTHROPIC.usage(one(raw)) is None
-    assert not ANTHROPIC.is_usage_only(one(MESSAGE_DELTA))
+    assert ANTHROPIC.without_usage(one(MESSAGE_DELTA)) == one(MESSAGE_DELTA)
     assert ANTHROPIC.ensure_stream_usage({"model": "m", "messages": [], "stream": True}) is None
 
 
@@ -795,7 +833,7 @@ def test_malformed_events_never_raise(name: str) -> None:
         event = one(raw)
         assert fmt.delta_text(event) is None
         fmt.usage(event)
-        fmt.is_usage_only(event)
+        fmt.without_usage(event)
         tracker.observe(event)
     decode([tracker.ending("r", "why")])
 

@@ -130,9 +130,15 @@ class WireFormat(Protocol):
         report that count (an Anthropic ``message_delta`` may lack the input count)."""
         ...
 
-    def is_usage_only(self, event: SseEvent) -> bool:
-        """Whether the event exists only because ``ensure_stream_usage`` asked for it, so
-        that it must not reach a client that did not."""
+    def without_usage(self, event: SseEvent) -> SseEvent | None:
+        """``event`` as a client that did not ask for the usage ``ensure_stream_usage`` added
+        sees it: unchanged, stripped of that usage, or None when it existed only for it.
+        Never drops answer content."""
+        ...
+
+    def ends_stream(self, event: SseEvent) -> bool:
+        """Whether ``event`` is the one that ends a complete answer (OpenAI ``[DONE]``,
+        Anthropic ``message_stop``): a client that received it has read the whole answer."""
         ...
 
     def answer_usage(self, payload: Any) -> Usage | None:

@@ -208,9 +208,15 @@ class AnthropicFormat:
     def max_answer_tokens(self, payload: Any) -> int | None:
         return token_count(payload.get("max_tokens")) if isinstance(payload, dict) else None
 
-    def is_usage_only(self, event: SseEvent) -> bool:
-        """Always False: Anthropic streams usage unasked, in events the client expects."""
-        return False
+    def without_usage(self, event: SseEvent) -> SseEvent:
+        """Always ``event``: Anthropic streams usage unasked, in events the client expects."""
+        return event
+
+    def ends_stream(self, event: SseEvent) -> bool:
+        """``message_stop``, named by the event line or, from servers that omit it, the data."""
+        if event.event is not None:
+            return event.event == "message_stop"
+        return event.data is not None and '"message_stop"' in event.data
 
     def ensure_stream_usage(self, payload: Any) -> Any | None:
         """Always None: Anthropic streams always report usage."""

@@ -267,10 +267,27 @@ class OpenAIFormat:
         counts = [token_count(payload.get(k)) for k in ("max_completion_tokens", "max_tokens")]
         return next((c for c in counts if c is not None), None)
 
-    def is_usage_only(self, event: SseEvent) -> bool:
-        """Whether ``event`` is the chunk ``include_usage`` adds, with usage and no choices."""
+    def without_usage(self, event: SseEvent) -> SseEvent | None:
+        """``event`` as a client that never asked for usage sees it: None to drop it.
+
+        Backends send the usage ``include_usage`` asks for in three shapes: a chunk with
+        ``choices: []`` (OpenAI), a chunk whose only choice has an empty delta and no finish
+        reason (LiteLLM), or ``usage`` on the last content chunk. The first two go; the third
+        keeps its choices and loses only its ``usage``, so no content is ever dropped.
+        """
         chunk = _usage_chunk(event)
-        return chunk is not None and not chunk.get("choices")
+        if chunk is None:
+            return event
+        choices = chunk.get("choices")
+        if not isinstance(choices, list) or all(_empty(choice, "index") for choice in choices):
+            return None
+        return with_data(event, dump_json(_without_key(chunk, "usage")).decode())
+
+    def ends_stream(self, event: SseEvent) -> bool:
+        """``[DONE]`` (chat completions, completions), or the Responses API's last event."""
+        if event.data == "[DONE]":
+            return True
+        return event.event in _RESPONSES_ENDINGS
 
     def ensure_stream_usage(self, payload: Any) -> Any | None:
         """A streamed chat completions or completions request with
@@ -280,7 +297,7 @@ class OpenAIFormat:
         The endpoint is told by the body (``messages`` or ``prompt``): the Responses API
         (``input``) streams its usage anyway and rejects unknown stream options. A client's
         ``include_usage: false`` is overridden as well; the extra chunk is then the one to
-        drop (``is_usage_only``). Other stream options are kept.
+        drop (``without_usage``). Other stream options are kept.
         """
         if not isinstance(payload, dict) or payload.get("stream") is not True:
             return None
@@ -417,6 +434,21 @@ def _stream_text(event: SseEvent) -> tuple[dict[str, Any], JsonPath, Delta] | No
             return chunk, (*base, "function_call", "arguments"), Delta(("tool", -1), args)
         return None
     return None
+
+
+_RESPONSES_ENDINGS = frozenset({"response.completed", "response.failed", "response.incomplete"})
+
+
+def _empty(value: object, *ignored: str) -> bool:
+    """Whether ``value`` carries nothing: null, empty, or a mapping of such values (keys in
+    ``ignored`` aside)."""
+    if isinstance(value, dict):
+        return all(_empty(v) for k, v in value.items() if k not in ignored)
+    return value is None or value == "" or value == []
+
+
+def _without_key(chunk: dict[str, Any], key: str) -> dict[str, Any]:
+    return {k: v for k, v in chunk.items() if k != key}
 
 
 def _usage_chunk(event: SseEvent) -> dict[str, Any] | None:

@@ -198,8 +198,17 @@ class ResponsesFormat:
     def max_answer_tokens(self, payload: Any) -> int | None:
         return token_count(payload.get("max_output_tokens")) if isinstance(payload, dict) else None
 
-    def is_usage_only(self, event: SseEvent) -> bool:
-        return False
+    def without_usage(self, event: SseEvent) -> SseEvent | None:
+        """``event`` unchanged: Responses streams report usage unasked, in events the client
+        expects."""
+        return event
+
+    def ends_stream(self, event: SseEvent) -> bool:
+        """The final event: ``response.completed``, ``response.incomplete`` or
+        ``response.failed``."""
+        return event.event in _FINAL or (
+            b'"response.' in event.raw and _event_type(event) in _FINAL
+        )
 
     def ensure_stream_usage(self, payload: Any) -> Any | None:
         """Always None: Responses streams report usage in their final event unasked."""
@@ -301,6 +310,11 @@ def _item_repeats(
         for j, part in enumerate(content)
         if isinstance(part, dict) and ("text", out, j) in rendered
     }
+
+
+def _event_type(event: SseEvent) -> object:
+    payload = json_data(event)
+    return payload.get("type") if isinstance(payload, dict) else None
 
 
 def _message_item(text: str) -> dict[str, Any]:
