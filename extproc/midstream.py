@@ -96,18 +96,27 @@ class MidstreamGuard:
         # Each channel's text as released, kept to rewrite events that repeat it.
         self.sent: dict[Hashable, list[str]] = {}
         self.redacted: set[Hashable] = set()
+        #: The answer's last event has been released to the client.
+        self.ended = False
+        #: The upstream sent its stream's last event ([DONE], message_stop, ...).
+        self.last_seen = False
 
     @property
     def answer_chars(self) -> int:
         return self.size
-        #: The answer's last event has been released to the client.
-        self.ended: bool = False
 
     async def feed(self, chunk: bytes) -> Release:
         """Take one body chunk; return what may be sent to the client now."""
         if self.stopped:
             return Release(b"")
         sentence_ended = self._take(self.decoder.feed(chunk))
+        if self.last_seen:
+            # The stream's last event has arrived: no text can follow, nothing is held back.
+            if self.size > self.checked or self._pending_spans:
+                stop = await self._check(final=True)
+                if stop is not None:
+                    return stop
+            return Release(self._release(final=True))
         unchecked = self.size - self.checked
         if unchecked and (unchecked >= self.step_chars or sentence_ended):
             stop = await self._check(final=False)
@@ -150,6 +159,7 @@ class MidstreamGuard:
             delta = fmt.stream_delta(event)
             if delta is None:
                 self.held.append(_Held(event, start, start))
+                self.last_seen = self.last_seen or fmt.ends_stream(event)
                 continue
             text = delta.text
             pieces.append(text)
