@@ -17,7 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from extproc.config import load_config
-from extproc.formats import FORMATS
+from extproc.formats import FORMATS as PROVIDERS
+from extproc.formats import responses
 from extproc.formats.jsonbody import RequestJsonError, parse_request_json
 from extproc.formats.sse import SseDecoder, SseEvent, encode_event
 from extproc.hookspecs import Span
@@ -72,6 +73,10 @@ outlined = st.fixed_dictionaries(
 payloads = shaped | json_values | outlined
 
 
+# Every endpoint format: the providers' and the Responses API's.
+FORMATS = {**PROVIDERS, "responses": responses.FORMAT}
+
+
 @FAST
 @given(st.binary(max_size=300), st.lists(st.integers(0, 300), max_size=8))
 def test_sse_decoder_keeps_every_byte_however_split(data: bytes, cuts: list[int]) -> None:
@@ -106,7 +111,10 @@ def test_stream_event_readers_never_raise(name: str, datas: list[Any]) -> None:
         if text is not None:
             fmt.with_delta_text(event, text.upper())
         fmt.usage(event)
-        fmt.is_usage_only(event)
+        fmt.without_usage(event)
+        fmt.ends_stream(event)
+        fmt.stream_delta(event)
+        fmt.rewrite_repeats(event, {("text", 0, 0): "x", 0: "x", "content": "x"})
         tracker.observe(event)
     assert isinstance(tracker.ending("rule", "reason"), bytes)
 

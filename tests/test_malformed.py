@@ -111,7 +111,8 @@ def test_absurd_backend_events_never_raise(name: str) -> None:
         assert json_data(event) is None
         assert fmt.delta_text(event) is None
         assert fmt.usage(event) is None
-        assert fmt.is_usage_only(event) is False
+        assert fmt.without_usage(event) is event
+        assert fmt.ends_stream(event) is False
         tracker.observe(event)
     assert tracker.ending("r", "why")
 
