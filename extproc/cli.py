@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from importlib.resources import files
 from pathlib import Path
 
+from extproc.classifier_cli import add_commands as add_classifier_commands
 from extproc.config import AuditConfig, LoadedConfig, load_config
 from extproc.registry import PluginError
 from extproc.runtime import check_config
@@ -298,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     # generated modules for every command.
     classifiers_serve.add_argument("--port", type=int, default=50061, help="default: 50061")
     classifiers_serve.set_defaults(handler=_cmd_classifiers_serve)
+    add_classifier_commands(classifiers_commands)
 
     envoy = commands.add_parser("envoy", help="Envoy configuration")
     envoy_commands = envoy.add_subparsers(dest="envoy_command", required=True)
