@@ -282,6 +282,13 @@ def _national_number(text: str, number: str, end: int) -> bool:
     if count == 9 and number.lstrip("(").startswith("0") and not cued:
         return False
     pairs = _PAIRS.fullmatch(number)
+    # Trunk-0 numbers end in a group of three or more digits ("0871 2231 09" is a code).
+    if (
+        pairs is None
+        and number.startswith(("0", "(0"))
+        and len(re.split(r"[ .)-]", number)[-1]) < 3
+    ):
+        return False
     if pairs is not None:
         # French numbers are five pairs; five ascending pairs are lottery draws or a list.
         # Example numbers ("06 12 34 56 78") ascend too, so those are kept after a phone cue.
