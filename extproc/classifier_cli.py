@@ -220,8 +220,20 @@ def _measures_json(m: Measures) -> dict[str, Any]:
     }
 
 
+#: ``--by length`` buckets, in characters: short prompts, paragraphs, documents.
+LENGTH_BUCKETS = ((200, "<200 chars"), (1000, "200-999 chars"), (None, "1000+ chars"))
+
+
+def length_bucket(text: str) -> str:
+    return next(name for limit, name in LENGTH_BUCKETS if limit is None or len(text) < limit)
+
+
 def report(
-    items: Sequence[Labelled], scores: Sequence[float], classifier: str, threshold: float
+    items: Sequence[Labelled],
+    scores: Sequence[float],
+    classifier: str,
+    threshold: float,
+    by: str = "source",
 ) -> dict[str, Any]:
     """Overall, per-source and swept measures as one JSON-able object."""
     # numpy only here: `checkstream` imports this module for every command.
@@ -231,9 +243,11 @@ def report(
 
     s = np.asarray(scores, dtype=np.float64)
     y = np.array([i.label for i in items], dtype=bool)
-    sources = np.array([i.source for i in items], dtype=object)
+    keys = [length_bucket(i.text) if by == "length" else i.source for i in items]
+    sources = np.array(keys, dtype=object)
     groups: dict[str, Any] = {}
-    for source in sorted(set(sources.tolist())) if len(set(sources.tolist())) > 1 else []:
+    order = [name for _, name in LENGTH_BUCKETS] if by == "length" else sorted(set(keys))
+    for source in [k for k in order if k in set(keys)] if len(set(keys)) > 1 else []:
         mask = sources == source
         groups[source or "(none)"] = {
             **_measures_json(measure(s[mask], y[mask], threshold)),
@@ -243,14 +257,15 @@ def report(
         "classifier": classifier,
         "threshold": threshold,
         "overall": {**_measures_json(measure(s, y, threshold)), "roc_auc": roc_auc(s, y)},
-        "by_source": groups,
+        "by": by,
+        "groups": groups,
         "sweep": [_measures_json(m) for m in sweep(s, y, threshold)],
     }
 
 
 def render_report(data: dict[str, Any]) -> str:
     header = [
-        "source",
+        data["by"],
         "rows",
         "positives",
         "negatives",
@@ -283,7 +298,7 @@ def render_report(data: dict[str, Any]) -> str:
         _row(header),
         _row(["---"] * len(header)),
         line("all", data["overall"]),
-        *(line(name, m) for name, m in data["by_source"].items()),
+        *(line(name, m) for name, m in data["groups"].items()),
         "",
         "threshold sweep (all sources)",
         "",
@@ -394,7 +409,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     except Exception as exc:
         print(f"checkstream: scoring failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
-    data = report(items, [r.score for r in results], args.classifier, threshold)
+    data = report(items, [r.score for r in results], args.classifier, threshold, args.by)
     if args.format == "json":
         sys.stdout.write(json.dumps(data, indent=2) + "\n")
     else:
@@ -451,4 +466,10 @@ def add_commands(commands: Any) -> None:
                 help="lines with 'text', 'label' (1/0) and optional 'source' ('-': stdin)",
             )
             parser.add_argument("--format", choices=["table", "json"], default="table")
+            parser.add_argument(
+                "--by",
+                choices=["source", "length"],
+                default="source",
+                help="group rows by 'source' or by length (<200, 200-999, 1000+ characters)",
+            )
         parser.set_defaults(handler=handler)

@@ -192,7 +192,7 @@ def test_eval_reports_overall_per_source_and_sweep(tmp_path: Path) -> None:
     assert overall["false_positive_rate"] == pytest.approx(0.25)
     # Scores are 0/1: AUC = P(pos > neg) + 0.5 P(tie) = (3*3 + 0.5*(3*1 + 1*3)) / 16.
     assert overall["roc_auc"] == pytest.approx((9 + 0.5 * 6) / 16)
-    chat, mail = data["by_source"]["chat"], data["by_source"]["mail"]
+    chat, mail = data["groups"]["chat"], data["groups"]["mail"]
     assert (chat["recall"], chat["false_positive_rate"]) == (0.5, 0.5)
     assert (mail["recall"], mail["false_positive_rate"], mail["precision"]) == (1.0, 0.0, 1.0)
     assert data["threshold"] == 0.5
@@ -208,6 +208,38 @@ def test_eval_reports_overall_per_source_and_sweep(tmp_path: Path) -> None:
     }
     assert rows["all"].split("|")[5:10] == [" 0.750 ", " 0.750 ", " 0.750 ", " 0.250 ", " 0.750 "]
     assert "0.5 (used)" in rows
+
+
+def test_eval_by_length_buckets_rows_by_characters(tmp_path: Path) -> None:
+    config = write_config(tmp_path, KEYWORDS)
+    rows = [
+        {"text": "acme", "label": 1},
+        {"text": "x" * 199, "label": 0},
+        {"text": "acme " + "y" * 300, "label": 1},
+        {"text": "z" * 1000, "label": 0},
+        {"text": "acme " + "z" * 1000, "label": 0},
+    ]
+    path = jsonl(tmp_path / "labelled.jsonl", rows)
+    result = run(
+        [
+            "eval",
+            "-c",
+            str(config),
+            "--classifier",
+            "banned",
+            "--by",
+            "length",
+            "--format",
+            "json",
+            str(path),
+        ]
+    )
+    assert result.returncode == 0, result.stderr
+    groups = json.loads(result.stdout)["groups"]
+    assert list(groups) == ["<200 chars", "200-999 chars", "1000+ chars"]
+    assert [g["rows"] for g in groups.values()] == [2, 1, 2]
+    assert groups["1000+ chars"]["false_positive_rate"] == 0.5
+    assert groups["<200 chars"]["recall"] == 1.0
 
 
 @pytest.mark.parametrize(
