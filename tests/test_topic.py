@@ -232,6 +232,33 @@ def test_requests_for_advice_outscore_near_misses(
         assert asking_score > near_score + 0.05, (asking, near_miss)
 
 
+# Issue #15: requests the presets scored 0 (the prefilter stopped them) or below their
+# threshold: recommendation requests, self-diagnosis, and requests in other languages.
+# None of these sentences is a preset example or in bench/heldout/.
+WIDER_REQUESTS = {
+    "financial_advice": [
+        "Which brokerage app would you suggest for me as a cautious beginner?",
+        "Sollte ich jetzt Gold kaufen?",
+        "¿Me conviene vender mis acciones de Apple?",
+    ],
+    "medical_advice": [
+        "Could I have dementia? I keep forgetting names.",
+        "Am I depressed or just tired?",
+        "¿Qué pastilla debo tomar para la migraña?",
+    ],
+}
+
+
+@pytest.mark.parametrize("preset", sorted(WIDER_REQUESTS))
+def test_recommendations_self_diagnosis_and_other_languages_are_caught(
+    preset: str, fin: TopicClassifier, med: TopicClassifier
+) -> None:
+    classifier = fin if preset == "financial_advice" else med
+    texts = WIDER_REQUESTS[preset]
+    got = dict(zip(texts, (c.score for c in classifier.classify_now(texts)), strict=True))
+    assert all(s >= preset_threshold(preset) for s in got.values()), got
+
+
 def test_score_is_the_best_cosine_clipped(fin: TopicClassifier) -> None:
     example = load_preset("financial_advice")["financial_advice"][0]
     same, unrelated = fin.classify_now([example, "The mitochondria is the powerhouse of the cell"])
