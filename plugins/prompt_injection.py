@@ -4,12 +4,12 @@
     # only for another model file
     classifiers:
       pi_retrained: {type: prompt_injection, model_path: ./retrained.onnx}
-    # policy file: 0.54 is the recommended threshold (about 5% of benign prompts flagged on
+    # policy file: 0.51 is the recommended threshold (about 5% of benign prompts flagged on
     # the model card's held-out set); block only at 0.9. Read the card's limits (role-play
     # and format instructions, long technical documents) first.
     policies:
       - name: prompt_injection
-        trigger: {classifier: prompt_injection, threshold: 0.54}
+        trigger: {classifier: prompt_injection, threshold: 0.51}
         action: log
 
 A linear model in one small ONNX file (``plugins/models/prompt_injection.onnx``, card in

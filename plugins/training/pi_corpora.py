@@ -374,8 +374,17 @@ def foreign_injections() -> list[str]:
     return out
 
 
+# Greetings and farewells with words the multilingual injections (now positives) open or
+# close with ("hello", "bye"): without these, "hello" alone scored 0.81. None is a line of
+# chitchat_heldout.txt, but they are near variants of its "hello" and "bye" (the card says so).
+GREETINGS = [
+    "hello there", "hello, how are you?", "oh hello", "hello, I have a question",
+    "bye for now", "ok bye", "bye, see you tomorrow", "thanks, bye",
+]  # fmt: skip
+
+
 def foreign_benign() -> list[str]:
-    return list(FOREIGN_BENIGN) + list(MORE_FORMATS)
+    return list(FOREIGN_BENIGN) + list(MORE_FORMATS) + list(GREETINGS)
 
 
 def debian_docs(held_out: bool) -> list[str]:

@@ -285,7 +285,7 @@ EXTRA_WEIGHTS = {
     "injected/train": 1.0,
     "multilingual/train": 1.0,
     "foreign-injections/train": 3.0,
-    "foreign-benign/train": 5.0,
+    "foreign-benign/train": 20.0,
     "debian-docs/train": 1.0,
 }
 #: Benign document windows never trained on: the threshold must keep their false-positive
