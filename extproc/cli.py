@@ -13,6 +13,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from extproc import cli_keys, cli_tenants, doctor, logs, starter
+from extproc.classifier_cli import add_commands as add_classifier_commands
 from extproc.cli_options import DEFAULT_CONFIG, add_config_option
 from extproc.config import AuditConfig, LoadedConfig, load_config
 from extproc.registry import PluginError
@@ -467,6 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--port", type=int, default=50061, metavar="N", help="port to bind (50061)"
     )
     classifiers_serve.set_defaults(handler=_cmd_classifiers_serve)
+    add_classifier_commands(classifiers_commands)
 
     envoy = commands.add_parser("envoy", help="Envoy configuration")
     envoy_commands = envoy.add_subparsers(dest="envoy_command", required=True, metavar="COMMAND")

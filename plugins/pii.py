@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import bisect
 import ipaddress
+import itertools
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Final
@@ -61,20 +62,30 @@ def luhn_valid(digits: str) -> bool:
     return total % 10 == 0
 
 
+#: Issuer prefix ranges (inclusive, compared on as many leading digits as the bounds have)
+#: and the lengths each issues; the first range a number falls in decides.
+_ISSUERS: Final[tuple[tuple[str, tuple[tuple[str, str], ...], frozenset[int]], ...]] = (
+    ("Visa", (("4", "4"),), frozenset({13, 16, 19})),
+    ("Mastercard", (("51", "55"), ("2221", "2720")), frozenset({16})),
+    ("American Express", (("34", "34"), ("37", "37")), frozenset({15})),
+    ("Mir", (("2200", "2204"),), frozenset(range(16, 20))),
+    ("JCB", (("3528", "3589"),), frozenset(range(16, 20))),
+    ("Diners Club", (("300", "305"), ("3095", "3095"), ("36", "36"), ("38", "39")),
+     frozenset(range(14, 20))),
+    ("Discover", (("6011", "6011"), ("644", "649"), ("65", "65")), frozenset(range(16, 20))),
+    ("UnionPay", (("62", "62"), ("8100", "8171")), frozenset(range(16, 20))),
+    # Maestro's ranges are wide (50, 56-69); RuPay's 60 and 508 fall inside them.
+    ("Maestro", (("50", "50"), ("56", "69")), frozenset(range(13, 20))),
+)  # fmt: skip
+
+
 def card_issuer_valid(digits: str) -> bool:
     """True if the digits start with a known issuer prefix and have that issuer's length."""
-    n = len(digits)
-    if n < 13 or not digits.isdigit():
+    if not 13 <= len(digits) <= 19 or not (digits.isascii() and digits.isdigit()):
         return False
-    if digits[0] == "4":  # Visa
-        return n in (13, 16, 19)
-    p2, p3, p4 = int(digits[:2]), int(digits[:3]), int(digits[:4])
-    if 51 <= p2 <= 55 or 2221 <= p4 <= 2720:  # Mastercard
-        return n == 16
-    if p2 in (34, 37):  # American Express
-        return n == 15
-    if p4 == 6011 or p2 == 65 or 644 <= p3 <= 649:  # Discover
-        return 16 <= n <= 19
+    for _, ranges, lengths in _ISSUERS:
+        if any(low <= digits[: len(low)] <= high for low, high in ranges):
+            return len(digits) in lengths
     return False
 
 
@@ -166,19 +177,60 @@ def _find_email(text: str) -> Iterator[tuple[int, int]]:
             yield start, m.end()
 
 
-# International: '+', then digits in groups separated by one space, dot or dash, optionally
-# one group in parentheses ("+44 (0)20 ..."). Possessive, so a long digit run is rejected
-# in one step instead of being re-split every way.
+# A phone number ends where no word character, and no '.'/'-' plus digit, follows it, unless
+# an extension written straight on follows ("2671x123").
+_PHONE_END: Final = r"(?:(?=x\d)|(?![\w]|[.-]\d))"
+# International: '+' (or the 00 international prefix), then digits in groups separated by
+# one space, dot or dash, optionally one group in parentheses ("+44 (0)20 ..."). Possessive,
+# so a long digit run is rejected in one step instead of being re-split every way.
 _PHONE_INTL: Final = re.compile(
-    r"\+(?<![\w+]\+)[1-9](?:[ .-]?(?:\(\d{1,4}\)|\d))*+(?![\w]|[.-]\d)", _A
+    rf"\+(?<![\w+]\+)[1-9](?:[ .-]?(?:\(\d{{1,4}}\)|\d))*+{_PHONE_END}", _A
 )
-# North American without the '+1': (415) 555-2671, 415-555-2671, 415.555.2671, 415 555 2671,
-# optionally led by "1-". The same separator must be used twice when there are no parentheses.
+# North American without the '+1': (415) 555-2671, (415)-555-2671, 415-555-2671,
+# 415.555.2671, 415 555 2671, optionally led by "1-". The same separator must be used twice
+# when there are no parentheses.
 _PHONE_NANP: Final = re.compile(
-    r"(?:1[-. ])?(?:\([2-9]\d\d\)[ ]?|[2-9]\d\d(?P<sep>[-. ]))"
-    r"[2-9]\d\d(?(sep)(?P=sep)|[-. ])\d{4}(?![\w]|[.-]\d)",
+    r"(?:1[-. ])?(?:\([2-9]\d\d\)[ -]?|[2-9]\d\d(?P<sep>[-. ]))"
+    rf"[2-9]\d\d(?(sep)(?P=sep)|[-. ])\d{{4}}{_PHONE_END}",
     _A,
 )
+# National formats of the largest locales, written with separators (a bare digit run is an
+# order number far more often than a phone). Each alternative is one locale's convention;
+# the digit count is checked after the match.
+_PHONE_NATIONAL: Final = re.compile(
+    "(?:"
+    # Trunk prefix 0 (UK, DE, IT, NL, JP, KR, AU, CN landlines, IN, ID, PH, NG, PK, ...):
+    # "020 7946 0958", "07700 900123", "030 12345678", "020-1234567", "03-1234-5678",
+    # "0412 345 678", "(020) 7946 0958", "(02) 9876 5432": at most three groups, one
+    # separator throughout, every group at least two digits. France: five pairs,
+    # "01 23 45 67 89", "06.12.34.56.78".
+    r"0[1-9](?P<f>[ .-])\d\d(?:(?P=f)\d\d){3}"
+    r"|0[1-9]\d{0,4}(?P<s>[ .-])\d{2,8}(?:(?P=s)\d{2,8})?"
+    r"|\(0[1-9]\d{0,4}\)[ ]?\d{2,8}(?:[ -]\d{2,8})?"
+    # Russia's trunk 8: "8 (495) 123-45-67", "8 912 345-67-89".
+    r"|8[ ]?(?:\(\d{3}\)|\d{3})[ ]?\d{3}[ -]\d\d[ -]\d\d"
+    # Mobiles without a trunk prefix: India "98765 43210"; China "138 0013 8000";
+    # Spain "612 34 56 78" / "91 123 45 67"; Italy "347 123 4567"; Mexico "55 1234 5678";
+    # Brazil "(11) 91234-5678".
+    r"|[6-9]\d{4}[ -]\d{5}"
+    r"|1[3-9]\d(?P<c>[ -])\d{4}(?P=c)\d{4}"
+    r"|[6-9]\d\d[ ]\d\d[ ]\d\d[ ]\d\d|9\d[ ]\d{3}[ ]\d\d[ ]\d\d"
+    r"|3\d\d(?P<i>[ .-])\d{3}(?P=i)\d{4}"
+    r"|[1-9]\d[ ]\d{4}[ ]\d{4}"
+    r"|\([1-9]\d\)[ ]?9?\d{4}-\d{4}"
+    f"){_PHONE_END}",
+    _A,
+)
+# An extension after a number: "x123", " ext. 12", ", extension 4567", " Durchwahl 12".
+_PHONE_EXTENSION: Final = re.compile(
+    r",?[ ]?(?:x|ext|extn|extension|durchwahl|poste|interno)\.?[ ]?#?\d{1,6}(?!\w)",
+    re.ASCII | re.IGNORECASE,
+)
+
+
+def _with_extension(text: str, start: int, end: int) -> tuple[int, int]:
+    m = _PHONE_EXTENSION.match(text, end)
+    return (start, m.end()) if m else (start, end)
 
 
 def _find_phone_intl(text: str) -> Iterator[tuple[int, int]]:
@@ -189,20 +241,69 @@ def _find_phone_intl(text: str) -> Iterator[tuple[int, int]]:
         at = [i for i, ch in enumerate(number) if ch.isdigit()]
         if number[1] != "1":
             if 8 <= len(at) <= 15:  # E.164 allows at most 15 digits
-                yield m.span()
+                yield _with_extension(text, *m.span())
             continue
         # Country code 1 is NANP: exactly ten more digits, so a group after them
         # ("+1 415 555 2671 24 hours") is cut off, unless it runs straight on.
         if len(at) < 11 or (len(at) > 11 and number[at[10] + 1] != " "):
             continue
         if number[at[1]] in "23456789" and number[at[4]] in "23456789":
-            yield m.start(), m.start() + at[10] + 1
+            yield _with_extension(text, m.start(), m.start() + at[10] + 1)
 
 
-def _find_phone_nanp(text: str, start: int, end: int) -> Iterator[tuple[int, int]]:
+def _find_phone_run(text: str, start: int, end: int) -> Iterator[tuple[int, int]]:
     for m in _PHONE_NANP.finditer(text, start, end):
         if _word_start(text, m.start()):
-            yield m.span()
+            yield _with_extension(text, *m.span())
+    for m in _PHONE_NATIONAL.finditer(text, start, end):
+        if _word_start(text, m.start()) and _national_number(text, m.group(), m.end()):
+            yield _with_extension(text, *m.span())
+
+
+_PHONE_CUE: Final = re.compile(
+    r"\b(?:tel|t[eé]l[eé]phone|phone|mobile|cell|portable|call|ring|reach|contact|fax|sms|"
+    r"whatsapp|telefon|handy|number|num[eé]ro|n[°o])\b",
+    re.IGNORECASE,
+)
+_PAIRS: Final = re.compile(r"0\d(?:([ .-])\d\d){4}", _A)
+_NANP_SHAPED: Final = re.compile(r"\(0\d\d\)[ ]?\d{3}-\d{4}", _A)
+
+
+def _national_number(text: str, number: str, end: int) -> bool:
+    """Rejects the national-format matches that are lists of numbers or US placeholders."""
+    count = sum(ch.isdigit() for ch in number)
+    start = end - len(number)
+    if not 9 <= count <= 12:
+        return False
+    # More groups run on either side ("04 15 23 42 08 16", "27 02 2017 13 28"): a list of
+    # numbers or a date, not one phone number.
+    if end + 1 < len(text) and text[end] in " .-" and text[end + 1].isdigit():
+        return False
+    if start >= 2 and text[start - 1] in " .-" and text[start - 2].isdigit():
+        return False
+    # Nine digits after a trunk 0 ("085 831 376") are as often a reference as a (Seoul,
+    # Italian) landline: only after a phone cue.
+    cued = _PHONE_CUE.search(text, max(0, start - 40), start) is not None
+    if count == 9 and number.lstrip("(").startswith("0") and not cued:
+        return False
+    pairs = _PAIRS.fullmatch(number)
+    # Trunk-0 numbers end in a group of three or more digits ("0871 2231 09" is a code).
+    if (
+        pairs is None
+        and number.startswith(("0", "(0"))
+        and len(re.split(r"[ .)-]", number)[-1]) < 3
+    ):
+        return False
+    if pairs is not None:
+        # French numbers are five pairs; five ascending pairs are lottery draws or a list.
+        # Example numbers ("06 12 34 56 78") ascend too, so those are kept after a phone cue.
+        values = [int(g) for g in re.split(r"[ .-]", number)]
+        ascending = all(a < b for a, b in itertools.pairwise(values))
+        if ascending and not cued:
+            return False
+    # (0xx) xxx-xxxx is the North American layout with an area code that cannot exist,
+    # the usual way to write a fictional number.
+    return _NANP_SHAPED.fullmatch(number) is None
 
 
 _CARD: Final = re.compile(r"\d(?<![\w.+-]\d)(?:[ -]?\d){12,18}(?![\w]|[.-]\d)", _A)
@@ -400,7 +501,7 @@ _RUN_FINDERS: Final[Mapping[str, tuple[int, RunFinder]]] = {
     "CREDIT_CARD": (13, _find_card),  # 13-digit Visa
     "US_SSN": (11, _find_ssn),
     "IP_ADDRESS": (7, _find_ipv4),
-    "PHONE": (12, _find_phone_nanp),  # 415-555-2671
+    "PHONE": (11, _find_phone_run),  # 02-123-4567
 }
 
 

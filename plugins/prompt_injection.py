@@ -1,32 +1,33 @@
-"""The built-in ``prompt_injection`` classifier: P(text is a prompt-injection attempt).
+"""The built-in ``prompt_injection`` classifier: P(text holds a prompt-injection attempt).
 
     # checkstream.yaml: usable by its type name with the shipped model; an entry is needed
     # only for another model file
     classifiers:
       pi_retrained: {type: prompt_injection, model_path: ./retrained.onnx}
-    # policy file: 0.49 is the recommended threshold; read the model card's limits (system
-    # prompts, role and format instructions, code, some short replies score high; non-English
-    # injections are mostly missed) before using block/stop.
+    # policy file: 0.51 is the recommended threshold (about 5% of benign prompts flagged on
+    # the model card's held-out set); block only at 0.9. Read the card's limits (role-play
+    # and format instructions, long technical documents) first.
     policies:
       - name: prompt_injection
-        trigger: {classifier: prompt_injection, threshold: 0.49}
+        trigger: {classifier: prompt_injection, threshold: 0.51}
         action: log
 
 A linear model in one small ONNX file (``plugins/models/prompt_injection.onnx``, card in
-``plugins/models/PROMPT_INJECTION.md``, retrained by ``plugins/training/train_prompt_injection``).
-Trained on two prompt-injection datasets and on benign chit-chat written for the project
-(``plugins/training/data/``). Its logit is the sum of two parts:
+``plugins/models/PROMPT_INJECTION.md``, retrained by ``plugins/training/train_prompt_injection``)
+that scores windows of at most ``WINDOW`` WordPiece tokens; a text scores as its highest
+window, so one injected sentence inside a long document is not diluted, and the model only
+ever judges window-sized text, which is what it was trained on (benign documents and code
+cut into the same windows among them). A window's logit is the sum of two parts:
 
 * word 1-2-gram TF-IDF features, computed inside the ONNX graph from the text;
-* the mean over the text's WordPiece tokens of a learned per-token score. Those scores are a
-  logistic-regression head on all-MiniLM-L6-v2's *input* token-embedding table (no
+* the mean over the window's WordPiece tokens of a learned per-token score. Those scores are
+  a logistic-regression head on all-MiniLM-L6-v2's *input* token-embedding table (no
   transformer layers), so a token never seen in training still gets the score of the tokens
-  it resembles. This is what makes the model generalise to a second dataset far better than
-  TF-IDF alone, at a cost of microseconds instead of MiniLM's tens of milliseconds.
+  it resembles, at a cost of microseconds instead of MiniLM's tens of milliseconds.
 
 The text is normalised here, in Python, identically at training and serving (``normalise``),
 and tokenised with the MiniLM WordPiece tokenizer shipped in ``plugins/models/minilm/``.
-Scores carry no spans: the model judges a text as a whole.
+Scores carry no spans.
 """
 
 from __future__ import annotations
@@ -54,11 +55,21 @@ OUTPUT: Final = "p_injection"  # float32 [batch]
 #: ONNX metadata key holding the threshold recommended by the model card.
 THRESHOLD_KEY: Final = "recommended_threshold"
 
-#: Only the first pieces count towards the mean: 512 covers ~2,000 characters of English,
-#: and bounds the per-text work whatever a client sends. The TF-IDF part sees the whole text.
-MAX_PIECES: Final = 512
-#: Characters handed to the tokenizer: it tokenises everything before truncating, so a huge
-#: text would otherwise cost time for pieces that are thrown away. 8 per piece is generous.
+#: Texts are scored in windows of at most this many WordPiece tokens (both the TF-IDF and
+#: the per-token part see only the window), and a text's score is its highest window's. A
+#: long document then cannot dilute one injected sentence, and the model only ever judges
+#: window-sized texts, which is what it was trained on (long training documents are cut
+#: into the same windows by ``windows``).
+WINDOW: Final = 64
+#: Consecutive windows overlap by WINDOW - STRIDE pieces, so an instruction cut by one
+#: window boundary is whole in the next window.
+STRIDE: Final = 32
+#: Pieces of one text that are scored at most: the first and last halves of this many,
+#: which bounds the work per text (64 windows, ~25,000 characters of English) whatever a
+#: client sends. Beyond it the middle of a huge text is not read (see the model card).
+MAX_PIECES: Final = 6144
+#: Characters handed to the tokenizer: it tokenises everything it is given, so a huge text
+#: is cut first (8 characters per piece is generous) at its head and tail.
 MAX_PIECE_CHARS: Final = 8 * MAX_PIECES
 
 #: One intra-op thread, measured: at batch 1 two threads gain nothing (~170 µs either way
@@ -117,20 +128,47 @@ class WordPieces:
         self.pad_id = tokenizer.get_vocab_size()
         # The shipped tokenizer.json pads and truncates to 128 for MiniLM: replace both.
         tokenizer.no_padding()
-        tokenizer.enable_truncation(MAX_PIECES)
-        tokenizer.enable_padding(pad_id=self.pad_id, pad_token="[PAD]")
-        self.tokenizer = tokenizer
+        tokenizer.no_truncation()
+        self.splitter = tokenizer
+        padded = Tokenizer.from_str(tokenizer.to_str())
+        padded.enable_truncation(WINDOW)
+        padded.enable_padding(pad_id=self.pad_id, pad_token="[PAD]")
+        self.tokenizer = padded
 
     def ids(self, texts: Sequence[str]) -> npt.NDArray[np.int64]:
-        """[len(texts), longest] ids of already-normalised texts (at least one column, so an
-        all-empty batch still has a well-formed shape)."""
-        encodings = self.tokenizer.encode_batch(
-            [t[:MAX_PIECE_CHARS] for t in texts], add_special_tokens=False
-        )
+        """[len(texts), longest] ids of already-normalised windows (at most WINDOW each; at
+        least one column, so an all-empty batch still has a well-formed shape)."""
+        encodings = self.tokenizer.encode_batch(list(texts), add_special_tokens=False)
         ids = np.array([e.ids for e in encodings], dtype=np.int64).reshape(len(texts), -1)
         if ids.shape[1] == 0:
             return np.full((len(texts), 1), self.pad_id, dtype=np.int64)
         return ids
+
+    def windows(self, text: str) -> list[str]:
+        """The windows of one normalised text: the text itself if it has at most WINDOW
+        pieces, else overlapping slices of WINDOW pieces, each starting at a word."""
+        if len(text) > MAX_PIECE_CHARS:
+            half = MAX_PIECE_CHARS // 2
+            text = text[:half] + "\n" + text[-half:]
+        offsets = self.splitter.encode(text, add_special_tokens=False).offsets
+        n = len(offsets)
+        if n <= WINDOW:
+            return [text]
+        if n > MAX_PIECES:
+            half = MAX_PIECES // 2
+            offsets = offsets[:half] + offsets[-half:]
+            n = MAX_PIECES
+        starts = list(range(0, n - WINDOW + 1, STRIDE))
+        if starts[-1] + WINDOW < n:
+            starts.append(n - WINDOW)
+        out = []
+        for start in starts:
+            begin = offsets[start][0]
+            # Back to the start of the word, so no window begins inside one ("##ing").
+            while begin > 0 and not text[begin - 1].isspace():
+                begin -= 1
+            out.append(text[begin : offsets[start + WINDOW - 1][1]])
+        return out
 
 
 class PromptInjectionSettings(BaseModel):
@@ -169,24 +207,25 @@ class PromptInjectionClassifier:
         self.pieces = WordPieces(tokenizer_path)
 
     def scores(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
-        """The model's P(injection) per text, in order (blank texts included)."""
+        """The model's P(injection) per text, in order: its highest window's."""
         return self._run([normalise(t) for t in texts])
 
     def classify(self, texts: Sequence[str]) -> list[Classification]:
         normalised = [normalise(t) for t in texts]
         probabilities = self._run(normalised)
         # A blank text cannot carry an instruction, but the model would give it its
-        # intercept (0.14; 0.45 before the chit-chat data): score it 0. min/max guard the [0, 1]
-        # contract against float rounding at the sigmoid's ends.
+        # intercept: score it 0. min/max guard the [0, 1] contract against float rounding at
+        # the sigmoid's ends.
         return [
             Classification(min(1.0, max(0.0, float(p))) if text.strip() else 0.0)
             for text, p in zip(normalised, probabilities, strict=True)
         ]
 
-    def _run(self, normalised: list[str]) -> npt.NDArray[np.float32]:
+    def window_scores(self, normalised: list[str]) -> npt.NDArray[np.float32]:
+        """P(injection) of each already-normalised window, in one session call (per-call
+        overhead dominates for short texts)."""
         if not normalised:
             return np.zeros(0, dtype=np.float32)
-        # One session call for the whole batch: per-call overhead dominates for short texts.
         (probabilities,) = self.session.run(
             [OUTPUT],
             {
@@ -195,6 +234,17 @@ class PromptInjectionClassifier:
             },
         )
         return np.asarray(probabilities, dtype=np.float32).reshape(len(normalised))
+
+    def _run(self, normalised: list[str]) -> npt.NDArray[np.float32]:
+        windows = [self.pieces.windows(t) for t in normalised]
+        flat = [w for text_windows in windows for w in text_windows]
+        window_p = self.window_scores(flat)
+        out = np.zeros(len(normalised), dtype=np.float32)
+        at = 0
+        for i, text_windows in enumerate(windows):
+            out[i] = window_p[at : at + len(text_windows)].max()
+            at += len(text_windows)
+        return out
 
 
 def create(name: str, settings: Mapping[str, Any]) -> Classifier:

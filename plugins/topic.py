@@ -246,10 +246,14 @@ class TopicClassifier:
         name: str,
         labels: Mapping[str, Sequence[str]],
         prefilter: Prefilter | bool = True,
+        recommended_threshold: float | None = None,
     ) -> None:
         if not labels or not all(labels.values()):
             raise ValueError("a topic classifier needs at least one label with one example")
         self.name = name
+        #: A preset's measured threshold (``checkstream classifiers eval`` uses it); None
+        #: for example lists, which have no labelled set to measure one on.
+        self.recommended_threshold = recommended_threshold
         self.labels = {label: list(examples) for label, examples in labels.items()}
         examples = [e for label_examples in self.labels.values() for e in label_examples]
         minilm = shared_minilm()
@@ -345,7 +349,8 @@ class TopicClassifier:
 def create(name: str, settings: Mapping[str, Any]) -> TopicClassifier:
     """The ``topic`` factory: ``labels`` or ``preset`` (exactly one), and ``prefilter``."""
     parsed = TopicSettings.model_validate(dict(settings))
-    return TopicClassifier(name, parsed.resolved_labels(), parsed.resolved_prefilter())
+    threshold = preset_threshold(parsed.preset) if parsed.preset is not None else None
+    return TopicClassifier(name, parsed.resolved_labels(), parsed.resolved_prefilter(), threshold)
 
 
 @hookimpl

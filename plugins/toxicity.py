@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict
 
 from extproc.hookspecs import Classification, ClassifierFactory, hookimpl
 from plugins.embeddings import ModelFileError, load_session
+from plugins.profanity_masks import unmask
 
 TYPE_NAME: Final = "toxicity"
 MODEL: Final = Path(__file__).parent / "models" / "toxicity.onnx"
@@ -92,7 +93,9 @@ class ToxicityClassifier:
         # Lowercased here, not only in the graph: the graph's StringNormalizer lowercases
         # ASCII only, while the original model (scikit-learn) used str.lower(), so "JOSÉ"
         # would miss its vocabulary entry. With this, scores equal the original's (~1e-7).
-        feed = np.array([t.lower() for t in sentences], dtype=object).reshape(-1, 1)
+        # Masked profanity ("f**k", "f u c k") is written out first: the model's vocabulary
+        # has only the plain words (plugins/profanity_masks.py).
+        feed = np.array([unmask(t).lower() for t in sentences], dtype=object).reshape(-1, 1)
         (probabilities,) = self.session.run([OUTPUT], {INPUT: feed})
         per_sentence = np.clip(np.asarray(probabilities, dtype=np.float64)[:, 1], 0.0, 1.0)
         scores = [0.0] * len(texts)

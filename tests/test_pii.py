@@ -57,6 +57,29 @@ POSITIVES: list[tuple[str, list[tuple[str, str]]]] = [
     ("Ring +1 (415) 555-2671", [("PHONE", "+1 (415) 555-2671")]),
     ("Toll free 1-800-555-0199.", [("PHONE", "1-800-555-0199")]),
     ("Tel +44 (0)20 7946 0321", [("PHONE", "+44 (0)20 7946 0321")]),
+    ("Call (415)-555-0123 now", [("PHONE", "(415)-555-0123")]),
+    # extensions belong to the number
+    ("Ring (415) 555-2671 x123 now", [("PHONE", "(415) 555-2671 x123")]),
+    ("Ring 415-555-2671x88.", [("PHONE", "415-555-2671x88")]),
+    ("Ring 212-555-0198 ext. 12 today", [("PHONE", "212-555-0198 ext. 12")]),
+    ("Ring +44 20 7946 0958, extension 331", [("PHONE", "+44 20 7946 0958, extension 331")]),
+    # national formats without '+'
+    ("London 020 7946 0958 or", [("PHONE", "020 7946 0958")]),
+    ("Mobile 07700 900123.", [("PHONE", "07700 900123")]),
+    ("Büro (030) 1234567", [("PHONE", "(030) 1234567")]),
+    ("Handy 0151 23456789", [("PHONE", "0151 23456789")]),
+    ("Appelez le 01 42 68 53 00.", [("PHONE", "01 42 68 53 00")]),
+    ("Portable 06.12.34.56.78", [("PHONE", "06.12.34.56.78")]),
+    ("Tokyo 03-1234-5678", [("PHONE", "03-1234-5678")]),
+    ("Seoul 010-1234-5678", [("PHONE", "010-1234-5678")]),
+    ("Sydney (02) 9876 5432", [("PHONE", "(02) 9876 5432")]),
+    ("Mumbai 98765 43210", [("PHONE", "98765 43210")]),
+    ("Beijing 138 0013 8000", [("PHONE", "138 0013 8000")]),
+    ("Madrid 612 34 56 78", [("PHONE", "612 34 56 78")]),
+    ("Roma 347 123 4567", [("PHONE", "347 123 4567")]),
+    ("CDMX 55 1234 5678", [("PHONE", "55 1234 5678")]),
+    ("São Paulo (11) 91234-5678", [("PHONE", "(11) 91234-5678")]),
+    ("Moskva 8 (495) 123-45-67", [("PHONE", "8 (495) 123-45-67")]),
     # CREDIT_CARD
     ("Card 4111 1111 1111 1111 exp 12/29", [("CREDIT_CARD", "4111 1111 1111 1111")]),
     ("Card 5555-5555-5555-4444.", [("CREDIT_CARD", "5555-5555-5555-4444")]),
@@ -66,6 +89,11 @@ POSITIVES: list[tuple[str, list[tuple[str, str]]]] = [
     ("Discover 6011 1111 1111 1117", [("CREDIT_CARD", "6011 1111 1111 1117")]),
     ("Discover 6445644564456445", [("CREDIT_CARD", "6445644564456445")]),
     ("Visa13 4222222222222", [("CREDIT_CARD", "4222222222222")]),
+    ("JCB 3530 1113 3330 0000", [("CREDIT_CARD", "3530 1113 3330 0000")]),
+    ("Diners 3056 930902 5904", [("CREDIT_CARD", "3056 930902 5904")]),
+    ("Maestro 6759-6498-2643-8453", [("CREDIT_CARD", "6759-6498-2643-8453")]),
+    ("Maestro 6799 9901 0000 0000 019", [("CREDIT_CARD", "6799 9901 0000 0000 019")]),
+    ("UnionPay 6212345678901265", [("CREDIT_CARD", "6212345678901265")]),
     ("Card 4111 1111 1111 1111 2029", [("CREDIT_CARD", "4111 1111 1111 1111")]),
     # IBAN
     ("Pay GB82 WEST 1234 5698 7654 32.", [("IBAN", "GB82 WEST 1234 5698 7654 32")]),
@@ -148,6 +176,9 @@ NEGATIVES = [
     "Placeholder 123-456-7890 and (015) 555-0132",
     "Mixed 415-555.2671",
     "Short +1 555 0100, math 2+2=4, temperature +25.5",
+    "Lottery numbers 04 12 23 35 41 and 04 15 23 42 08 16",
+    "Dates 01.02.2024 and 01-02-2024 10:30, scores 0 1 2 3 4",
+    "Order 0049-22871-3 and membership 00123 45678",
     # IBAN
     "Bad check digits GB83 WEST 1234 5698 7654 32",
     "Unknown country XY12 3456 7890 1234 5678",
@@ -251,7 +282,18 @@ def test_luhn_rejects_invalid_or_non_digit_input(number: str) -> None:
         ("6500000000000002", True),  # Discover 65
         ("6445644564456445", True),  # Discover 644-649
         ("6431111111111111", False),  # 643 is not Discover
-        ("3566002020360505", False),  # JCB: not a known issuer here
+        ("3566002020360505", True),  # JCB
+        ("3530111333300000", True),  # JCB 3530
+        ("3590111333300007", False),  # Luhn-valid, just past JCB's 3528-3589, not another issuer
+        ("30569309025904", True),  # Diners Club 305, 14 digits
+        ("38520000023237", True),  # Diners Club 38
+        ("36227206271667", True),  # Diners Club 36
+        ("6759649826438453", True),  # Maestro 6759
+        ("6799990100000000019", True),  # Maestro, 19 digits
+        ("5018000000000009", True),  # Maestro 5018
+        ("6212345678901265", True),  # UnionPay 62
+        ("2200000000000004", True),  # Mir
+        ("36227206271668", False),  # Diners shape, Luhn fails
         ("1234567890123452", False),  # Luhn-valid, no issuer
     ],
 )
