@@ -28,6 +28,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
 # The format generate_latest writes; CONTENT_TYPE_LATEST names other formats in newer
@@ -108,3 +109,13 @@ def render_metrics(multiproc_dir: Path | None) -> tuple[bytes, str]:
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=str(multiproc_dir))  # type: ignore[no-untyped-call]
     return generate_latest(registry), TEXT_CONTENT_TYPE
+
+
+def metric_families(multiproc_dir: Path | None) -> list[Metric]:
+    """The families ``render_metrics`` would expose, as objects (the operator console reads
+    them without formatting and parsing the text)."""
+    if multiproc_dir is None:
+        return list(REGISTRY.collect())
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(multiproc_dir))  # type: ignore[no-untyped-call]
+    return list(registry.collect())
