@@ -15,15 +15,17 @@ from extproc.console.collector import Collector
 from extproc.console.source import ConsoleSource
 from extproc.console.views import PREFIX, Console, Handler, SignedIn, same_origin, see_other
 
-__all__ = ["ROUTE_PREFIX", "ConsoleSource", "add_console"]
+__all__ = ["CONSOLE_KEY", "ROUTE_PREFIX", "ConsoleSource", "add_console"]
 
 #: Route names start with this; the admin guard leaves their access to the console.
 ROUTE_PREFIX: Final = "console."
+CONSOLE_KEY: web.AppKey[Console] = web.AppKey("console")
 
 
 def add_console(app: web.Application, source: ConsoleSource, token: str | None) -> None:
     collector = Collector(source)
     console = Console(source, token, collector)
+    app[CONSOLE_KEY] = console
 
     def enabled(handler: Handler) -> Handler:
         async def guarded(request: web.Request) -> web.StreamResponse:
