@@ -14,10 +14,9 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.metrics_core import Metric
-
-from aiohttp import web
 
 from extproc.admin import build_admin_app
 from extproc.audit import AuditLog, resolve_audit_dirs
@@ -364,9 +363,11 @@ async def test_sign_out_ends_the_session(
     assert status == 303
     # The old cookie, replayed, is dead on the server too.
     replay = {"Cookie": f"{SESSION_COOKIE}={session}"}
-    async with aiohttp.ClientSession() as other:
-        async with other.get(console.url + "/ui/", headers=replay, allow_redirects=False) as r:
-            assert r.status == 303
+    async with (
+        aiohttp.ClientSession() as other,
+        other.get(console.url + "/ui/", headers=replay, allow_redirects=False) as r,
+    ):
+        assert r.status == 303
 
 
 async def test_the_overview_lists_all_1000_tenants(
@@ -386,7 +387,8 @@ async def test_the_overview_lists_all_1000_tenants(
 
 
 def _record(tenant: str, model: str, tokens: tuple[int, int], cost: float, at: float) -> Any:
-    return UsageRecord(at, f"r-{tenant}-{at}-{model}", tenant, model, *tokens, False, 200, 5.0, cost)
+    request_id = f"r-{tenant}-{at}-{model}"
+    return UsageRecord(at, request_id, tenant, model, *tokens, False, 200, 5.0, cost)
 
 
 async def test_the_overview_shows_traffic_health_spend_headroom_and_triggers(
