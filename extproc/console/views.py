@@ -60,7 +60,9 @@ _SECURITY_HEADERS: Final = {
     "Content-Security-Policy": _CSP,
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
-    "Referrer-Policy": "no-referrer",
+    # Not no-referrer: with it browsers send "Origin: null" on form posts, which same_origin
+    # must refuse.
+    "Referrer-Policy": "same-origin",
     "Cache-Control": "no-store",
 }
 _STATIC_TYPES: Final = {".css": "text/css", ".js": "text/javascript"}
