@@ -34,7 +34,7 @@ from extproc.limits import (
     to_nano,
 )
 from extproc.metering import estimate_tokens
-from extproc.metrics import EXTPROC_ERRORS, LATENCY, REQUESTS, TOKENS, model_label
+from extproc.metrics import EXTPROC_ERRORS, LATENCY, REQUESTS, SPEND, TOKENS, model_label
 from extproc.suspensions import SharedSuspensions, shared_suspensions
 from extproc.usage import Pricing, UsageLedger, UsageRecord, period_of, resolve_usage_path
 
@@ -207,6 +207,7 @@ class Accounts:
         label = model_label(tally.model, models)
         TOKENS.labels(tenant, label, "input").inc(tokens_in)
         TOKENS.labels(tenant, label, "output").inc(tokens_out)
+        SPEND.labels(tenant, label).inc(cost)
         # One line per request; no prompt, answer or key ever goes here.
         log.info(
             json.dumps(

@@ -69,6 +69,11 @@ TOKENS = Counter(
     "Tokens seen, by tenant, model (unknown models as 'other') and direction (input, output).",
     ["tenant", "model", "direction"],
 )
+SPEND = Counter(
+    "checkstream_spend_usd_total",
+    "Cost of the tokens in USD from the price table, by tenant and model (as for tokens).",
+    ["tenant", "model"],
+)
 CLASSIFIER_LATENCY = Histogram(
     "checkstream_classifier_latency_ms",
     "Classifier run time in milliseconds, by classifier.",
