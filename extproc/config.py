@@ -54,6 +54,9 @@ class ServerConfig(Strict):
     # /metrics and /readyz through the listener too (always on admin_port). Metrics name every
     # tenant and its volumes: turn this off where tenants can reach the listener.
     metrics_on_listener: bool = True
+    # The operator console (/ui/) through the listener too (always on admin_port). Off: the
+    # listener is where tenants are; the console belongs on the private admin port.
+    console_on_listener: bool = False
 
 
 class ResolutionStep(Strict):

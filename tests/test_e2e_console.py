@@ -223,3 +223,23 @@ def test_the_console_is_not_on_the_public_listener(gateway: tuple[Gateway, str])
     gw, _ = gateway
     reply = request(gw.url + "/ui/sign-in", headers={"X-Tenant-ID": "hooli"})
     assert b"Operator console" not in reply.body
+
+
+def test_the_operator_can_put_the_console_on_the_listener(
+    tmp_path: Path, browser: WebDriver
+) -> None:
+    demo = DemoUpstreamThread().start(chunk_delay_ms=1)
+    config = console_config(tmp_path, demo.port)
+    data = yaml.safe_load(config.read_text())
+    data["server"]["console_on_listener"] = True
+    config.write_text(yaml.safe_dump(data, sort_keys=False))
+    gw = start_gateway(config, gateway_env())
+    try:
+        console = gw.url + "/ui/"
+        sign_in(browser, console)
+        assert browser.current_url == console
+        assert "acme-corp" in listed_tenants(browser)
+        assert chat(gw, "hooli").status == 200  # traffic still flows beside it
+    finally:
+        gw.stop()
+        demo.stop()
