@@ -95,11 +95,16 @@ def _percent(value: float | None) -> str:
 def _ms(value: float | None) -> str:
     if value is None:
         return "—"
-    return f"{value / 1000:.1f} s" if value >= 1000 else f"{value:.0f} ms"
+    if value >= 1000:
+        return f"{value / 1000:.1f} s"
+    return f"{value:.1f} ms" if value < 10 else f"{value:.0f} ms"
 
 
 def _usd(value: float | None) -> str:
-    return "—" if value is None else f"${value:,.2f}"
+    if value is None:
+        return "—"
+    # A cent hides a busy day of a cheap model: small amounts keep four decimals.
+    return f"${value:.4f}" if 0 < value < 0.01 else f"${value:,.2f}"
 
 
 def _environment() -> jinja2.Environment:
