@@ -75,7 +75,7 @@ def main() -> None:
             for prompt in ("about falcon", "falcon again", "pelican sighting"):
                 body = {**chat, "messages": [{"role": "user", "content": prompt}]}
                 request(gw.url + "/v1/chat/completions", body, {"X-Tenant-ID": "acme-corp"})
-            time.sleep(11)  # the console's next refresh sees the traffic
+            time.sleep(62)  # the console's ledger totals refresh once a minute
             admin = f"http://127.0.0.1:{data['server']['admin_port']}/ui/"
             with tempfile.TemporaryDirectory(prefix="chromium-") as profile:
                 browser = chromium(Path(profile))

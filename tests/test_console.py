@@ -439,7 +439,7 @@ async def test_the_overview_shows_traffic_health_spend_headroom_and_triggers(
     assert rows["acme-corp"]["triggers"] == "2"
     assert rows["globex"]["triggers"] == "—"  # no audit trail
     assert rows["frozen"]["status"] == "suspended (config)"
-    assert "requests" in rows["globex"]["headroom"]  # read from the limiter: 120 rpm
+    assert rows["globex"]["headroom"] == "100% requests/min"  # the limiter's: nothing taken
     assert "5 healthy" not in body and "1 critical" in body
 
     _, page, _ = await console.get("/ui/tenants/acme-corp")

@@ -221,3 +221,28 @@ def test_the_digest_reads_every_replicas_day_files_and_keeps_a_bounded_list(
     digest.refresh({"acme": (trail, AuditConfig())}, now.timestamp())
     assert digest.count_24h("acme", now.timestamp()) == 2 * KEPT
     assert len(digest.recent("acme")) == KEPT
+
+
+def test_counted_headroom_takes_the_tightest_of_the_last_minute() -> None:
+    from extproc.config import RateLimitConfig
+    from extproc.console.collector import counted_headroom
+
+    metrics = Metrics()
+    window = TrafficWindow()
+    window.add(metrics.sample(0))  # type: ignore[arg-type]
+    metrics.requests.labels("t", "200").inc(30)
+    metrics.tokens.labels("t", "gpt-4o", "output").inc(9000)
+    window.add(metrics.sample(60))  # type: ignore[arg-type]
+    stats = window.stats()["t"]
+    limits = RateLimitConfig(requests_per_minute=100, tokens_per_minute=10000)
+    headroom = counted_headroom(limits, stats)
+    assert headroom is not None
+    assert (headroom.limit_name, headroom.remaining, headroom.exact) == (
+        "tokens_per_minute",
+        1000,
+        False,
+    )
+    assert headroom.share == pytest.approx(0.1)
+    assert counted_headroom(RateLimitConfig(), stats) is None  # no limit, no headroom
+    idle = counted_headroom(RateLimitConfig(requests_per_minute=100), None)
+    assert idle is not None and idle.share == 1.0

@@ -27,7 +27,7 @@ from extproc.console.fleet_traffic import FleetTraffic
 from extproc.console.source import ConsoleSource
 from extproc.console.traffic import TrafficWindow, WindowStats, sample_from
 from extproc.console.usage_source import usage_source
-from extproc.limits import Limiter, LimiterUnavailable, RedisLimiter
+from extproc.limits import REQUESTS, TOKENS, Limiter, LimiterUnavailable, RedisLimiter
 from extproc.replica import replica_name
 from extproc.suspensions import SharedSuspensions, kept_in_redis
 from extproc.usage import UsageError, period_of
@@ -35,13 +35,16 @@ from extproc.usage import UsageError, period_of
 log = logging.getLogger("checkstream.console")
 
 REFRESH_S: Final = 10.0
+# The ledger's all-tenant totals scan the month's rows (about 2 s for a million rows in
+# SQLite), and spend moves slowly: once a minute is enough.
+USAGE_EVERY_S: Final = 60.0
 
 
 @dataclass(frozen=True)
 class Headroom:
     """What is left of a tenant's tightest rate limit."""
 
-    limit_name: str  # requests, tokens or concurrency
+    limit_name: str  # the rate_limit key: requests_per_minute, tokens_per_minute, ...
     limit: int
     remaining: float
     exact: bool  # from the limiter itself, not counted from this gateway's metrics
@@ -76,10 +79,10 @@ def counted_headroom(limits: RateLimitConfig, stats: WindowStats | None) -> Head
     options = []
     if limits.requests_per_minute:
         left = max(0.0, limits.requests_per_minute - used_requests)
-        options.append(Headroom("requests", limits.requests_per_minute, left, False))
+        options.append(Headroom(REQUESTS, limits.requests_per_minute, left, False))
     if limits.tokens_per_minute:
         left = max(0.0, limits.tokens_per_minute - used_tokens)
-        options.append(Headroom("tokens", limits.tokens_per_minute, left, False))
+        options.append(Headroom(TOKENS, limits.tokens_per_minute, left, False))
     return min(options, key=lambda h: h.share) if options else None
 
 
@@ -95,6 +98,7 @@ class Collector:
     _suspensions: SharedSuspensions | None = None
     _redis_url: str | None = None
     _first: asyncio.Event = field(default_factory=asyncio.Event)
+    _usage: tuple[float, dict[str, float], dict[str, int]] | None = None
 
     async def run(self) -> None:
         """Refresh until cancelled."""
@@ -148,7 +152,7 @@ class Collector:
                 traffic, replicas = await self._fleet.exchange(traffic, now)
             except FLEET_ERRORS as exc:
                 problems.append(f"fleet traffic from Redis unavailable ({exc}): this replica only")
-        spend, tokens = await self._usage(loaded, now, problems)
+        spend, tokens = await self._usage_totals(loaded, now, problems)
         dirs = resolve_audit_dirs(loaded)
         counts, recent = await asyncio.to_thread(self._audit, dirs, now)
         headroom = await self._headroom(loaded, traffic, problems)
@@ -156,12 +160,30 @@ class Collector:
             now, traffic, replicas, spend, tokens, counts, recent, headroom, tuple(problems)
         )
 
-    async def _usage(
+    async def _usage_totals(
         self, loaded: LoadedConfig, now: float, problems: list[str]
     ) -> tuple[dict[str, float], dict[str, int]]:
+        """Spend this month and tokens today per tenant, re-read every USAGE_EVERY_S (and
+        at a new UTC day)."""
+        cached = self._usage
+        if (
+            cached is not None
+            and now - cached[0] < USAGE_EVERY_S
+            and period_of(cached[0]) == period_of(now)
+            and int(cached[0] // 86400) == int(now // 86400)
+        ):
+            return cached[1], cached[2]
+        spend, tokens, ok = await self._read_usage(loaded, now, problems)
+        if ok:
+            self._usage = (now, spend, tokens)
+        return spend, tokens
+
+    async def _read_usage(
+        self, loaded: LoadedConfig, now: float, problems: list[str]
+    ) -> tuple[dict[str, float], dict[str, int], bool]:
         source = usage_source(loaded)
         if source is None:
-            return {}, {}
+            return {}, {}, True
         today = datetime.fromtimestamp(now, UTC).date()
         try:
             month = await asyncio.to_thread(
@@ -170,11 +192,11 @@ class Collector:
             days = await asyncio.to_thread(source.days, today, tenant=None)
         except UsageError as exc:
             problems.append(f"usage ledger: {exc}")
-            return {}, {}
+            return {}, {}, False
         tokens: dict[str, int] = {}
         for row in days:
             tokens[row.tenant] = tokens.get(row.tenant, 0) + row.input_tokens + row.output_tokens
-        return {row.tenant: row.cost_usd for row in month}, tokens
+        return {row.tenant: row.cost_usd for row in month}, tokens, True
 
     def _audit(
         self, dirs: Mapping[str, tuple[Path, AuditConfig]], now: float

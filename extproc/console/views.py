@@ -107,6 +107,17 @@ def _usd(value: float | None) -> str:
     return f"${value:.4f}" if 0 < value < 0.01 else f"${value:,.2f}"
 
 
+_LIMIT_NAMES: Final = {
+    "requests_per_minute": "requests/min",
+    "tokens_per_minute": "tokens/min",
+    "max_concurrent_requests": "concurrent",
+}
+
+
+def _limit(name: str) -> str:
+    return _LIMIT_NAMES.get(name, name)
+
+
 def _environment() -> jinja2.Environment:
     env = jinja2.Environment(
         loader=jinja2.PackageLoader("extproc.console", "templates"),
@@ -115,7 +126,9 @@ def _environment() -> jinja2.Environment:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.filters.update(number=_number, percent=_percent, ms=_ms, usd=_usd, compact=compact)
+    env.filters.update(
+        number=_number, percent=_percent, ms=_ms, usd=_usd, compact=compact, limit=_limit
+    )
     return env
 
 
