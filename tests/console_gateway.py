@@ -5,6 +5,11 @@ rules, budgeted and rate-limited, managed auth with a secret, suspended by the c
 
 from __future__ import annotations
 
+import http.cookiejar
+import re
+import urllib.error
+import urllib.parse
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -69,3 +74,33 @@ def console_config(directory: Path, demo_port: int, extra_tenants: int = 0) -> P
 
 def gateway_env() -> dict[str, str]:
     return {"CHECKSTREAM_ADMIN_TOKEN": ADMIN_TOKEN, "CONSOLE_TEST_UPSTREAM_KEY": UPSTREAM_SECRET}
+
+
+class Operator:
+    """A signed-in console user (urllib with a cookie jar: the browser tests cover the UI)."""
+
+    def __init__(self, console: str) -> None:
+        self.console = console
+        jar = http.cookiejar.CookieJar()
+        self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+        self.csrf = self._form_token(self.get("sign-in"))
+        self.post("sign-in", {"token": ADMIN_TOKEN})
+        self.csrf = self._form_token(self.get(""))
+
+    @staticmethod
+    def _form_token(page: str) -> str:
+        found = re.search(r'name="csrf" value="([^"]+)"', page)
+        assert found is not None, page[:300]
+        return found.group(1)
+
+    def get(self, path: str) -> str:
+        with self.opener.open(self.console + path, timeout=20) as response:
+            return str(response.read().decode())
+
+    def post(self, path: str, fields: dict[str, str]) -> int:
+        data = urllib.parse.urlencode({"csrf": self.csrf, **fields}).encode()
+        try:
+            with self.opener.open(self.console + path, data, timeout=20) as response:
+                return int(response.status)
+        except urllib.error.HTTPError as exc:
+            return exc.code

@@ -4,7 +4,10 @@ upstream) started as ``checkstream run``. Traffic goes through Envoy's listener.
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import urllib.parse
 from collections.abc import Iterator
@@ -13,8 +16,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.console_gateway import ADMIN_TOKEN, UPSTREAM_SECRET, console_config, gateway_env
+from tests.console_gateway import (
+    ADMIN_TOKEN,
+    UPSTREAM_SECRET,
+    Operator,
+    console_config,
+    gateway_env,
+)
 from tests.support import DemoUpstreamThread, Gateway, Reply, request, start_gateway, wait_until
+from tests.test_console import _rows
 
 pytestmark = pytest.mark.e2e
 
@@ -243,3 +253,39 @@ def test_the_operator_can_put_the_console_on_the_listener(
     finally:
         gw.stop()
         demo.stop()
+
+
+def test_the_sidecar_worker_serves_the_console_too(tmp_path: Path) -> None:
+    """``checkstream serve --admin`` (Kubernetes: no launcher) has the same console; its
+    headroom comes from the worker's own limiter, exact."""
+    demo = DemoUpstreamThread().start(chunk_delay_ms=1)
+    config = console_config(tmp_path, demo.port)
+    server = yaml.safe_load(config.read_text())["server"]
+    log_path = tmp_path / "serve.log"
+    log = log_path.open("wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "extproc", "serve", "--admin", "-c", str(config)],
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **gateway_env()},
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        console = f"http://127.0.0.1:{server['admin_port']}/ui/"
+        assert wait_until(lambda: _answers(console + "sign-in"), timeout=30), log_path.read_text()
+        operator = Operator(console)
+        rows = _rows(operator.get(""))
+        assert sorted(rows) == sorted(yaml.safe_load(config.read_text())["tenants"]["configs"])
+        assert rows["globex"]["headroom"] == "100% requests/min"  # no "*": the limiter's
+        assert operator.post("tenants/hooli/suspend", {}) == 200
+        assert _rows(operator.get(""))["hooli"]["status"] == "suspended (admin)"
+    finally:
+        process.terminate()
+        process.wait(30)
+        log.close()
+        demo.stop()
+
+
+def _answers(url: str) -> bool:
+    try:
+        return request(url).status == 200
+    except OSError:  # not listening yet
+        return False

@@ -3,12 +3,7 @@ extproc each) on one real redis-server, the demo upstream, traffic through both 
 
 from __future__ import annotations
 
-import http.cookiejar
-import re
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.console_gateway import ADMIN_TOKEN, console_config, gateway_env
+from tests.console_gateway import Operator, console_config, gateway_env
 from tests.redis_server import RedisServer, redis_server
 from tests.support import DemoUpstreamThread, Gateway, Reply, request, start_gateway, wait_until
 from tests.test_console import _rows
@@ -34,36 +29,6 @@ class Replica:
     def chat(self, tenant: str) -> Reply:
         body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello"}]}
         return request(self.gateway.url + "/v1/chat/completions", body, {"X-Tenant-ID": tenant})
-
-
-class Operator:
-    """A signed-in console user (urllib with a cookie jar: the browser tests cover the UI)."""
-
-    def __init__(self, console: str) -> None:
-        self.console = console
-        jar = http.cookiejar.CookieJar()
-        self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
-        self.csrf = self._form_token(self.get("sign-in"))
-        self.post("sign-in", {"token": ADMIN_TOKEN})
-        self.csrf = self._form_token(self.get(""))
-
-    @staticmethod
-    def _form_token(page: str) -> str:
-        found = re.search(r'name="csrf" value="([^"]+)"', page)
-        assert found is not None, page[:300]
-        return found.group(1)
-
-    def get(self, path: str) -> str:
-        with self.opener.open(self.console + path, timeout=20) as response:
-            return str(response.read().decode())
-
-    def post(self, path: str, fields: dict[str, str]) -> int:
-        data = urllib.parse.urlencode({"csrf": self.csrf, **fields}).encode()
-        try:
-            with self.opener.open(self.console + path, data, timeout=20) as response:
-                return int(response.status)
-        except urllib.error.HTTPError as exc:
-            return exc.code
 
 
 def _replica(directory: Path, redis_url: str, demo: DemoUpstreamThread, name: str) -> Replica:
