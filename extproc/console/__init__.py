@@ -12,6 +12,7 @@ from typing import Final
 from aiohttp import web
 
 from extproc.console.collector import Collector
+from extproc.console.sessions import Session
 from extproc.console.source import ConsoleSource
 from extproc.console.views import PREFIX, Console, Handler, SignedIn, same_origin, see_other
 
@@ -69,8 +70,8 @@ def add_console(app: web.Application, source: ConsoleSource, token: str | None) 
         return see_other(PREFIX)
 
     def tenant_action(suspended: bool) -> SignedIn:
-        async def act(request: web.Request, session: object) -> web.StreamResponse:
-            return await console.set_suspended(request, session, suspended)  # type: ignore[arg-type]
+        async def act(request: web.Request, session: Session) -> web.StreamResponse:
+            return await console.set_suspended(request, session, suspended)
 
         return act
 

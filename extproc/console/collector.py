@@ -99,6 +99,7 @@ class Collector:
     _redis_url: str | None = None
     _first: asyncio.Event = field(default_factory=asyncio.Event)
     _usage: tuple[float, dict[str, float], dict[str, int]] | None = None
+    _closing: set[asyncio.Task[None]] = field(default_factory=set)
 
     async def run(self) -> None:
         """Refresh until cancelled."""
@@ -120,8 +121,10 @@ class Collector:
         url = loaded.model.limits.url if kept_in_redis(loaded) else None
         if url != self._redis_url:
             for client in (self._fleet, self._limiter, self._suspensions):
-                if client is not None:
-                    asyncio.get_running_loop().create_task(client.aclose())
+                if client is not None:  # closed in the background; kept until it is
+                    task = asyncio.get_running_loop().create_task(client.aclose())
+                    self._closing.add(task)
+                    task.add_done_callback(self._closing.discard)
             self._fleet = self._limiter = self._suspensions = None
             self._redis_url = url
             if url is not None:

@@ -88,9 +88,13 @@ def build_rows(
     admin_suspended: frozenset[str],
     data: Collected,
     versions: Mapping[str, str],
+    only: str | None = None,
 ) -> list[TenantRow]:
+    """Every tenant's row, or just ``only``'s."""
     rows = []
-    for tenant, config in loaded.model.tenants.configs.items():
+    configs = loaded.model.tenants.configs
+    chosen = configs.items() if only is None else [(only, configs[only])]
+    for tenant, config in chosen:
         stats = data.traffic.get(tenant)
         rows.append(
             TenantRow(

@@ -271,9 +271,7 @@ class Console:
         await self.collector.first(_FIRST_REFRESH_WAIT_S)
         admin, problems = await self._admin_suspensions()
         data = self.collector.latest
-        (row,) = build_rows(
-            _only(loaded, tenant), admin, data, {tenant: self.versions.of(loaded)[tenant]}
-        )
+        (row,) = build_rows(loaded, admin, data, self.versions.of(loaded), only=tenant)
         now = self.clock()
         period = period_of(now)
         by_day, by_model, usage_problem = await self._usage_charts(loaded, tenant, now)
@@ -439,14 +437,6 @@ def describe(tenant: str, config: TenantConfig) -> list[tuple[str, str]]:
         ("passthrough paths", ", ".join(config.passthrough_paths) or "none"),
     ]
     return items
-
-
-def _only(loaded: LoadedConfig, tenant: str) -> LoadedConfig:
-    """``loaded`` narrowed to one tenant, for building that tenant's row alone."""
-    tenants = loaded.model.tenants
-    narrowed = tenants.model_copy(update={"configs": {tenant: tenants.configs[tenant]}})
-    model = loaded.model.model_copy(update={"tenants": narrowed})
-    return LoadedConfig(loaded.path, model, loaded.doc, loaded.policies, {}, ())
 
 
 def _age(seconds: float) -> str:
