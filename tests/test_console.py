@@ -5,6 +5,7 @@ drive the real gateway."""
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -252,8 +253,12 @@ async def test_every_page_has_a_strict_csp(
 
 
 async def test_wrong_tokens_are_refused_then_throttled(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, start_console: Start
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    start_console: Start,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.INFO, "checkstream.console")
     console = await start_console(StandInGateway(_loaded(tmp_path, monkeypatch)))
     limit = SignInThrottle().per_client
     for _ in range(limit):
@@ -265,6 +270,10 @@ async def test_wrong_tokens_are_refused_then_throttled(
     assert response.status == 429
     assert 1 <= int(response.headers["Retry-After"]) <= 60
     assert SESSION_COOKIE not in response.cookies
+    # Logged, without the tokens tried.
+    assert caplog.text.count("console_sign_in_refused") == limit
+    assert "console_sign_in_throttled" in caplog.text
+    assert "not-the-token" not in caplog.text and ADMIN_TOKEN not in caplog.text
 
 
 def test_the_throttle_forgets_after_its_window() -> None:
