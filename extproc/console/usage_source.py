@@ -13,7 +13,7 @@ from datetime import date
 from typing import Protocol
 
 from extproc.config import LoadedConfig
-from extproc.usage import UsageError, UsageRow, report, resolve_usage_path
+from extproc.usage import UsageRow, report, resolve_usage_path
 from extproc.usage_days import DailyRow, daily_report
 
 
@@ -48,5 +48,3 @@ def usage_source(loaded: LoadedConfig) -> UsageSource | None:
         return None
     return SqliteUsageSource(loaded)
 
-
-__all__ = ["DailyRow", "SqliteUsageSource", "UsageError", "UsageSource", "usage_source"]
