@@ -420,6 +420,8 @@ async def test_the_overview_shows_traffic_health_spend_headroom_and_triggers(
     await audit.append("acme-corp", [trigger, {**trigger, "request_id": "req-2"}])
     await audit.aclose()
     console = await start_console(gateway)
+    collector = _collector(console)
+    await collector.first(10)  # the baseline sample, before the traffic below
     # Traffic: globex has 5xx answers and slow checks; acme-corp is fine.
     for _ in range(40):
         gateway.requests.labels("acme-corp", "200").inc()
@@ -432,7 +434,6 @@ async def test_the_overview_shows_traffic_health_spend_headroom_and_triggers(
         gateway.requests.labels("initech", "200").inc()
         gateway.latency.labels("initech", "ingress").observe(400.0)
     await console.sign_in()
-    collector = _collector(console)
     await collector.refresh()  # a second sample: the window now holds the traffic above
     _, body, _ = await console.get("/ui/")
     rows = _rows(body)

@@ -57,7 +57,7 @@ CHART_DAYS: Final = 30
 # Long enough for the first refresh on a big ledger, short enough that a page never hangs.
 _FIRST_REFRESH_WAIT_S: Final = 2.0
 _CSP: Final = (
-    "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; "
+    "default-src 'self'; object-src 'none'; base-uri 'none'; "
     "form-action 'self'; frame-ancestors 'none'"
 )
 _SECURITY_HEADERS: Final = {
