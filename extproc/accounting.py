@@ -44,7 +44,7 @@ from extproc.limits import (
     to_nano,
 )
 from extproc.metering import estimate_tokens
-from extproc.metrics import EXTPROC_ERRORS, LATENCY, REQUESTS, TOKENS, model_label
+from extproc.metrics import EXTPROC_ERRORS, LATENCY, REQUESTS, SPEND, TOKENS, model_label
 from extproc.replica import replica_name
 from extproc.request_id import request_id as choose_request_id
 from extproc.suspensions import SharedSuspensions, shared_suspensions
@@ -303,6 +303,7 @@ class Accounts:
         label = model_label(model, models)
         TOKENS.labels(tenant, label, "input").inc(tokens_in)
         TOKENS.labels(tenant, label, "output").inc(tokens_out)
+        SPEND.labels(tenant, label).inc(cost)
         # One line per request; no prompt, answer or key ever goes here.
         log.info(
             "request",

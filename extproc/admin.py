@@ -17,6 +17,9 @@ resolved). Every other ``/admin/*`` endpoint changes the gateway and needs the h
 - ``GET /admin/status``: ``{"status", "config_version", "replica", "workers"}``, what
   ``checkstream fleet status`` compares across replicas.
 
+The operator console (``/ui/``, ``console/``) is added when the backend can feed it; it
+signs operators in with the same token and checks its own sessions.
+
 Unknown paths answer 404 and wrong methods 405 before the token is looked at: the
 endpoint list is public, only acting on it is not. Every answer is JSON (except
 ``/metrics`` and the proxied tenant-info), and a failure inside the backend is logged and
@@ -35,6 +38,8 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from extproc import logs
+from extproc.console import ROUTE_PREFIX as CONSOLE_ROUTES
+from extproc.console import ConsoleSource, add_console
 from extproc.suspensions import SuspensionOutcome
 
 log = logs.get("checkstream.admin")
@@ -121,7 +126,9 @@ async def _guard(
         if "Allow" in routing_error.headers:
             response.headers["Allow"] = routing_error.headers["Allow"]
         return response
-    if request.match_info.route.name not in _OPEN_ROUTES:
+    name = request.match_info.route.name or ""
+    # The console checks its own sessions (and the token's presence) under /ui/.
+    if name not in _OPEN_ROUTES and not name.startswith(CONSOLE_ROUTES):
         token_digest = request.app[_TOKEN_DIGEST_KEY]
         if token_digest is None:
             return _error(403, f"admin endpoints are disabled: set {ADMIN_TOKEN_ENV}")
@@ -208,6 +215,8 @@ def build_admin_app(backend: AdminBackend, token: str | None) -> web.Application
     app.router.add_get("/admin/status", _status, name="status")
     app.router.add_post("/admin/tenants/{tenant}/suspend", _suspend, name="suspend")
     app.router.add_post("/admin/tenants/{tenant}/resume", _resume, name="resume")
+    if isinstance(backend, ConsoleSource):
+        add_console(app, backend, token)
     return app
 
 

@@ -69,6 +69,9 @@ class ServerConfig(Strict):
     # json: one JSON object per line for log shippers; text: for a person. Unset: text
     # when stdout is a terminal, json otherwise (logs.py).
     log_format: Literal["json", "text"] | None = None
+    # The operator console (/ui/) through the listener too (always on admin_port). Off: the
+    # listener is where tenants are; the console belongs on the private admin port.
+    console_on_listener: bool = False
 
 
 class ResolutionStep(Strict):

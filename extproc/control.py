@@ -16,11 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from prometheus_client.metrics_core import Metric
 
 from extproc import logs
 from extproc.admin import ReloadOutcome
 from extproc.config import LoadedConfig, load_config
-from extproc.metrics import render_metrics
+from extproc.limits import Limiter
+from extproc.metrics import metric_families, render_metrics
 from extproc.registry import PluginError
 from extproc.reloading import (
     CONTROL_FILE,
@@ -151,6 +153,19 @@ class GatewayControl:
         self, headers: Mapping[str, str], path_qs: str
     ) -> tuple[int, dict[str, str], bytes]:
         return await proxy_tenant_info(self.listener_url, headers, path_qs)
+
+    # -- console.ConsoleSource ---------------------------------------------------------------
+    def console_config(self) -> LoadedConfig:
+        return self.loaded
+
+    def local_suspensions(self) -> frozenset[str]:
+        return frozenset(self.suspensions)
+
+    def metric_families(self) -> list[Metric]:
+        return metric_families(self.metrics_dir)
+
+    def own_limiter(self) -> Limiter | None:
+        return None  # the workers hold it
 
     # -- workers ---------------------------------------------------------------------------
     def _refused(self, error: str) -> ReloadOutcome:

@@ -155,6 +155,10 @@ class Exchange:
             return immediate(404, b'{"error": "not served on this listener"}', details="no_route")
         if _for_admin_server(bare, headers.get(":method", "GET")):
             return TO_ADMIN
+        if runtime.config.model.server.console_on_listener and (
+            bare == "/ui" or bare.startswith("/ui/")
+        ):
+            return TO_ADMIN  # the operator console, when the operator put it here
         found = runtime.resolver.resolve(path, headers)
         if isinstance(found, Refused):
             return error_response(

@@ -35,6 +35,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.metrics_core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
 # The format generate_latest writes; CONTENT_TYPE_LATEST names other formats in newer
@@ -74,6 +75,11 @@ TOKENS = Counter(
     "checkstream_tokens_total",
     "Tokens seen, by tenant, model (unknown models as 'other') and direction (input, output).",
     ["tenant", "model", "direction"],
+)
+SPEND = Counter(
+    "checkstream_spend_usd_total",
+    "Cost of the tokens in USD from the price table, by tenant and model (as for tokens).",
+    ["tenant", "model"],
 )
 CLASSIFIER_LATENCY = Histogram(
     "checkstream_classifier_latency_ms",
@@ -129,3 +135,13 @@ def render_metrics(multiproc_dir: Path | None) -> tuple[bytes, str]:
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=str(multiproc_dir))  # type: ignore[no-untyped-call]
     return generate_latest(registry), TEXT_CONTENT_TYPE
+
+
+def metric_families(multiproc_dir: Path | None) -> list[Metric]:
+    """The families ``render_metrics`` would expose, as objects (the operator console reads
+    them without formatting and parsing the text)."""
+    if multiproc_dir is None:
+        return list(REGISTRY.collect())
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(multiproc_dir))  # type: ignore[no-untyped-call]
+    return list(registry.collect())

@@ -15,10 +15,14 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from prometheus_client.metrics_core import Metric
+
 from extproc import logs
 from extproc.admin import ReloadOutcome
+from extproc.config import LoadedConfig
 from extproc.control import listener_url, proxy_tenant_info
-from extproc.metrics import render_metrics
+from extproc.limits import Limiter
+from extproc.metrics import metric_families, render_metrics
 from extproc.replica import replica_name
 from extproc.server import Worker
 from extproc.suspensions import SuspensionOutcome, SuspensionStoreUnavailable, record_suspension
@@ -75,6 +79,19 @@ class WorkerAdmin:
                 {"port": self.worker.port, "alive": True, "config_version": runtime.version}
             ],
         }
+
+    # -- console.ConsoleSource ---------------------------------------------------------------
+    def console_config(self) -> LoadedConfig:
+        return self.worker.processor.runtime.config
+
+    def local_suspensions(self) -> frozenset[str]:
+        return frozenset(self.worker.processor.runtime.accounts.suspensions)
+
+    def metric_families(self) -> list[Metric]:
+        return metric_families(None)
+
+    def own_limiter(self) -> Limiter | None:
+        return self.worker.processor.runtime.accounts.limiter
 
     async def tenant_info(
         self, headers: Mapping[str, str], path_qs: str

@@ -289,6 +289,9 @@ async def test_a_tenant_without_limits_gets_no_rate_limit_headers(runtime: Runti
 async def test_one_ledger_row_per_request_with_the_answers_tokens_and_price(
     runtime: Runtime,
 ) -> None:
+    spent = REGISTRY.get_sample_value(
+        "checkstream_spend_usd_total", {"tenant": "counted", "model": MODEL}
+    )
     answer = openai_answer(prompt_tokens=12, completion_tokens=30)
     exchange, _ = await send_request(runtime, "counted", chat(), x_request_id="req-42")
     head, out = await complete(exchange, answer, cuts=4)
@@ -298,6 +301,11 @@ async def test_one_ledger_row_per_request_with_the_answers_tokens_and_price(
     # The model is the one asked for (its price); 12 * 0.5 + 30 * 2.0 = 66 per million.
     assert row_summary(row) == ("counted", MODEL, 12, 30, 0, 200, 6.6e-05)
     assert row["request_id"] == "req-42"
+    # The same cost reaches the spend metric.
+    after = REGISTRY.get_sample_value(
+        "checkstream_spend_usd_total", {"tenant": "counted", "model": MODEL}
+    )
+    assert after == pytest.approx((spent or 0.0) + 6.6e-05)
     await one_request(runtime, "counted", chat(), openai_answer(7, 1))
     assert [row_summary(r)[2:4] for r in ledger_rows(runtime)] == [(12, 30), (7, 1)]
 
