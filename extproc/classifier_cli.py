@@ -25,6 +25,7 @@ from typing import IO, TYPE_CHECKING, Any, TextIO
 
 import pydantic
 
+from extproc.cli_options import add_config_option
 from extproc.config import LoadedConfig, load_config
 from extproc.hookspecs import Classification, Classifier
 from extproc.registry import PluginError, load_registry
@@ -33,7 +34,6 @@ from extproc.yamlsource import ConfigError
 if TYPE_CHECKING:
     from extproc.binary_metrics import Measures
 
-DEFAULT_CONFIG = "./checkstream.yaml"
 #: Used when a classifier documents no threshold (keyword, pii_detector: scores are 0 or 1).
 FALLBACK_THRESHOLD = 0.5
 #: Inputs with more texts than this get a progress display on stderr.
@@ -438,7 +438,7 @@ def add_commands(commands: Any) -> None:
         ("eval", cmd_eval, "precision, recall, F1, FPR, ROC AUC on labelled JSON Lines"),
     ]:
         parser = commands.add_parser(name, help=help_text)
-        parser.add_argument("-c", "--config", default=DEFAULT_CONFIG)
+        add_config_option(parser)
         parser.add_argument(
             "--classifier",
             required=True,
@@ -465,7 +465,12 @@ def add_commands(commands: Any) -> None:
                 metavar="LABELLED.jsonl",
                 help="lines with 'text', 'label' (1/0) and optional 'source' ('-': stdin)",
             )
-            parser.add_argument("--format", choices=["table", "json"], default="table")
+            parser.add_argument(
+                "--format",
+                choices=["table", "json"],
+                default="table",
+                help="a table for people, or JSON (default table)",
+            )
             parser.add_argument(
                 "--by",
                 choices=["source", "length"],

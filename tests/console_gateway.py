@@ -52,7 +52,8 @@ def console_config(directory: Path, demo_port: int, extra_tenants: int = 0) -> P
     for i in range(extra_tenants):
         tenants[f"tenant-{i:04d}"] = {"backend_url": backend}
     config = {
-        "server": {"host": "127.0.0.1", **gateway_ports()},
+        # The tests' client picks the managed tenant by header: from this machine only.
+        "server": {"host": "127.0.0.1", **gateway_ports(), "trusted_networks": ["127.0.0.0/8"]},
         "classifiers": {
             "kw_falcon": {"type": "keyword", "terms": ["falcon"]},
             "kw_pelican": {"type": "keyword", "terms": ["pelican"]},
