@@ -1,4 +1,5 @@
-"""Build hook only: generate the gRPC modules from proto/ (see extproc/protogen.py).
+"""Build hooks: generate the gRPC modules from proto/ (see extproc/protogen.py), and map the
+repository's extproc/ and plugins/ directories to the one installed package `checkstream`.
 
 Everything else about the package is declared in pyproject.toml.
 """
@@ -9,7 +10,7 @@ import importlib.util
 from pathlib import Path
 from types import ModuleType
 
-from setuptools import setup
+from setuptools import find_packages, setup
 from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
@@ -38,9 +39,17 @@ class BuildPyWithProtos(build_py):
         if self.editable_mode:
             target = protogen.PACKAGE_DIR
         else:
-            target = Path(self.build_lib, "extproc", "_proto")
+            target = Path(self.build_lib, "checkstream", "_proto")
         written = protogen.generate(ROOT / "proto", target)
         self.announce(f"generated {len(written)} files from proto/ into {target}", level=2)
 
 
-setup(cmdclass={"build_py": BuildPyWithProtos})
+# One top-level package, `checkstream`, from the repository's two directories.
+PACKAGE_DIR = {"checkstream": "extproc", "checkstream.plugins": "plugins"}
+PACKAGES = [
+    name
+    for package, directory in PACKAGE_DIR.items()
+    for name in (package, *(f"{package}.{sub}" for sub in find_packages(directory)))
+]
+
+setup(cmdclass={"build_py": BuildPyWithProtos}, package_dir=PACKAGE_DIR, packages=PACKAGES)

@@ -108,7 +108,7 @@ def make_windows(count: int) -> list[str]:
     """``count`` different texts of exactly WINDOW_TOKENS WordPiece tokens each."""
     from tokenizers import Tokenizer
 
-    from plugins.embeddings import TOKENIZER
+    from checkstream.plugins.embeddings import TOKENIZER
 
     tokenizer = Tokenizer.from_file(str(TOKENIZER))
     tokenizer.no_padding()
@@ -156,15 +156,15 @@ def _more(done: int, start: float, budget_s: float, min_reps: int, max_reps: int
 
 
 def build(type_name: str, settings: dict[str, Any]) -> Any:
-    from extproc.registry import load_registry
+    from checkstream.policy.registry import load_registry
 
     return load_registry().types[type_name].factory(type_name, settings)
 
 
 def topic_cases(windows: list[str]) -> dict[str, tuple[Any, list[str]]]:
     """The topic rows: name -> (classifier, 16 windows that take that row's path)."""
-    from plugins.eval_topics import PROSE, read_lines, text_windows
-    from plugins.topic import Prefilter, TopicClassifier, load_preset
+    from checkstream.plugins.eval_topics import PROSE, read_lines, text_windows
+    from checkstream.plugins.topic import Prefilter, TopicClassifier, load_preset
 
     fin = build("topic", TOPIC_SETTINGS)
     med = build("topic", {"preset": "medical_advice"})
@@ -191,7 +191,7 @@ def threads_check(args: argparse.Namespace, window: str) -> dict[str, float]:
     loop (another process) on the other core."""
     import subprocess
 
-    from plugins.embeddings import MiniLM
+    from checkstream.plugins.embeddings import MiniLM
 
     models = {threads: MiniLM(threads=threads) for threads in (1, 2)}
     out: dict[str, float] = {}
@@ -433,7 +433,7 @@ def start_gateway(procs: pt.Processes, upstream_port: int) -> pt.Service:
     }
     path = procs.workdir / "checkstream.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
-    argv = [sys.executable, "-m", "extproc", "run", "-c", str(path)]
+    argv = [sys.executable, "-m", "checkstream", "run", "-c", str(path)]
     service = procs.spawn("gateway", argv, server["port"])
     service.admin_port = server["envoy_admin_port"]
     port = server["port"]

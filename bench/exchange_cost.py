@@ -6,7 +6,8 @@ Usage (from the repo root, with the project's venv)::
                                             [--profile TENANT:K]
 
 Builds the ``Runtime`` of ``bench/guardrails.py``'s gateway config (same tenants, classifiers
-and policies) and feeds ``extproc.server.ExternalProcessor.Process`` (server.py's message
+and policies) and feeds ``checkstream.gateway.server.ExternalProcessor.Process`` (server.py's
+message
 loop and the real ``Exchange``) the ext_proc messages Envoy would send for one request, as
 serialized protobuf bytes: request headers, then for tenants that need them the buffered
 request body, response headers and the response body cut into chunks of K SSE events each
@@ -48,9 +49,9 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import (
     ProcessingRequest,
 )
 
-from extproc.config import load_config
-from extproc.runtime import Runtime
-from extproc.server import ExternalProcessor
+from checkstream.config.model import load_config
+from checkstream.gateway.runtime import Runtime
+from checkstream.gateway.server import ExternalProcessor
 
 TENANTS = ["pass", "body-rt", "ingress", "ingress-only", "mid-noop", "mid-pii"]
 

@@ -6,7 +6,7 @@ Usage (from the repo root, with the project's venv)::
 
 Reuses ``bench/passthrough.py``'s pieces (client, process handling, Envoy alone) and starts,
 on free ports on 127.0.0.1: the demo upstream (``--chunk-delay-ms 0``), Envoy alone in
-front of it, and one real gateway (``python -m extproc run -c <temp config>``) whose
+front of it, and one real gateway (``python -m checkstream run -c <temp config>``) whose
 tenants, selected with ``X-Tenant-ID``, are:
 
 - ``pass``: nothing to check (one ext_proc message per request);
@@ -198,7 +198,7 @@ def start_gateway(procs: pt.Processes, upstream_port: int, workers: int) -> pt.S
     server = config["server"]
     path = procs.workdir / "checkstream.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
-    argv = [sys.executable, "-m", "extproc", "run", "-c", str(path)]
+    argv = [sys.executable, "-m", "checkstream", "run", "-c", str(path)]
     service = procs.spawn("gateway", argv, server["port"])
     service.admin_port = server["envoy_admin_port"]
     port = server["port"]

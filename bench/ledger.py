@@ -11,7 +11,7 @@ a time (wall µs: the latency it adds to a request's end) and with ``--concurren
 and this process's CPU per request): ``UsageLedger`` (SQLite, WAL, ``synchronous=FULL``) and
 ``PostgresLedger`` (psycopg 3 pool, ``synchronous_commit`` on, both one commit per batch).
 
-Part 2, through real gateways (``python -m extproc run -c <temp config>``), the demo upstream
+Part 2, through real gateways (``python -m checkstream run -c <temp config>``), the demo upstream
 (``--chunk-delay-ms 0``) and a loopback PostgreSQL this script starts (fsync on), all on
 127.0.0.1: non-streamed ``POST /v1/chat/completions`` for one counted tenant (usage recorded,
 no limits), tenant by ``X-Tenant-ID``:
@@ -53,8 +53,8 @@ import limits as lb  # bench/ is sys.path[0] when this file is run as a script
 import passthrough as pt
 import psycopg
 
-from extproc.usage import UsageLedger, UsageRecord
-from extproc.usage_postgres import TABLE, PostgresLedger
+from checkstream.ledger.postgres import TABLE, PostgresLedger
+from checkstream.ledger.usage import UsageLedger, UsageRecord
 
 sys.path.insert(1, str(pt.REPO))  # the test suite's PostgreSQL starter
 from tests.postgres_server import PostgresServer, postgres_available

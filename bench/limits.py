@@ -16,7 +16,7 @@ Each is run one request at a time (wall µs per request: the latency it adds) an
 ``--concurrency`` tasks (CPU µs per request of this process, all threads, and of
 redis-server: what it costs a 2-core machine's throughput).
 
-Part 2, through real gateways (``python -m extproc run -c <temp config>``), the demo upstream
+Part 2, through real gateways (``python -m checkstream run -c <temp config>``), the demo upstream
 (``--chunk-delay-ms 0``) and the same redis-server, all on 127.0.0.1. Non-streamed
 ``POST /v1/chat/completions`` (the demo answers with its usage), tenant by ``X-Tenant-ID``:
 
@@ -76,11 +76,18 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import (
     ProcessingRequest,
 )
 
-from extproc.config import LimitsConfig, RateLimitConfig, load_config
-from extproc.limits import Budget, Charge, Limiter, MemoryLimiter, build_limiter, to_nano
-from extproc.runtime import Runtime
-from extproc.server import ExternalProcessor
-from extproc.usage import UsageLedger, UsageRecord, period_of
+from checkstream.config.model import LimitsConfig, RateLimitConfig, load_config
+from checkstream.gateway.runtime import Runtime
+from checkstream.gateway.server import ExternalProcessor
+from checkstream.ledger.usage import UsageLedger, UsageRecord, period_of
+from checkstream.limits.limiter import (
+    Budget,
+    Charge,
+    Limiter,
+    MemoryLimiter,
+    build_limiter,
+    to_nano,
+)
 
 HOST = pt.HOST
 TARGET_MEMORY_PCT = 90.0
@@ -158,7 +165,7 @@ async def _measure(
 
 def _limiter_step(limiter: Limiter, with_budget: bool) -> Callable[[], Awaitable[None]]:
     """One request's limiter work: ``acquire`` then ``finish`` (with the budget check and
-    charge riding along when ``with_budget``), as ``extproc/accounting.py`` does it."""
+    charge riding along when ``with_budget``), as ``extproc/accounting/accounts.py`` does it."""
     limits = RateLimitConfig.model_validate(RATE_LIMIT)
     period = period_of(time.time())
     budget = Budget(period, to_nano(1e9)) if with_budget else None
@@ -260,7 +267,7 @@ def start_gateway(procs: pt.Processes, name: str, config: dict[str, Any]) -> pt.
     server = config["server"]
     path = procs.workdir / f"gateway-{name}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
-    argv = [sys.executable, "-m", "extproc", "run", "-c", str(path)]
+    argv = [sys.executable, "-m", "checkstream", "run", "-c", str(path)]
     service = procs.spawn(f"gateway-{name}", argv, server["port"])
     service.admin_port = server["envoy_admin_port"]
     port = server["port"]

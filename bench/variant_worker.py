@@ -1,10 +1,10 @@
 """An extproc worker with a selectable gRPC handler style, for bench/investigate.py only.
 
-Every style but ``null`` runs the project's own ``Exchange`` (extproc/exchange.py) on the
+Every style but ``null`` runs the project's own ``Exchange`` (extproc/gateway/exchange.py) on the
 same ``Runtime``; only the gRPC plumbing around it differs (``rw``/``rw-close``/``sync``
-re-implement the message loop of extproc/server.py: keep them in step if it changes):
+re-implement the message loop of extproc/gateway/server.py: keep them in step if it changes):
 
-- ``gen``: ``extproc.server.ExternalProcessor`` unchanged (grpc.aio, async generator).
+- ``gen``: ``checkstream.gateway.server.ExternalProcessor`` unchanged (grpc.aio, async generator).
 - ``rw``: grpc.aio, a coroutine handler using ``context.read()`` / ``context.write()``.
 - ``rw-close``: like ``rw``, but returns (ends the RPC) right after answering the request
   headers when the answer's mode_override leaves nothing else to send, instead of waiting
@@ -47,11 +47,11 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import (
 
 # This repo's extproc, also when run from a copy of the repo.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from extproc.config import load_config
-from extproc.exchange import Exchange
-from extproc.mutations import ROUTE_HEADER, header
-from extproc.runtime import Runtime
-from extproc.server import ExternalProcessor
+from checkstream.config.model import load_config
+from checkstream.gateway.exchange import Exchange
+from checkstream.gateway.mutations import ROUTE_HEADER, header
+from checkstream.gateway.runtime import Runtime
+from checkstream.gateway.server import ExternalProcessor
 
 _METHODS = {
     "request_headers": "on_request_headers",

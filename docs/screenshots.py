@@ -23,8 +23,9 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from extproc.config import load_config  # noqa: E402
 from extproc.usage import Pricing, UsageLedger, UsageRecord, resolve_usage_path  # noqa: E402
+
+from extproc.config import load_config  # noqa: E402
 from tests.console_gateway import console_config, gateway_env  # noqa: E402
 from tests.support import (  # noqa: E402
     DemoUpstreamThread,

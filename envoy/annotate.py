@@ -10,8 +10,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from extproc.config import load_config
-from extproc.envoy_config import render_yaml
+from checkstream.config.model import load_config
+from checkstream.ops.envoy_config import render_yaml
 
 HERE = Path(__file__).resolve().parent
 HEADER = """\
@@ -29,7 +29,8 @@ NOTES = {
     "  listeners:": "  # The listener clients call instead of api.openai.com / api.anthropic.com.",
     "          use_remote_address: true": "          # The client's address is the connection's "
     "peer, never its own X-Forwarded-For\n"
-    "          # (allowed_cidrs, trusted_networks: extproc/access.py); the header passes on "
+    "          # (allowed_cidrs, trusted_networks: extproc/tenants/access.py); the header "
+    "passes on "
     "unchanged.",
     "            request_headers_to_remove:": "            # The routing header extproc sets "
     "is internal: the backend never sees it.",
@@ -43,14 +44,14 @@ NOTES = {
     "the request: never forward it.",
     "          - name: drop_invalid_request_id": "          # A client's invalid x-request-id "
     "is dropped before anything answers;\n          # extproc then gives the request a new "
-    "one (extproc/request_ids.py).",
+    "one (extproc/intake/request_ids.py).",
     "          - name: strip_internal_headers": "          # A client must not choose its own "
     "route: drop the header before ext_proc runs.",
     "          - name: envoy.filters.http.ext_proc": "          # CheckStream's decisions. Every "
     "request goes to extproc; fail closed if it is\n"
     "          # down. extproc's answer to the request headers sets, per request\n"
     "          # (mode_override), the body modes its tenant's checks need, so a\n"
-    "          # pass-through request costs one gRPC message. Why: extproc/exchange.py.",
+    "          # pass-through request costs one gRPC message. Why: extproc/gateway/exchange.py.",
     "          local_reply_config:": "          # Envoy's own errors (backend down or silent, "
     "body too large, extproc down) in the\n"
     "          # error format clients expect: Anthropic's when extproc marked the request with\n"

@@ -1,3 +1,3 @@
-from extproc.cli import main
+from checkstream.cli.main import main
 
 raise SystemExit(main())

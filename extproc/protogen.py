@@ -12,7 +12,8 @@ repository to one protoc version. It is written into ``extproc/_proto/``:
 Only message modules (``*_pb2.py``) and their type stubs (``*_pb2.pyi``) are generated. The
 gRPC glue that ``--grpc_python_out`` would add is untyped (strict mypy refuses calls into it)
 and imports ``checkstream.v1`` as a top-level package, which it is not here; the few lines of
-service wiring it would hold live in ``extproc/remote.py``, method names taken from the
+service wiring it would hold live in ``extproc/policy/classifier_server.py``, method names
+taken from the
 descriptor.
 
 Standard library only at import time: ``setup.py`` loads this file by path, in an isolated
@@ -27,7 +28,7 @@ import tempfile
 from importlib import resources
 from pathlib import Path
 
-#: Where the generated modules go: ``extproc._proto.checkstream.v1.classifier_pb2``.
+#: Where the generated modules go: ``checkstream._proto.checkstream.v1.classifier_pb2``.
 PACKAGE_DIR = Path(__file__).resolve().parent / "_proto"
 #: Digest of the .proto files the modules were generated from; written last, so its presence
 #: means a complete generation.

@@ -26,7 +26,7 @@ shared with Envoy and extproc. Measured with the int8 model (``bench/classifiers
 numbers in bench/README.md): on an idle machine two threads take a 128-token text from
 ~16 ms to ~10 ms, but with the other core busy they are slower than one (the second
 thread waits for a core, and every call waits for it). Concurrent requests are served by
-batching them (``extproc.batching.MicroBatcher``), not by parallel runs.
+batching them (``checkstream.batching.MicroBatcher``), not by parallel runs.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from plugins.pii import ENTITIES, PiiDetector
+from checkstream.plugins.pii import ENTITIES, PiiDetector
 
 FIXTURE = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "pii_labelled.tsv"
 

@@ -48,8 +48,8 @@ import numpy as np
 import numpy.typing as npt
 from tokenizers import Tokenizer
 
-from plugins.embeddings import TOKENIZER, shared_minilm
-from plugins.topic import (
+from checkstream.plugins.embeddings import TOKENIZER, shared_minilm
+from checkstream.plugins.topic import (
     FIRST_LAYER_MARGIN,
     PRESETS_DIR,
     STATIC_MARGIN,

@@ -19,8 +19,8 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from extproc.hookspecs import Classification, Classifier, ClassifierFactory, Span, hookimpl
-from extproc.normalize import fold_for_keywords, keyword_key
+from checkstream import Classification, Classifier, ClassifierFactory, Span, hookimpl
+from checkstream.normalize import fold_for_keywords, keyword_key
 
 
 class KeywordSettings(BaseModel):

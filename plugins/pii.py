@@ -13,7 +13,7 @@ versions, not personal data. In checkstream.yaml::
 Score is 1.0 when anything is found, else 0.0; spans are non-overlapping, in text order,
 labelled with the entity name (``[REDACTED:CREDIT_CARD]``).
 
-Patterns see the text folded by ``extproc.normalize.fold_for_patterns`` (NFKC, invisible
+Patterns see the text folded by ``checkstream.normalize.fold_for_patterns`` (NFKC, invisible
 characters removed, look-alike letters made ASCII), so a full-width e-mail address or a
 card number with zero-width spaces is found; spans point at the characters the client sent.
 """
@@ -27,8 +27,8 @@ import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Final
 
-from extproc.hookspecs import Classification, ClassifierFactory, Span, hookimpl
-from extproc.normalize import fold_for_patterns
+from checkstream import Classification, ClassifierFactory, Span, hookimpl
+from checkstream.normalize import fold_for_patterns
 
 TYPE_NAME: Final = "pii_detector"
 

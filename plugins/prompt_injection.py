@@ -42,8 +42,8 @@ import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict
 from tokenizers import Tokenizer
 
-from extproc.hookspecs import Classification, Classifier, ClassifierFactory, hookimpl
-from plugins.embeddings import TOKENIZER, ModelFileError, load_session
+from checkstream import Classification, Classifier, ClassifierFactory, hookimpl
+from checkstream.plugins.embeddings import TOKENIZER, ModelFileError, load_session
 
 TYPE_NAME: Final = "prompt_injection"
 MODEL: Final = Path(__file__).parent / "models" / "prompt_injection.onnx"

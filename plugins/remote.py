@@ -25,16 +25,17 @@ from __future__ import annotations
 
 import asyncio
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from typing import Annotated, Any
 
 import grpc
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from extproc._proto.checkstream.v1 import classifier_pb2 as pb
-from extproc.hookspecs import Classification, Classifier, ClassifierFactory, Span, hookimpl
+from checkstream import Classification, Classifier, ClassifierFactory, Span, hookimpl
+from checkstream.protocol import classifier_pb2 as pb
 
-# From the descriptor, as the server (extproc/remote.py) does, so both follow the .proto.
+# From the descriptor, as the server (extproc/policy/classifier_server.py) does, so both
+# follow the .proto.
 _SERVICE = pb.DESCRIPTOR.services_by_name["ClassifierService"]
 CLASSIFY_METHOD = f"/{_SERVICE.full_name}/{_SERVICE.methods_by_name['Classify'].name}"
 # Batches of long prompts exceed gRPC's 4 MiB default (the server allows as much).
@@ -67,6 +68,12 @@ def _channel(target: str) -> Any:
     if channel is None:
         channel = per_loop[target] = grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS)
     return channel
+
+
+@hookimpl
+def checkstream_shutdown() -> Awaitable[None]:
+    """The process stops: close every channel to a classifier server."""
+    return close_channels()
 
 
 async def close_channels() -> None:

@@ -76,9 +76,9 @@ import numpy.typing as npt
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, Strict, StringConstraints, model_validator
 
-from extproc.batching import MicroBatcher
-from extproc.hookspecs import Classification, ClassifierFactory, hookimpl
-from plugins.embeddings import DIMENSIONS, shared_minilm
+from checkstream import Classification, ClassifierFactory, hookimpl
+from checkstream.batching import MicroBatcher
+from checkstream.plugins.embeddings import DIMENSIONS, shared_minilm
 
 TYPE_NAME: Final = "topic"
 PRESETS_DIR: Final = Path(__file__).parent / "topics"

@@ -23,9 +23,9 @@ from typing import Any, Final
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from extproc.hookspecs import Classification, ClassifierFactory, hookimpl
-from plugins.embeddings import ModelFileError, load_session
-from plugins.profanity_masks import unmask
+from checkstream import Classification, ClassifierFactory, hookimpl
+from checkstream.plugins.embeddings import ModelFileError, load_session
+from checkstream.plugins.profanity_masks import unmask
 
 TYPE_NAME: Final = "toxicity"
 MODEL: Final = Path(__file__).parent / "models" / "toxicity.onnx"

@@ -146,7 +146,7 @@ class DemoUpstreamThread:
     _thread: threading.Thread | None = None
 
     def start(self, chunk_delay_ms: float = 5.0) -> DemoUpstreamThread:
-        from extproc.demo import start_demo_upstream
+        from checkstream.demo import start_demo_upstream
 
         ready = threading.Event()
 
@@ -246,7 +246,7 @@ def start_gateway(
     log_path = config_path.with_suffix(".log")
     log = log_path.open("wb")
     process = subprocess.Popen(
-        [sys.executable, "-m", "extproc", "run", "-c", str(config_path), *args],
+        [sys.executable, "-m", "checkstream", "run", "-c", str(config_path), *args],
         stdout=log,
         stderr=subprocess.STDOUT,
         env={**os.environ, **(env or {})},

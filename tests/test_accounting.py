@@ -2,7 +2,7 @@
 messages (no gRPC, no Envoy) with the real limiter (which keeps the budgets too) and SQLite
 usage ledger.
 
-The limiter's clock is fixed (``extproc.limits.time``), so every X-RateLimit-* value and
+The limiter's clock is fixed (``checkstream.limits.limiter.time``), so every X-RateLimit-* value and
 every remaining count is exact.
 """
 
@@ -29,17 +29,23 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import (
 from google.protobuf.struct_pb2 import Struct
 from prometheus_client import REGISTRY
 
-from extproc import limits as limits_module
-from extproc.accounting import CLIENT_CLOSED, Accounts, Tally
-from extproc.audit import AuditLog
-from extproc.config import BudgetConfig, Price, RateLimitConfig, TenantConfig, load_config
-from extproc.exchange import Exchange
-from extproc.formats.openai import FORMAT as OPENAI
-from extproc.formats.texts import Usage
-from extproc.limits import NANO, Charge, MemoryLimiter, RedisLimiter, seconds_to_next_month
-from extproc.metering import estimate_tokens
-from extproc.runtime import Runtime
-from extproc.usage import Pricing, UsageLedger
+from checkstream.accounting.accounts import CLIENT_CLOSED, Accounts, Tally
+from checkstream.accounting.metering import estimate_tokens
+from checkstream.audit.trail import AuditLog
+from checkstream.config.model import BudgetConfig, Price, RateLimitConfig, TenantConfig, load_config
+from checkstream.formats.openai import FORMAT as OPENAI
+from checkstream.formats.texts import Usage
+from checkstream.gateway.exchange import Exchange
+from checkstream.gateway.runtime import Runtime
+from checkstream.ledger.usage import Pricing, UsageLedger
+from checkstream.limits import limiter as limits_module
+from checkstream.limits.limiter import (
+    NANO,
+    Charge,
+    MemoryLimiter,
+    RedisLimiter,
+    seconds_to_next_month,
+)
 from tests.redis_server import RedisServer, redis_server
 from tests.support import free_port
 from tests.test_metering import ANSWER_CHARS, anthropic_stream, openai_stream

@@ -11,13 +11,13 @@ from typing import Any
 import aiohttp
 import pytest
 
-from extproc.admin import (
+from checkstream.accounting.suspensions import SuspensionOutcome
+from checkstream.ops.admin import (
     ADMIN_TOKEN_ENV,
     ReloadOutcome,
     admin_token_from_env,
     start_admin,
 )
-from extproc.suspensions import SuspensionOutcome
 from tests.support import free_port
 
 TOKEN = "s3cret-admin-token"

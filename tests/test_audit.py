@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from extproc.audit import (
+from checkstream.audit.trail import (
     GENESIS,
     AuditError,
     AuditLog,
@@ -27,9 +27,9 @@ from extproc.audit import (
     resolve_audit_dirs,
     verify,
 )
-from extproc.cli import main
-from extproc.config import load_config
-from extproc.yamlsource import ConfigError
+from checkstream.cli.main import main
+from checkstream.config.model import load_config
+from checkstream.config.yamlsource import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 DAY = "2026-03-01"
@@ -39,7 +39,7 @@ DAY = "2026-03-01"
 WRITER = """
 import asyncio, sys
 from pathlib import Path
-from extproc.audit import AuditLog
+from checkstream.audit.trail import AuditLog
 
 async def main(directory: str, count: int, tag: str) -> None:
     log = AuditLog({"acme": Path(directory)})

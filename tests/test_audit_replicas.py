@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from extproc.audit import GENESIS, AuditLog, chains, prune_trail, verify, verify_chains
-from extproc.audit_completeness import check_against_ledger
-from extproc.cli import main
-from extproc.usage import UsageLedger, UsageRecord
+from checkstream.audit.completeness import check_against_ledger
+from checkstream.audit.trail import GENESIS, AuditLog, chains, prune_trail, verify, verify_chains
+from checkstream.cli.main import main
+from checkstream.ledger.usage import UsageLedger, UsageRecord
 
 DAY = "2026-03-01"
 

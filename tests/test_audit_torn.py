@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from extproc.audit import AuditLog, verify
-from extproc.cli import AUDIT_TORN, main
+from checkstream.audit.trail import AuditLog, verify
+from checkstream.cli.main import AUDIT_TORN, main
 
 ROOT = Path(__file__).resolve().parent.parent
 DAY = "2026-12-07"
@@ -25,7 +25,7 @@ DAY = "2026-12-07"
 FULL_DISK_WRITER = """
 import asyncio, resource, sys
 from pathlib import Path
-from extproc.audit import AuditLog
+from checkstream.audit.trail import AuditLog
 
 directory = Path(sys.argv[1])
 
@@ -151,7 +151,7 @@ def test_verify_reads_a_trail_on_a_full_disk_without_writing(tmp_path: Path) -> 
     script = (
         "import resource, sys\n"
         "resource.setrlimit(resource.RLIMIT_FSIZE, (1, resource.RLIM_INFINITY))\n"
-        "from extproc.cli import main\n"
+        "from checkstream.cli.main import main\n"
         f"sys.exit(main(['audit', 'verify', {str(trail)!r}]))\n"
     )
     done = subprocess.run(

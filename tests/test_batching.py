@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from extproc.batching import MicroBatcher
+from checkstream.batching import MicroBatcher
 
 
 class Model:

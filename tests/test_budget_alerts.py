@@ -13,11 +13,11 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from extproc.audit import AuditLog
-from extproc.budget_alerts import BudgetAlerts, MemoryClaims, RedisClaims
-from extproc.config import TenantConfig
-from extproc.limits import NANO
-from extproc.metrics import BUDGET_USED
+from checkstream.accounting.budget_alerts import BudgetAlerts, MemoryClaims, RedisClaims
+from checkstream.audit.trail import AuditLog
+from checkstream.config.model import TenantConfig
+from checkstream.limits.limiter import NANO
+from checkstream.ops.metrics import BUDGET_USED
 from tests.redis_server import RedisServer, redis_server
 
 __all__ = ["redis_server"]

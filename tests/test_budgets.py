@@ -1,4 +1,5 @@
-"""Monthly budgets in extproc.limits: one suite over both backends, then what only Redis can
+"""Monthly budgets in checkstream.limits.limiter: one suite over both backends, then what only
+Redis can
 show (replicas, round trips, seeding races, an unreachable, flushed or restarted server), and
 the month arithmetic.
 
@@ -21,8 +22,8 @@ from datetime import UTC, datetime
 import pytest
 import redis.asyncio as aioredis
 
-from extproc.config import LimitsConfig, RateLimitConfig
-from extproc.limits import (
+from checkstream.config.model import LimitsConfig, RateLimitConfig
+from checkstream.limits.limiter import (
     CONCURRENCY,
     NANO,
     REQUESTS,

@@ -15,11 +15,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from extproc.binary_metrics import measure, roc_auc
+from checkstream.cli.binary_metrics import measure, roc_auc
 from tests.support import write_config
 from tests.test_remote import start_serve
 
-CLI = (sys.executable, "-m", "extproc", "classifiers")
+CLI = (sys.executable, "-m", "checkstream", "classifiers")
 KEYWORDS = {"classifiers": {"banned": {"type": "keyword", "terms": ["project falcon", "acme"]}}}
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from extproc.cli import main
+from checkstream.cli.main import main
 
 GOOD = """\
 tenants:
@@ -130,7 +130,7 @@ def test_config_check_bad_yaml(tmp_path: Path, capsys: pytest.CaptureFixture[str
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k != "CS_CLI_TEST_KEY"}
     return subprocess.run(
-        [sys.executable, "-m", "extproc", *args],
+        [sys.executable, "-m", "checkstream", *args],
         capture_output=True,
         text=True,
         env=env,

@@ -15,18 +15,18 @@ from typing import Any
 
 import pytest
 
-from extproc.cli import build_parser, main
-from extproc.config import load_config
-from extproc.demo.state import demo_config_path, new_demo_state
-from extproc.keyindex import digest_of
-from extproc.starter import STARTER_CONFIG
-from extproc.usage import resolve_usage_path
+from checkstream.cli.init import STARTER_CONFIG
+from checkstream.cli.main import build_parser, main
+from checkstream.config.model import load_config
+from checkstream.demo.state import demo_config_path, new_demo_state
+from checkstream.ledger.usage import resolve_usage_path
+from checkstream.tenants.keyindex import digest_of
 
 
 def checkstream(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"}
     return subprocess.run(
-        [sys.executable, "-m", "extproc", *args],
+        [sys.executable, "-m", "checkstream", *args],
         capture_output=True,
         text=True,
         cwd=cwd,

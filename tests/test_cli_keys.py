@@ -9,8 +9,8 @@ from pathlib import Path
 
 import yaml
 
-from extproc.config import load_config
-from extproc.tenancy import Resolved, TenantResolver
+from checkstream.config.model import load_config
+from checkstream.tenants.resolution import Resolved, TenantResolver
 
 CONFIG = """\
 # Tenants of the keys tests.
@@ -27,7 +27,7 @@ tenants:
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "extproc", *args], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "checkstream", *args], capture_output=True, text=True, timeout=60
     )
 
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from extproc.config import load_config
-from extproc.onboarding import template_names
-from extproc.tenancy import Resolved, TenantResolver
+from checkstream.config.model import load_config
+from checkstream.tenants.onboarding import template_names
+from checkstream.tenants.resolution import Resolved, TenantResolver
 
 CONFIG = """\
 # Our gateway. Comments, quoting and flow style must survive `tenants new`.
@@ -32,7 +32,7 @@ pipeline:
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "extproc", *args], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "checkstream", *args], capture_output=True, text=True, timeout=120
     )
 
 

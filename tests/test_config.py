@@ -1,4 +1,5 @@
-"""``extproc.config.load_config``: the full contract loads typed; every mistake is located.
+"""``checkstream.config.model.load_config``: the full contract loads typed; every mistake is
+located.
 
 Each refusal is checked as ``file:line: key.path: message`` with the line computed from the
 YAML text itself, so a wrong line number fails the test.
@@ -11,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from extproc.config import (
+from checkstream.config.model import (
     LoadedConfig,
     load_config,
 )
-from extproc.yamlsource import ConfigError
+from checkstream.config.yamlsource import ConfigError
 
 SECRET = "sk-upstream-SECRET-value-0042"
 

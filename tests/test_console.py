@@ -19,18 +19,18 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.metrics_core import Metric
 
-from extproc.admin import build_admin_app
-from extproc.audit import AuditLog, resolve_audit_dirs
-from extproc.config import LoadedConfig, load_config
-from extproc.console import CONSOLE_KEY
-from extproc.console.collector import Collector
-from extproc.console.sessions import SessionStore, SignInThrottle
-from extproc.console.source import ConsoleSource
-from extproc.console.views import SESSION_COOKIE, SIGNIN_COOKIE
-from extproc.limits import Limiter, MemoryLimiter
-from extproc.metrics import LATENCY_BUCKETS_MS
-from extproc.suspensions import SuspensionOutcome, record_suspension
-from extproc.usage import UsageLedger, UsageRecord, resolve_usage_path
+from checkstream.accounting.suspensions import SuspensionOutcome, record_suspension
+from checkstream.audit.trail import AuditLog, resolve_audit_dirs
+from checkstream.config.model import LoadedConfig, load_config
+from checkstream.console import CONSOLE_KEY
+from checkstream.console.collector import Collector
+from checkstream.console.sessions import SessionStore, SignInThrottle
+from checkstream.console.source import ConsoleSource
+from checkstream.console.views import SESSION_COOKIE, SIGNIN_COOKIE
+from checkstream.ledger.usage import UsageLedger, UsageRecord, resolve_usage_path
+from checkstream.limits.limiter import Limiter, MemoryLimiter
+from checkstream.ops.admin import build_admin_app
+from checkstream.ops.metrics import LATENCY_BUCKETS_MS
 from tests.console_gateway import (
     ADMIN_TOKEN,
     SECRET_HEADER_VALUE,

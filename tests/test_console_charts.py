@@ -6,7 +6,7 @@ import re
 import xml.etree.ElementTree as ET
 from datetime import date, timedelta
 
-from extproc.console.charts import DayTokens, ModelTokens, compact, usage_by_day, usage_by_model
+from checkstream.console.charts import DayTokens, ModelTokens, compact, usage_by_day, usage_by_model
 
 SVG = "{http://www.w3.org/2000/svg}"
 

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from extproc.audit import append_records
-from extproc.config import AuditConfig
-from extproc.console.audit_digest import KEPT, AuditDigest
-from extproc.console.fleet_traffic import FleetTraffic
-from extproc.console.traffic import (
+from checkstream.audit.trail import append_records
+from checkstream.config.model import AuditConfig
+from checkstream.console.audit_digest import KEPT, AuditDigest
+from checkstream.console.fleet_traffic import FleetTraffic
+from checkstream.console.traffic import (
     NO_TRAFFIC,
     TrafficWindow,
     WindowStats,
@@ -23,7 +23,7 @@ from extproc.console.traffic import (
     quantile,
     sample_from,
 )
-from extproc.metrics import LATENCY_BUCKETS_MS
+from checkstream.ops.metrics import LATENCY_BUCKETS_MS
 from tests.redis_server import RedisServer, redis_server
 
 __all__ = ["redis_server"]  # the fixture is used by name
@@ -224,8 +224,8 @@ def test_the_digest_reads_every_replicas_day_files_and_keeps_a_bounded_list(
 
 
 def test_counted_headroom_takes_the_tightest_of_the_last_minute() -> None:
-    from extproc.config import RateLimitConfig
-    from extproc.console.collector import counted_headroom
+    from checkstream.config.model import RateLimitConfig
+    from checkstream.console.collector import counted_headroom
 
     metrics = Metrics()
     window = TrafficWindow()

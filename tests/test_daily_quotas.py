@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from extproc.daily_quotas import (
+from checkstream.limits.daily import (
     DAILY_USD,
     REQUESTS_PER_DAY,
     UNLIMITED,
@@ -21,7 +21,7 @@ from extproc.daily_quotas import (
     day_of,
     tightest,
 )
-from extproc.limits import NANO, Decision
+from checkstream.limits.limiter import NANO, Decision
 from tests.redis_server import RedisServer, redis_server
 
 __all__ = ["redis_server"]

@@ -19,8 +19,8 @@ import anthropic
 import openai
 import pytest
 
-from extproc.demo import DEMO_MODELS, DemoUpstream, answer_pieces, start_demo_upstream
-from extproc.demo.embeddings import DEFAULT_DIMENSIONS, embed
+from checkstream.demo import DEMO_MODELS, DemoUpstream, answer_pieces, start_demo_upstream
+from checkstream.demo.embeddings import DEFAULT_DIMENSIONS, embed
 
 PROMPT = "Hello gateway"
 ANSWER = "".join(answer_pieces(PROMPT))

@@ -12,7 +12,7 @@ import anthropic
 import openai
 import pytest
 
-from extproc.demo import (
+from checkstream.demo import (
     DEMO_MODELS,
     MAX_CHUNKS,
     DemoUpstream,

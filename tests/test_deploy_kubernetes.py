@@ -24,8 +24,8 @@ from typing import Any
 import pytest
 import yaml
 
-from extproc.config import load_config
-from extproc.runtime import check_config
+from checkstream.config.model import load_config
+from checkstream.gateway.runtime import check_config
 from tests.postgres_server import postgres_server, postgres_url
 from tests.redis_server import RedisServer, redis_server
 from tests.support import DemoUpstreamThread, gateway_ports, request, wait_until

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from extproc.cli import main
-from extproc.doctor import check_postgres
+from checkstream.cli.doctor import check_postgres
+from checkstream.cli.main import main
 from tests.postgres_server import postgres_server, postgres_url
 from tests.redis_server import RedisServer, redis_server
 from tests.support import (

@@ -264,7 +264,7 @@ def test_the_sidecar_worker_serves_the_console_too(tmp_path: Path) -> None:
     log_path = tmp_path / "serve.log"
     log = log_path.open("wb")
     process = subprocess.Popen(
-        [sys.executable, "-m", "extproc", "serve", "--admin", "-c", str(config)],
+        [sys.executable, "-m", "checkstream", "serve", "--admin", "-c", str(config)],
         stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **gateway_env()},
         start_new_session=True,
     )  # fmt: skip

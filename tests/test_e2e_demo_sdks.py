@@ -20,7 +20,7 @@ import openai
 import pytest
 import yaml
 
-from extproc.demo import DEMO_MODELS, answer_pieces
+from checkstream.demo import DEMO_MODELS, answer_pieces
 from tests.support import Gateway, free_port, gateway_ports, start_gateway, write_config
 
 pytestmark = pytest.mark.e2e
@@ -187,7 +187,8 @@ def test_usage_report_after_the_tour(demo_gateway: Gateway) -> None:
     for fmt in ("json", "csv", "table"):
         done = subprocess.run(
             [
-                *(sys.executable, "-m", "extproc", "usage", "-c", str(demo_gateway.config_path)),
+                *(sys.executable, "-m", "checkstream", "usage"),
+                *("-c", str(demo_gateway.config_path)),
                 *("--all-tenants", "--by", "model", "--period", period, "--format", fmt),
             ],
             capture_output=True,

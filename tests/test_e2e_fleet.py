@@ -25,8 +25,8 @@ import pytest
 import redis
 import yaml
 
-from extproc.cli import main as checkstream
-from extproc.suspensions import KEY as SUSPENSIONS_KEY
+from checkstream.accounting.suspensions import KEY as SUSPENSIONS_KEY
+from checkstream.cli.main import main as checkstream
 from tests.redis_server import RedisServer, redis_binary, redis_server
 from tests.support import (
     DemoUpstreamThread,

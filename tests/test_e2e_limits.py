@@ -35,7 +35,7 @@ from typing import Any
 import pytest
 import redis
 
-from extproc.cli import main as checkstream
+from checkstream.cli.main import main as checkstream
 from tests.redis_server import RedisServer, redis_server
 from tests.support import (
     DemoUpstreamThread,

@@ -17,7 +17,7 @@ from typing import Any
 import anthropic
 import openai
 
-from extproc.demo import answer_pieces
+from checkstream.demo import answer_pieces
 from tests.support import Gateway
 
 # 60 pieces at 50 ms: the upstream needs ~3 s for the whole answer.

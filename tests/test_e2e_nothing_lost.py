@@ -28,7 +28,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from extproc.request_ids import is_valid
+from checkstream.intake.request_ids import is_valid
 from tests.support import (
     DemoUpstreamThread,
     Gateway,

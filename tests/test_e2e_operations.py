@@ -37,9 +37,9 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from extproc.config import load_config
-from extproc.demo import answer_pieces
-from extproc.runtime import config_version
+from checkstream.config.model import load_config
+from checkstream.demo import answer_pieces
+from checkstream.gateway.runtime import config_version
 from tests.support import (
     DemoUpstreamThread,
     Gateway,
@@ -152,7 +152,7 @@ def _trail(directory: Path) -> list[dict[str, Any]]:
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "extproc", *args],
+        [sys.executable, "-m", "checkstream", *args],
         capture_output=True,
         text=True,
         timeout=60,
@@ -999,7 +999,7 @@ def test_sigkilled_worker_leaves_a_verifiable_trail(
             workers = [
                 p
                 for p, cmd in child_processes(gw.process.pid).items()
-                if "extproc.cli serve" in cmd
+                if "checkstream.cli.main serve" in cmd
             ]
             assert len(workers) == 1
             os.kill(workers[0], signal.SIGKILL)

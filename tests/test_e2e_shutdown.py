@@ -144,7 +144,7 @@ def test_ctrl_c_on_run_piped_to_tee_stops_everything(
     teed = tmp_path / "teed.log"
     # `checkstream run | tee teed.log` in one process group, as a shell runs a pipeline.
     launcher = subprocess.Popen(
-        [sys.executable, "-m", "extproc", "run", "-c", str(path)],
+        [sys.executable, "-m", "checkstream", "run", "-c", str(path)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         process_group=0,  # a group of its own in this session, as a shell job gets

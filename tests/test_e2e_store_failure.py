@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from extproc.audit import verify
+from checkstream.audit.trail import verify
 from tests.support import (
     DemoUpstreamThread,
     Gateway,
@@ -49,7 +49,7 @@ class Stack:
         workers = [
             pid
             for pid, cmd in child_processes(self.gateway.process.pid).items()
-            if "extproc.cli serve" in cmd
+            if "checkstream.cli.main serve" in cmd
         ]
         assert len(workers) == 1, workers
         return workers[0]

@@ -21,8 +21,8 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from extproc.demo.state import demo_config_path
-from extproc.keyindex import digest_of
+from checkstream.demo.state import demo_config_path
+from checkstream.tenants.keyindex import digest_of
 from tests.support import (
     DemoUpstreamThread,
     Gateway,

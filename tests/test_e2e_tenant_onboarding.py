@@ -29,7 +29,7 @@ pytestmark = pytest.mark.e2e
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "extproc", *args], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "checkstream", *args], capture_output=True, text=True, timeout=120
     )
 
 

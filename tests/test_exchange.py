@@ -1,4 +1,5 @@
-"""``extproc.exchange.Exchange`` fed real ext_proc protobuf messages (no gRPC, no Envoy)."""
+"""``checkstream.gateway.exchange.Exchange`` fed real ext_proc protobuf messages (no gRPC, no
+Envoy)."""
 
 from __future__ import annotations
 
@@ -17,9 +18,9 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import (
 )
 from google.protobuf.json_format import MessageToDict
 
-from extproc.config import load_config
-from extproc.exchange import Exchange
-from extproc.runtime import Runtime
+from checkstream.config.model import load_config
+from checkstream.gateway.exchange import Exchange
+from checkstream.gateway.runtime import Runtime
 
 OPENAI_SECRET = "sk-upstream-openai-SECRET-1"
 ANTHROPIC_SECRET = "sk-ant-upstream-SECRET-2"

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from extproc.config import LoadedConfig, load_config
-from extproc.fleet import ReplicaStatus, drift, render
-from extproc.runtime import config_version
-from extproc.suspensions import KEY, record_suspension
-from extproc.watching import watch_config, watched_files
+from checkstream.accounting.suspensions import KEY, record_suspension
+from checkstream.config.model import LoadedConfig, load_config
+from checkstream.gateway.runtime import config_version
+from checkstream.ops.fleet import ReplicaStatus, drift, render
+from checkstream.ops.watching import watch_config, watched_files
 from tests.redis_server import RedisServer, redis_server
 from tests.support import free_port
 
@@ -196,7 +196,7 @@ def with_redis(tmp_path: Path, url: str) -> LoadedConfig:
 
 @pytest.mark.parametrize("bad", ["lease_s: 0", "lease_s: -1", "lease_s: 7200"])
 def test_lease_s_out_of_range_is_a_located_error(tmp_path: Path, bad: str) -> None:
-    from extproc.yamlsource import ConfigError
+    from checkstream.config.yamlsource import ConfigError
 
     with pytest.raises(ConfigError, match=r"limits\.lease_s"):
         load_config(write_config(tmp_path, extra=f"limits: {{{bad}}}"))

@@ -11,11 +11,11 @@ import openai.types
 import openai.types.chat
 import pytest
 
-from extproc.formats import FORMATS, WireFormat
-from extproc.formats.anthropic import FORMAT as ANTHROPIC
-from extproc.formats.openai import FORMAT as OPENAI
-from extproc.formats.texts import TextSlot, apply_redactions
-from extproc.hookspecs import Span
+from checkstream.formats import FORMATS, WireFormat
+from checkstream.formats.anthropic import FORMAT as ANTHROPIC
+from checkstream.formats.openai import FORMAT as OPENAI
+from checkstream.formats.texts import TextSlot, apply_redactions
+from checkstream.types import Span
 
 # --- apply_redactions -------------------------------------------------------------------
 

@@ -16,14 +16,14 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from extproc.config import load_config
-from extproc.formats import FORMATS as PROVIDERS
-from extproc.formats import responses
-from extproc.formats.jsonbody import RequestJsonError, parse_request_json
-from extproc.formats.sse import SseDecoder, SseEvent, encode_event
-from extproc.hookspecs import Span
-from extproc.policy import load_policy_file
-from extproc.yamlsource import ConfigError
+from checkstream.config.model import load_config
+from checkstream.config.yamlsource import ConfigError
+from checkstream.formats import FORMATS as PROVIDERS
+from checkstream.formats import responses
+from checkstream.formats.jsonbody import RequestJsonError, parse_request_json
+from checkstream.formats.sse import SseDecoder, SseEvent, encode_event
+from checkstream.policy.files import load_policy_file
+from checkstream.types import Span
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 WORK = Path(tempfile.mkdtemp(prefix="checkstream-fuzz-"))

@@ -1,6 +1,6 @@
 """deploy/grafana/checkstream.json: every query names metrics and labels the gateway exports.
 
-The names come from extproc/metrics.py's own metric objects (what ``/metrics`` serves), so
+The names come from extproc/ops/metrics.py's own metric objects (what ``/metrics`` serves), so
 renaming a metric or a label without updating the dashboard fails here.
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from prometheus_client import Counter, Histogram
 
-from extproc import metrics
+from checkstream.ops import metrics
 
 DASHBOARD = Path(__file__).parent.parent / "deploy" / "grafana" / "checkstream.json"
 _METRIC = re.compile(r"\bcheckstream_[a-z_]+\b")

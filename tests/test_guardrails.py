@@ -11,12 +11,13 @@ from typing import Any
 import pytest
 import yaml
 
-from extproc.config import load_config
-from extproc.guardrails import Guardrails, PhasePlan, Rule, compile_guardrails
-from extproc.hookspecs import Classification, Classifier, Span, hookimpl
-from extproc.pipeline import Checker, decide
-from extproc.registry import load_registry
-from extproc.yamlsource import ConfigError
+from checkstream.config.model import load_config
+from checkstream.config.yamlsource import ConfigError
+from checkstream.hookspecs import hookimpl
+from checkstream.policy.guardrails import Guardrails, PhasePlan, Rule, compile_guardrails
+from checkstream.policy.pipeline import Checker, decide
+from checkstream.policy.registry import load_registry
+from checkstream.types import Classification, Classifier, Span
 
 
 class Fixed:

@@ -12,12 +12,12 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import HttpHeaders
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from extproc.accounting import Tally
-from extproc.backends import backend_from_url
-from extproc.client_paths import UnsafePath, normalize_client_path
-from extproc.mutations import header_map
-from extproc.request_id import MAX_LENGTH, request_id
-from extproc.tenancy import client_keys
+from checkstream.accounting.accounts import Tally
+from checkstream.gateway.backends import backend_from_url
+from checkstream.gateway.mutations import header_map
+from checkstream.intake.client_paths import UnsafePath, normalize_client_path
+from checkstream.intake.request_id import MAX_LENGTH, request_id
+from checkstream.tenants.resolution import client_keys
 from tests.test_tenancy import CHAT, ok, refused, resolver
 
 

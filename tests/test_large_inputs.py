@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from extproc.guardrails import PhasePlan, Rule
-from extproc.hookspecs import Classification, Span
-from extproc.large_inputs import INLINE_MAX_CHARS, LargeInputs
-from extproc.pipeline import Checker
-from plugins.pii import PiiDetector
+from checkstream.plugins.pii import PiiDetector
+from checkstream.policy.guardrails import PhasePlan, Rule
+from checkstream.policy.large_inputs import INLINE_MAX_CHARS, LargeInputs
+from checkstream.policy.pipeline import Checker
+from checkstream.types import Classification, Span
 from tests.support import child_processes
 
 BIG = INLINE_MAX_CHARS + 1

@@ -1,4 +1,5 @@
-"""extproc.limits: one suite over both backends, then what only Redis can show (replicas).
+"""checkstream.limits.limiter: one suite over both backends, then what only Redis can show
+(replicas).
 
 Clocks are passed in (`now`), so nothing sleeps and every expected number is exact.
 """
@@ -13,8 +14,8 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio as aioredis
 
-from extproc.config import LimitsConfig, RateLimitConfig
-from extproc.limits import (
+from checkstream.config.model import LimitsConfig, RateLimitConfig
+from checkstream.limits.limiter import (
     CONCURRENCY,
     REQUESTS,
     TOKENS,

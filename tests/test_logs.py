@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from extproc import logs
+from checkstream.ops import logs
 
 
 @pytest.fixture

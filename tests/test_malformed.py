@@ -8,17 +8,17 @@ import time
 
 import pytest
 
-from extproc.formats import FORMATS
-from extproc.formats.jsonbody import (
+from checkstream.formats import FORMATS
+from checkstream.formats.jsonbody import (
     MAX_DEPTH,
     MAX_INT_DIGITS,
     RequestJsonError,
     nesting_depth,
     parse_request_json,
 )
-from extproc.formats.sse import SseDecoder, encode_event, json_data
-from extproc.hookspecs import Span
-from extproc.runtime import Runtime
+from checkstream.formats.sse import SseDecoder, encode_event, json_data
+from checkstream.gateway.runtime import Runtime
+from checkstream.types import Span
 from tests.test_exchange import _gated_exchange, body, immediate, runtime
 
 __all__ = ["runtime"]  # the fixture, shared with test_exchange

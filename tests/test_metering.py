@@ -1,4 +1,5 @@
-"""extproc.metering: what is read from answers that pass through unguarded, and the format
+"""checkstream.accounting.metering: what is read from answers that pass through unguarded, and the
+format
 methods it relies on (``answer_usage``, ``max_answer_tokens``).
 
 Streams are built as the providers send them and cut at every byte boundary and at random
@@ -16,18 +17,18 @@ from typing import Any
 
 import pytest
 
-from extproc import metering
-from extproc.formats import WireFormat
-from extproc.formats.anthropic import FORMAT as ANTHROPIC
-from extproc.formats.openai import FORMAT as OPENAI
-from extproc.formats.texts import Usage
-from extproc.metering import (
+from checkstream.accounting import metering
+from checkstream.accounting.metering import (
     MAX_METERED_BODY,
     BodyMeter,
     StreamMeter,
     estimate_tokens,
     merge_usage,
 )
+from checkstream.formats import WireFormat
+from checkstream.formats.anthropic import FORMAT as ANTHROPIC
+from checkstream.formats.openai import FORMAT as OPENAI
+from checkstream.formats.texts import Usage
 
 # Multi-byte characters (2, 3 and 4 bytes in UTF-8), so that cuts fall inside characters and
 # chars (code points) differ from bytes.

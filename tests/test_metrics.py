@@ -17,8 +17,8 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from extproc import metrics
-from extproc.metrics import model_label, render_metrics
+from checkstream.ops import metrics
+from checkstream.ops.metrics import model_label, render_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -104,7 +104,7 @@ def test_latency_buckets_span_sub_millisecond_to_long_streams() -> None:
 WORKER = textwrap.dedent(
     """
     import sys
-    from extproc.metrics import LATENCY, REQUESTS
+    from checkstream.ops.metrics import LATENCY, REQUESTS
 
     count = int(sys.argv[1])
     REQUESTS.labels("acme", "200").inc(count)

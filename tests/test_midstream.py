@@ -1,4 +1,5 @@
-"""The holdback window (``extproc.midstream``) with real SSE codecs and a fake classifier.
+"""The holdback window (``checkstream.policy.midstream``) with real SSE codecs and a fake
+classifier.
 
 The invariant under test: no byte the guard releases ever carries text that a check has not
 passed, so an offending phrase is caught before the client sees it, however the upstream
@@ -14,11 +15,11 @@ from typing import Any
 
 import pytest
 
-from extproc.formats import FORMATS
-from extproc.guardrails import PhasePlan, Rule
-from extproc.hookspecs import Classification, Span
-from extproc.midstream import MidstreamGuard
-from extproc.pipeline import Checker, Verdict
+from checkstream.formats import FORMATS
+from checkstream.policy.guardrails import PhasePlan, Rule
+from checkstream.policy.midstream import MidstreamGuard
+from checkstream.policy.pipeline import Checker, Verdict
+from checkstream.types import Classification, Span
 
 
 class Phrase:
@@ -159,7 +160,7 @@ async def run(g: MidstreamGuard, stream: bytes, cut: int) -> tuple[list[bytes], 
 
 
 def text_of(fmt: str, body: bytes) -> str:
-    from extproc.formats.sse import SseDecoder
+    from checkstream.formats.sse import SseDecoder
 
     events = SseDecoder().feed(body)
     return "".join(FORMATS[fmt].delta_text(e) or "" for e in events)
@@ -231,7 +232,7 @@ async def test_client_lags_by_at_most_the_holdback() -> None:
     stream = openai_stream(words)
     g, _ = guard("openai", Phrase("p", "zzz"), "stop", holdback=4)  # 16 chars
     fed = released_text = ""
-    from extproc.formats.sse import SseDecoder
+    from checkstream.formats.sse import SseDecoder
 
     events = SseDecoder().feed(stream)
     for event in events:

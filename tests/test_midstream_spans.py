@@ -17,14 +17,14 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from extproc.formats import WireFormat, anthropic, openai, responses
-from extproc.formats.sse import SseDecoder
-from extproc.guardrails import PhasePlan, Rule
-from extproc.hookspecs import Span
-from extproc.midstream import MidstreamGuard
-from extproc.pipeline import Checker
-from plugins.keyword import KeywordClassifier, KeywordSettings
-from plugins.pii import PiiDetector
+from checkstream.formats import WireFormat, anthropic, openai, responses
+from checkstream.formats.sse import SseDecoder
+from checkstream.plugins.keyword import KeywordClassifier, KeywordSettings
+from checkstream.plugins.pii import PiiDetector
+from checkstream.policy.guardrails import PhasePlan, Rule
+from checkstream.policy.midstream import MidstreamGuard
+from checkstream.policy.pipeline import Checker
+from checkstream.types import Span
 
 PII = PiiDetector("pii_detector")
 KEYWORD = KeywordClassifier(

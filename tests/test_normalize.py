@@ -8,16 +8,16 @@ import unicodedata
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from extproc.formats.texts import apply_redactions
-from extproc.normalize import (
+from checkstream.formats.texts import apply_redactions
+from checkstream.normalize import (
     SKIPPED_RANGES,
     confusables,
     fold_for_keywords,
     fold_for_patterns,
     keyword_key,
 )
-from plugins.keyword import build_keyword
-from plugins.pii import PiiDetector
+from checkstream.plugins.keyword import build_keyword
+from checkstream.plugins.pii import PiiDetector
 
 PII = PiiDetector("pii")
 FALCON = build_keyword("falcon", {"terms": ["project falcon", "internal only"]})

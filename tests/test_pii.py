@@ -8,11 +8,10 @@ import itertools
 import pluggy
 import pytest
 
-from extproc import hookspecs
-from extproc.hookspecs import Classification, Classifier, Span
-from plugins import pii
-from plugins.eval_pii import evaluate, load_fixture
-from plugins.pii import (
+from checkstream import hookspecs
+from checkstream.plugins import pii
+from checkstream.plugins.eval_pii import evaluate, load_fixture
+from checkstream.plugins.pii import (
     ENTITIES,
     PiiDetector,
     card_issuer_valid,
@@ -22,6 +21,7 @@ from plugins.pii import (
     luhn_valid,
     ssn_valid,
 )
+from checkstream.types import Classification, Classifier, Span
 
 DETECTOR = PiiDetector("pii")
 

@@ -26,15 +26,16 @@ from envoy.config.core.v3.base_pb2 import HeaderMap, HeaderValue
 from envoy.service.ext_proc.v3.external_processor_pb2 import HttpBody, HttpHeaders
 from prometheus_client import REGISTRY
 
-from extproc.cli import main
-from extproc.config import load_config
-from extproc.exchange import Exchange
-from extproc.guardrails import PhasePlan, Rule, compile_guardrails
-from extproc.hookspecs import Classification, ClassifierFactory, Span, hookimpl
-from extproc.pipeline import Checker
-from extproc.registry import PluginError, Registry, load_registry
-from extproc.runtime import Runtime
-from extproc.yamlsource import ConfigError
+from checkstream.cli.main import main
+from checkstream.config.model import load_config
+from checkstream.config.yamlsource import ConfigError
+from checkstream.gateway.exchange import Exchange
+from checkstream.gateway.runtime import Runtime
+from checkstream.hookspecs import hookimpl
+from checkstream.policy.guardrails import PhasePlan, Rule, compile_guardrails
+from checkstream.policy.pipeline import Checker
+from checkstream.policy.registry import PluginError, Registry, load_registry
+from checkstream.types import Classification, ClassifierFactory, Span
 from tests.support import (
     Gateway,
     RecordingUpstream,
@@ -53,7 +54,8 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from extproc.hookspecs import Classification, Span, hookimpl
+from checkstream.hookspecs import hookimpl
+from checkstream.types import Classification, Span
 
 WORD = re.compile(r"[^\\W\\d_]{2,}")
 
@@ -99,7 +101,7 @@ def checkstream_classifier_types():
 
 # A classifier whose model server is down: every call raises.
 FAULTY_PLUGIN = """\
-from extproc.hookspecs import hookimpl
+from checkstream.hookspecs import hookimpl
 
 SECRET_DETAIL = "model server 10.9.8.7:50061 unreachable"
 
@@ -960,5 +962,26 @@ def test_misspelt_hook_is_refused_naming_the_plugin() -> None:
         load_registry(extra=[("typo", typo)])
     assert str(caught.value) == (
         "plugin 'typo' implements unknown hook 'checkstream_classifier_type' "
-        "(the hooks are listed in extproc/hookspecs.py)"
+        "(the hooks are listed in the module checkstream.hookspecs)"
     )
+
+
+def test_a_module_with_no_hook_is_refused_naming_it() -> None:
+    # A plugin whose functions lack @hookimpl would otherwise load and offer nothing.
+    forgot = SimpleNamespace(checkstream_classifier_types=lambda: {})
+    with pytest.raises(PluginError) as caught:
+        load_registry(extra=[("forgot", forgot)])
+    assert "plugin 'forgot' implements no hook" in str(caught.value)
+
+
+async def test_shutdown_awaits_every_plugins_hook() -> None:
+    closed: list[str] = []
+
+    async def close() -> None:
+        closed.append("async")
+
+    sync_plugin = SimpleNamespace(checkstream_shutdown=hookimpl(lambda: closed.append("sync")))
+    async_plugin = SimpleNamespace(checkstream_shutdown=hookimpl(lambda: close()))
+    registry = load_registry(extra=[("s", sync_plugin), ("a", async_plugin)])
+    await registry.shutdown()
+    assert sorted(closed) == ["async", "sync"]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from plugins.profanity_masks import unmask
-from plugins.toxicity import ToxicityClassifier
+from checkstream.plugins.profanity_masks import unmask
+from checkstream.plugins.toxicity import ToxicityClassifier
 
 
 @pytest.mark.parametrize(

@@ -9,12 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from extproc.hookspecs import Classification, Classifier
-from extproc.pipeline import validate
-from extproc.registry import PluginError, Registry, load_registry
-from plugins import prompt_injection
-from plugins.embeddings import ModelFileError
-from plugins.prompt_injection import (
+from checkstream.plugins import prompt_injection
+from checkstream.plugins.embeddings import ModelFileError
+from checkstream.plugins.prompt_injection import (
     MAX_PIECES,
     MODEL,
     STRIDE,
@@ -24,6 +21,9 @@ from plugins.prompt_injection import (
     WordPieces,
     normalise,
 )
+from checkstream.policy.pipeline import validate
+from checkstream.policy.registry import PluginError, Registry, load_registry
+from checkstream.types import Classification, Classifier
 
 DATA = Path(prompt_injection.__file__).parent / "training" / "data"
 
@@ -214,10 +214,10 @@ def test_unknown_settings_are_rejected() -> None:
 async def test_system_prompts_are_not_read_but_user_and_tool_text_is() -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    from extproc.formats import FORMATS
-    from extproc.guardrails import PhasePlan, Rule
-    from extproc.pipeline import Checker
-    from extproc.registry import load_registry
+    from checkstream.formats import FORMATS
+    from checkstream.policy.guardrails import PhasePlan, Rule
+    from checkstream.policy.pipeline import Checker
+    from checkstream.policy.registry import load_registry
 
     classifier = load_registry().types["prompt_injection"].factory("prompt_injection", {})
     checker = Checker({"prompt_injection": classifier}, ThreadPoolExecutor(1), 5.0)

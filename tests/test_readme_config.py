@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from extproc.config import load_config
-from extproc.keyindex import digest_of
-from extproc.yamlsource import ConfigError
+from checkstream.config.model import load_config
+from checkstream.config.yamlsource import ConfigError
+from checkstream.tenants.keyindex import digest_of
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 

@@ -26,24 +26,29 @@ import grpc
 import pydantic
 import pytest
 
-import plugins.remote
-from extproc import protogen
-from extproc._proto.checkstream.v1 import classifier_pb2 as pb
-from extproc.config import load_config
-from extproc.guardrails import PhasePlan, Rule, compile_guardrails
-from extproc.hookspecs import Classification, Classifier
-from extproc.pipeline import Checker
-from extproc.registry import Registry, load_registry
-from extproc.remote import (
+import checkstream.plugins.remote
+from checkstream import protogen
+from checkstream.config.model import load_config
+from checkstream.config.yamlsource import ConfigError
+from checkstream.plugins.keyword import build_keyword
+from checkstream.plugins.remote import (
+    RemoteClassifier,
+    RemoteClassifierError,
+    build_remote,
+    close_channels,
+)
+from checkstream.policy.classifier_server import (
     CLASSIFY_METHOD,
     LIST_CLASSIFIERS_METHOD,
     SERVICE_NAME,
     build_server,
     servable_classifiers,
 )
-from extproc.yamlsource import ConfigError
-from plugins.keyword import build_keyword
-from plugins.remote import RemoteClassifier, RemoteClassifierError, build_remote, close_channels
+from checkstream.policy.guardrails import PhasePlan, Rule, compile_guardrails
+from checkstream.policy.pipeline import Checker
+from checkstream.policy.registry import Registry, load_registry
+from checkstream.protocol import classifier_pb2 as pb
+from checkstream.types import Classification, Classifier
 from tests.support import (
     Gateway,
     RecordingUpstream,
@@ -75,7 +80,7 @@ def registry_with_remote() -> Registry:
     registry = load_registry()
     if "remote" in registry.types:
         return registry
-    return load_registry(extra=[("remote", plugins.remote)])
+    return load_registry(extra=[("remote", checkstream.plugins.remote)])
 
 
 def local_classifiers() -> dict[str, Classifier]:
@@ -391,7 +396,7 @@ def test_serve_offers_instances_and_types_that_work_by_name(tmp_path: Path) -> N
 # -- `checkstream classifiers serve` as a process -------------------------------------------
 
 
-SERVE = (sys.executable, "-m", "extproc", "classifiers", "serve")
+SERVE = (sys.executable, "-m", "checkstream", "classifiers", "serve")
 
 
 @dataclass
@@ -493,7 +498,8 @@ def test_cli_serve_refuses_a_bad_config_and_a_taken_port(tmp_path: Path) -> None
 def remote_plugin_site(tmp_path: Path) -> dict[str, str]:
     """Environment for a gateway that can load ``type: remote``.
 
-    Until the ``remote = "plugins.remote"`` entry point is in pyproject.toml, install it the
+    Until the ``remote = "checkstream.plugins.remote"`` entry point is in pyproject.toml,
+    install it the
     way pip would, as a dist-info directory on PYTHONPATH (the registry ignores the same
     entry point seen twice, so this stays harmless once the real one exists).
     """

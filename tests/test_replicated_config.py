@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from extproc.cli import main
-from extproc.config import load_config
-from extproc.replica import ReplicaNameError, replica_name
-from extproc.yamlsource import ConfigError
+from checkstream.cli.main import main
+from checkstream.config.model import load_config
+from checkstream.config.yamlsource import ConfigError
+from checkstream.ops.replica import ReplicaNameError, replica_name
 
 FLEET = """\
 replicated: true

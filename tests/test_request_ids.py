@@ -6,8 +6,8 @@ import pytest
 from envoy.config.core.v3.base_pb2 import HeaderMap, HeaderValue
 from envoy.service.ext_proc.v3.external_processor_pb2 import HttpHeaders
 
-from extproc.mutations import TO_ADMIN, header_map, immediate
-from extproc.request_ids import is_valid, request_id, stamp, with_request_id
+from checkstream.gateway.mutations import TO_ADMIN, header_map, immediate
+from checkstream.intake.request_ids import is_valid, request_id, stamp, with_request_id
 
 
 @pytest.mark.parametrize(

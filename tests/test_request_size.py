@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from extproc.request_size import request_too_large
+from checkstream.intake.request_size import request_too_large
 
 
 def test_what_fits_or_has_no_limit_is_not_refused() -> None:

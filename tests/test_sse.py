@@ -16,11 +16,11 @@ from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from extproc.formats import FORMATS, StreamTracker, WireFormat
-from extproc.formats.anthropic import FORMAT as ANTHROPIC
-from extproc.formats.openai import FORMAT as OPENAI
-from extproc.formats.sse import SseDecoder, SseEvent, encode_event, json_data, with_data
-from extproc.formats.texts import Usage
+from checkstream.formats import FORMATS, StreamTracker, WireFormat
+from checkstream.formats.anthropic import FORMAT as ANTHROPIC
+from checkstream.formats.openai import FORMAT as OPENAI
+from checkstream.formats.sse import SseDecoder, SseEvent, encode_event, json_data, with_data
+from checkstream.formats.texts import Usage
 
 BOM = b"\xef\xbb\xbf"
 

@@ -1,4 +1,5 @@
-"""Tenant resolution (``extproc.tenancy``) and backend paths (``extproc.backends``)."""
+"""Tenant resolution (``checkstream.tenants.resolution``) and backend paths
+(``checkstream.gateway.backends``)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from extproc.backends import backend_from_url
-from extproc.config import CheckStreamConfig
-from extproc.tenancy import Refused, Resolved, TenantResolver, client_keys
+from checkstream.config.model import CheckStreamConfig
+from checkstream.gateway.backends import backend_from_url
+from checkstream.tenants.resolution import Refused, Resolved, TenantResolver, client_keys
 
 KEYS = {"sk-cs-acme": "acme", "sk-cs-claude": "claude", "sk-cs-frozen": "frozen"}
 CONFIGS: dict[str, Any] = {

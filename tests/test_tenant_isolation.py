@@ -13,13 +13,18 @@ from pathlib import Path
 
 import pytest
 
-from extproc.accounting import Accounts, Tally
-from extproc.audit import AuditLog, verify
-from extproc.client_text import REPLACEMENT, is_store_safe, store_safe, without_surrogates
-from extproc.config import Price, TenantConfig
-from extproc.formats.texts import Usage
-from extproc.limits import MemoryLimiter
-from extproc.usage import LedgerWriteError, Pricing, UsageLedger, UsageRecord
+from checkstream.accounting.accounts import Accounts, Tally
+from checkstream.accounting.client_text import (
+    REPLACEMENT,
+    is_store_safe,
+    store_safe,
+    without_surrogates,
+)
+from checkstream.audit.trail import AuditLog, verify
+from checkstream.config.model import Price, TenantConfig
+from checkstream.formats.texts import Usage
+from checkstream.ledger.usage import LedgerWriteError, Pricing, UsageLedger, UsageRecord
+from checkstream.limits.limiter import MemoryLimiter
 
 LONE = "m\ud800"  # what json.loads('"m\\ud800"') gives: valid JSON, not encodable as UTF-8
 

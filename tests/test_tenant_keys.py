@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from google.protobuf.struct_pb2 import Struct
 
-from extproc.access import ADDRESS_NOT_ALLOWED, KEY_REQUIRED, AccessGate, client_address
-from extproc.config import load_config
-from extproc.keyindex import KEY_PREFIX, KeyIndex, digest_of, expiry_instant, new_key
-from extproc.tenancy import Refused, Resolved, TenantResolver
-from extproc.yamlsource import ConfigError
+from checkstream.config.model import load_config
+from checkstream.config.yamlsource import ConfigError
+from checkstream.tenants.access import ADDRESS_NOT_ALLOWED, KEY_REQUIRED, AccessGate, client_address
+from checkstream.tenants.keyindex import KEY_PREFIX, KeyIndex, digest_of, expiry_instant, new_key
+from checkstream.tenants.resolution import Refused, Resolved, TenantResolver
 
 KEY = "sk-cs-test-key-one"
 

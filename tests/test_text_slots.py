@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from extproc.formats.endpoints import find_endpoint
+from checkstream.formats.endpoints import find_endpoint
 
 M = "MARKER-7f3a"
 

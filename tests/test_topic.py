@@ -14,14 +14,11 @@ import numpy.typing as npt
 import pytest
 import yaml
 
-from extproc.config import load_config
-from extproc.guardrails import Guardrails, compile_guardrails
-from extproc.hookspecs import Classification, Classifier
-from extproc.registry import load_registry
-from extproc.yamlsource import ConfigError
-from plugins import topic
-from plugins.embeddings import MiniLM, shared_minilm
-from plugins.eval_topics import (
+from checkstream.config.model import load_config
+from checkstream.config.yamlsource import ConfigError
+from checkstream.plugins import topic
+from checkstream.plugins.embeddings import MiniLM, shared_minilm
+from checkstream.plugins.eval_topics import (
     FIXTURES,
     PROSE,
     Evaluation,
@@ -36,7 +33,7 @@ from plugins.eval_topics import (
     served_scores,
     text_windows,
 )
-from plugins.topic import (
+from checkstream.plugins.topic import (
     FIRST_LAYER_MARGIN,
     STATIC_CAP,
     STATIC_MARGIN,
@@ -49,6 +46,9 @@ from plugins.topic import (
     preset_threshold,
     presets,
 )
+from checkstream.policy.guardrails import Guardrails, compile_guardrails
+from checkstream.policy.registry import load_registry
+from checkstream.types import Classification, Classifier
 
 FIN_LABELS = {"financial_advice": ["Which stocks should I buy?", "How should I invest my bonus?"]}
 

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from extproc.hookspecs import Classification, Classifier
-from extproc.registry import load_registry
-from plugins import toxicity
-from plugins.embeddings import ModelFileError
-from plugins.toxicity import MODEL, ToxicityClassifier, create
+from checkstream.plugins import toxicity
+from checkstream.plugins.embeddings import ModelFileError
+from checkstream.plugins.toxicity import MODEL, ToxicityClassifier, create
+from checkstream.policy.registry import load_registry
+from checkstream.types import Classification, Classifier
 
 #: (category, label, text); label 1 = a moderator would call it offensive or hostile.
 SANITY_SET: list[tuple[str, int, str]] = [
@@ -151,9 +151,9 @@ def test_another_onnx_model_is_refused_at_start() -> None:
 def test_onnx_equals_the_original_model(classifier: ToxicityClassifier) -> None:
     pytest.importorskip("profanity_check")
     pytest.importorskip("skl2onnx")
-    from plugins.profanity_masks import unmask
-    from plugins.toxicity import sentences_of
-    from plugins.training.convert_toxicity import load_original, varied_texts
+    from checkstream.plugins.profanity_masks import unmask
+    from checkstream.plugins.toxicity import sentences_of
+    from checkstream.plugins.training.convert_toxicity import load_original, varied_texts
 
     vectorizer, model = load_original()
     texts = varied_texts(vectorizer, 300)

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from extproc.cli import main
-from extproc.config import Price, load_config
-from extproc.usage import (
+from checkstream.cli.main import main
+from checkstream.config.model import Price, load_config
+from checkstream.ledger.usage import (
     LedgerWriteError,
     Pricing,
     UsageError,

@@ -13,9 +13,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from extproc.cli import main
-from extproc.usage import LedgerWriteError, UsageError, UsageRecord
-from extproc.usage_postgres import (
+from checkstream.cli.main import main
+from checkstream.ledger.postgres import (
     SCHEMA_VERSION,
     TABLE,
     LedgerUnavailable,
@@ -25,6 +24,7 @@ from extproc.usage_postgres import (
     report,
     request_times,
 )
+from checkstream.ledger.usage import LedgerWriteError, UsageError, UsageRecord
 from tests.postgres_server import (
     PostgresServer,
     postgres_available,
@@ -172,7 +172,7 @@ def test_migrations_are_applied_once_even_by_replicas_starting_together(
 
 
 def test_an_older_schema_is_upgraded(postgres_url: str) -> None:
-    import extproc.usage_postgres as pg
+    import checkstream.ledger.postgres as pg
 
     with psycopg.connect(postgres_url, autocommit=True) as conn:  # as version 1 left it
         conn.execute(
@@ -275,9 +275,9 @@ async def test_checkstream_usage_reads_the_shared_ledger(
 async def test_accounts_seed_budgets_from_the_shared_ledger_or_fail_in_the_tenants_mode(
     tmp_path: Path,
 ) -> None:
-    from extproc.accounting import Accounts
-    from extproc.config import load_config
-    from extproc.limits import NANO, LimiterUnavailable
+    from checkstream.accounting.accounts import Accounts
+    from checkstream.config.model import load_config
+    from checkstream.limits.limiter import NANO, LimiterUnavailable
 
     postgres_available()
     server = PostgresServer().start()  # its own server: this test stops it

@@ -1,4 +1,4 @@
-"""Hostile and odd YAML (extproc/yamlsource.py): every problem is a located ConfigError, and
+"""Hostile and odd YAML (extproc/config/yamlsource.py): every problem is a located ConfigError, and
 alias bombs, deep nesting and recursive aliases are refused without expanding them."""
 
 from __future__ import annotations
@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from extproc import yamlsource
-from extproc.config import load_config
-from extproc.control import GatewayControl
-from extproc.policy import lint_policy_file, load_policy_file
-from extproc.yamlsource import MAX_ALIASES, MAX_DEPTH, ConfigError, load_yaml
+from checkstream.config import yamlsource
+from checkstream.config.model import load_config
+from checkstream.config.yamlsource import MAX_ALIASES, MAX_DEPTH, ConfigError, load_yaml
+from checkstream.ops.control import GatewayControl
+from checkstream.policy.files import lint_policy_file, load_policy_file
 
 GOOD = "server: {port: 8080}\ntenants:\n  configs:\n    a: {backend_url: 'http://127.0.0.1:9'}\n"
 

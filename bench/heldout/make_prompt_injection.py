@@ -24,7 +24,7 @@ import sysconfig
 from pathlib import Path
 
 from bench.heldout import pi_texts as t
-from plugins.training.pi_corpora import debian_docs
+from checkstream.plugins.training.pi_corpora import debian_docs
 
 OUT = Path(__file__).with_name("prompt_injection.jsonl")
 rng = random.Random(15)

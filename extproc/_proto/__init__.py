@@ -1,10 +1,14 @@
-"""Modules generated from ``proto/`` by grpcio-tools; this file is the only one committed.
+"""Modules generated from ``proto/`` by grpcio-tools when the package is built (``setup.py``:
+``pip install .`` or ``pip install -e .``); this file is the only one committed.
 
-Importing the package first makes sure they exist and match the .proto files (see
-``extproc/protogen.py``), so ``from extproc._proto.checkstream.v1 import classifier_pb2``
-also works in a fresh checkout that was never installed.
+The runtime never runs the generator: a checkout that was never installed gets a clear error
+instead of a half-working import.
 """
 
-from extproc.protogen import ensure_generated
+from pathlib import Path
 
-ensure_generated()
+if not (Path(__file__).parent / "checkstream" / "v1" / "classifier_pb2.py").is_file():
+    raise ImportError(
+        "checkstream's gRPC modules are generated from proto/ when the package is installed: "
+        "run `pip install -e .` in the repository (or `pip install .`)"
+    )

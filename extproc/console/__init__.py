@@ -11,10 +11,10 @@ from typing import Final
 
 from aiohttp import web
 
-from extproc.console.collector import Collector
-from extproc.console.sessions import Session
-from extproc.console.source import ConsoleSource
-from extproc.console.views import PREFIX, Console, Handler, SignedIn, same_origin, see_other
+from checkstream.console.collector import Collector
+from checkstream.console.sessions import Session
+from checkstream.console.source import ConsoleSource
+from checkstream.console.views import PREFIX, Console, Handler, SignedIn, same_origin, see_other
 
 __all__ = ["CONSOLE_KEY", "ROUTE_PREFIX", "ConsoleSource", "add_console"]
 

@@ -22,7 +22,7 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, Final
 
-from extproc.config import AuditConfig
+from checkstream.config.model import AuditConfig
 
 KEPT: Final = 50
 DAY_S: Final = 86_400

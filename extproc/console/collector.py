@@ -19,18 +19,18 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
 
-from extproc.audit import resolve_audit_dirs
-from extproc.config import AuditConfig, LoadedConfig, RateLimitConfig
-from extproc.console.audit_digest import AuditDigest, TriggerRecord
-from extproc.console.fleet_traffic import ERRORS as FLEET_ERRORS
-from extproc.console.fleet_traffic import FleetTraffic
-from extproc.console.source import ConsoleSource
-from extproc.console.traffic import TrafficWindow, WindowStats, sample_from
-from extproc.console.usage_source import usage_source
-from extproc.limits import REQUESTS, TOKENS, Limiter, LimiterUnavailable, RedisLimiter
-from extproc.replica import replica_name
-from extproc.suspensions import SharedSuspensions, kept_in_redis
-from extproc.usage import UsageError, period_of
+from checkstream.accounting.suspensions import SharedSuspensions, kept_in_redis
+from checkstream.audit.trail import resolve_audit_dirs
+from checkstream.config.model import AuditConfig, LoadedConfig, RateLimitConfig
+from checkstream.console.audit_digest import AuditDigest, TriggerRecord
+from checkstream.console.fleet_traffic import ERRORS as FLEET_ERRORS
+from checkstream.console.fleet_traffic import FleetTraffic
+from checkstream.console.source import ConsoleSource
+from checkstream.console.traffic import TrafficWindow, WindowStats, sample_from
+from checkstream.console.usage_source import usage_source
+from checkstream.ledger.usage import UsageError, period_of
+from checkstream.limits.limiter import REQUESTS, TOKENS, Limiter, LimiterUnavailable, RedisLimiter
+from checkstream.ops.replica import replica_name
 
 log = logging.getLogger("checkstream.console")
 

@@ -17,8 +17,8 @@ from typing import Any, Final
 
 import redis.exceptions
 
-from extproc.console.traffic import NO_TRAFFIC, WindowStats
-from extproc.limits import redis_client
+from checkstream.console.traffic import NO_TRAFFIC, WindowStats
+from checkstream.limits.limiter import redis_client
 
 KEY: Final = "checkstream:console:traffic"
 FRESH_S: Final = 30.0

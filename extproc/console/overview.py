@@ -10,9 +10,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-from extproc.config import LoadedConfig, TenantConfig
-from extproc.console.collector import Collected, Headroom
-from extproc.console.traffic import NO_TRAFFIC, WindowStats, health, quantile
+from checkstream.config.model import LoadedConfig, TenantConfig
+from checkstream.console.collector import Collected, Headroom
+from checkstream.console.traffic import NO_TRAFFIC, WindowStats, health, quantile
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,9 @@ from typing import Any, Protocol, runtime_checkable
 
 from prometheus_client.metrics_core import Metric
 
-from extproc.config import LoadedConfig
-from extproc.limits import Limiter
-from extproc.suspensions import SuspensionOutcome
+from checkstream.accounting.suspensions import SuspensionOutcome
+from checkstream.config.model import LoadedConfig
+from checkstream.limits.limiter import Limiter
 
 
 @runtime_checkable

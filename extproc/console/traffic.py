@@ -27,7 +27,7 @@ from typing import Final
 
 from prometheus_client.metrics_core import Metric
 
-from extproc.metrics import LATENCY_BUCKETS_MS
+from checkstream.ops.metrics import LATENCY_BUCKETS_MS
 
 WINDOW_S: Final = 300.0
 MINUTE_S: Final = 60.0

@@ -12,9 +12,9 @@ from __future__ import annotations
 from datetime import date
 from typing import Protocol
 
-from extproc.config import LoadedConfig
-from extproc.usage import UsageRow, report, resolve_usage_path
-from extproc.usage_days import DailyRow, daily_report
+from checkstream.config.model import LoadedConfig
+from checkstream.ledger.days import DailyRow, daily_report
+from checkstream.ledger.usage import UsageRow, report, resolve_usage_path
 
 
 class UsageSource(Protocol):

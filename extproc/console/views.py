@@ -32,21 +32,21 @@ import jinja2
 from aiohttp import web
 from markupsafe import Markup
 
-from extproc.config import LoadedConfig, TenantConfig
-from extproc.console.charts import DayTokens, ModelTokens, compact, usage_by_day, usage_by_model
-from extproc.console.collector import Collector
-from extproc.console.overview import (
+from checkstream.accounting.suspensions import SuspensionStoreUnavailable
+from checkstream.config.model import LoadedConfig, TenantConfig
+from checkstream.console.charts import DayTokens, ModelTokens, compact, usage_by_day, usage_by_model
+from checkstream.console.collector import Collector
+from checkstream.console.overview import (
     SORT_KEYS,
     TenantVersions,
     build_rows,
     sort_rows,
     totals,
 )
-from extproc.console.sessions import Session, SessionStore, SignInThrottle
-from extproc.console.source import ConsoleSource
-from extproc.console.usage_source import usage_source
-from extproc.suspensions import SuspensionStoreUnavailable
-from extproc.usage import UsageError, check_period, period_of, render
+from checkstream.console.sessions import Session, SessionStore, SignInThrottle
+from checkstream.console.source import ConsoleSource
+from checkstream.console.usage_source import usage_source
+from checkstream.ledger.usage import UsageError, check_period, period_of, render
 
 log = logging.getLogger("checkstream.console")
 
@@ -124,7 +124,7 @@ def _limit(name: str) -> str:
 
 def _environment() -> jinja2.Environment:
     env = jinja2.Environment(
-        loader=jinja2.PackageLoader("extproc.console", "templates"),
+        loader=jinja2.PackageLoader("checkstream.console", "templates"),
         autoescape=True,
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,
@@ -149,7 +149,7 @@ class Console:
     static: dict[str, bytes] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        folder = resources.files("extproc.console") / "static"
+        folder = resources.files("checkstream.console") / "static"
         for entry in folder.iterdir():
             if Path(entry.name).suffix in _STATIC_TYPES:
                 self.static[entry.name] = entry.read_bytes()

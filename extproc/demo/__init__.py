@@ -19,14 +19,14 @@ Per-request behaviour is steered with headers:
 - ``x-demo-delay-ms``: delay between stream events, overriding the server default.
 - ``x-demo-status``: a 4xx/5xx status to answer with, in the endpoint's error format.
 
-Run standalone with ``python -m extproc.demo --port 9001 --chunk-delay-ms 20``.
+Run standalone with ``python -m checkstream.demo --port 9001 --chunk-delay-ms 20``.
 ``checkstream.yaml`` here is the config ``checkstream run --demo`` serves.
 """
 
-from extproc.demo.answer import answer_pieces
-from extproc.demo.models import DEMO_MODELS
-from extproc.demo.server import DemoUpstream, create_app, start_demo_upstream
-from extproc.demo.wire import MAX_CHUNKS
+from checkstream.demo.answer import answer_pieces
+from checkstream.demo.models import DEMO_MODELS
+from checkstream.demo.server import DemoUpstream, create_app, start_demo_upstream
+from checkstream.demo.wire import MAX_CHUNKS
 
 __all__ = [
     "DEMO_MODELS",

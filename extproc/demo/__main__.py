@@ -1,4 +1,4 @@
-"""``python -m extproc.demo``: the demo upstream on its own (its own process)."""
+"""``python -m checkstream.demo``: the demo upstream on its own (its own process)."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ import contextlib
 import sys
 from collections.abc import Sequence
 
-from extproc.demo.server import serve_until_stopped
+from checkstream.demo.server import serve_until_stopped
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m extproc.demo",
+        prog="python -m checkstream.demo",
         description="Fake OpenAI/Anthropic API for trying CheckStream without an API key.",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")

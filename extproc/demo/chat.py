@@ -7,8 +7,8 @@ from typing import Any
 
 from aiohttp import web
 
-from extproc.demo.answer import answer_pieces, content_text, last_user_text, word_count
-from extproc.demo.wire import (
+from checkstream.demo.answer import answer_pieces, content_text, last_user_text, word_count
+from checkstream.demo.wire import (
     DONE,
     SLOT,
     DemoContext,

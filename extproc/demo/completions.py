@@ -7,9 +7,9 @@ from typing import Any
 
 from aiohttp import web
 
-from extproc.demo.answer import answer_pieces, word_count
-from extproc.demo.chat import include_usage, openai_usage
-from extproc.demo.wire import (
+from checkstream.demo.answer import answer_pieces, word_count
+from checkstream.demo.chat import include_usage, openai_usage
+from checkstream.demo.wire import (
     DONE,
     SLOT,
     DemoContext,

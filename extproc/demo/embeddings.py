@@ -11,8 +11,8 @@ from typing import Any, Final
 
 from aiohttp import web
 
-from extproc.demo.answer import word_count
-from extproc.demo.wire import DemoContext, DemoError, json_response, require
+from checkstream.demo.answer import word_count
+from checkstream.demo.wire import DemoContext, DemoError, json_response, require
 
 DEFAULT_DIMENSIONS: Final = 8
 _MAX_DIMENSIONS: Final = 4096

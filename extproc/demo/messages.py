@@ -7,8 +7,8 @@ from typing import Any, Final
 
 from aiohttp import web
 
-from extproc.demo.answer import answer_pieces, content_text, last_user_text, word_count
-from extproc.demo.wire import (
+from checkstream.demo.answer import answer_pieces, content_text, last_user_text, word_count
+from checkstream.demo.wire import (
     DemoContext,
     encode_pieces,
     json_response,

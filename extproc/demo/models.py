@@ -7,7 +7,7 @@ from typing import Any, Final
 
 from aiohttp import web
 
-from extproc.demo.wire import (
+from checkstream.demo.wire import (
     DemoError,
     error_body,
     format_of,

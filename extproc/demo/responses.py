@@ -10,8 +10,8 @@ from typing import Any
 
 from aiohttp import web
 
-from extproc.demo.answer import answer_pieces, content_text, word_count
-from extproc.demo.wire import (
+from checkstream.demo.answer import answer_pieces, content_text, word_count
+from checkstream.demo.wire import (
     DemoContext,
     DemoError,
     json_response,

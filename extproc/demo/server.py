@@ -1,5 +1,5 @@
 """The demo upstream's aiohttp application: routes, start and stop. Runs inside
-``checkstream run --demo`` (the launcher's process), ``python -m extproc.demo`` or a test."""
+``checkstream run --demo`` (the launcher's process), ``python -m checkstream.demo`` or a test."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from typing import Final
 
 from aiohttp import web
 
-from extproc.demo import chat, completions, embeddings, messages, models, responses
-from extproc.demo.wire import DemoContext, ErrorFormat, json_http_errors, speaks
+from checkstream.demo import chat, completions, embeddings, messages, models, responses
+from checkstream.demo.wire import DemoContext, ErrorFormat, json_http_errors, speaks
 
 # Large enough for prompts carrying base64 images (aiohttp's default is 1 MiB).
 _MAX_BODY_BYTES: Final = 32 * 1024 * 1024

@@ -15,7 +15,7 @@ _BUNDLED_UPSTREAM: Final = f"http://127.0.0.1:{BUNDLED_DEMO_PORT}"
 
 def demo_config_path() -> Path:
     """The bundled demo config, inside the installed package (possibly read-only)."""
-    return Path(str(files("extproc.demo") / "checkstream.yaml"))
+    return Path(str(files("checkstream.demo") / "checkstream.yaml"))
 
 
 def new_demo_state(demo_port: int = BUNDLED_DEMO_PORT) -> Path:

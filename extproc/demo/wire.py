@@ -1,6 +1,6 @@
 """The demo upstream's HTTP plumbing shared by every API: request reading, JSON and SSE
 writing, errors in each API's own shape. Runs in whichever process serves the demo upstream
-(``checkstream run --demo``, ``python -m extproc.demo``, tests)."""
+(``checkstream run --demo``, ``python -m checkstream.demo``, tests)."""
 
 from __future__ import annotations
 

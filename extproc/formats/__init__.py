@@ -9,10 +9,10 @@ from __future__ import annotations
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any, Literal, Protocol
 
-from extproc.formats import anthropic, openai
-from extproc.formats.sse import SseEvent
-from extproc.formats.texts import Delta, TextSlot, Usage
-from extproc.hookspecs import Span
+from checkstream.formats import anthropic, openai
+from checkstream.formats.sse import SseEvent
+from checkstream.formats.texts import Delta, TextSlot, Usage
+from checkstream.types import Span
 
 FormatName = Literal["openai", "anthropic"]
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from extproc.formats import WireFormat, anthropic, openai, responses
+from checkstream.formats import WireFormat, anthropic, openai, responses
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,8 @@ from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from extproc.formats.sse import SseEvent, encode_event, json_data, with_data
-from extproc.formats.texts import (
+from checkstream.formats.sse import SseEvent, encode_event, json_data, with_data
+from checkstream.formats.texts import (
     Delta,
     JsonPath,
     TextSlot,
@@ -22,7 +22,7 @@ from extproc.formats.texts import (
     with_source,
     with_values,
 )
-from extproc.hookspecs import Span
+from checkstream.types import Span
 
 _ROLE_SOURCES: dict[object, str] = {
     "system": "system",

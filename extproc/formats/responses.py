@@ -19,9 +19,9 @@ from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from extproc.formats.openai import FORMAT as _OPENAI
-from extproc.formats.sse import SseEvent, encode_event, json_data, with_data
-from extproc.formats.texts import (
+from checkstream.formats.openai import FORMAT as _OPENAI
+from checkstream.formats.sse import SseEvent, encode_event, json_data, with_data
+from checkstream.formats.texts import (
     Delta,
     JsonPath,
     TextSlot,
@@ -33,7 +33,7 @@ from extproc.formats.texts import (
     with_source,
     with_values,
 )
-from extproc.hookspecs import Span
+from checkstream.types import Span
 
 _ROLE_SOURCES: dict[object, str] = {
     "system": "system",

@@ -12,7 +12,7 @@ from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from extproc.hookspecs import Span
+from checkstream.types import Span
 
 JsonPath = tuple[str | int, ...]
 """Keys and list indices from the root of a parsed JSON body down to one value."""

@@ -51,7 +51,7 @@ import pandas as pd
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
-from plugins.embeddings import (
+from checkstream.plugins.embeddings import (
     FIRST_LAYER,
     FIRST_LAYER_OUTPUT,
     MINILM_DIR,

@@ -45,7 +45,7 @@ from skl2onnx import convert_sklearn  # type: ignore[import-untyped]
 from skl2onnx.common.data_types import StringTensorType  # type: ignore[import-untyped]
 from sklearn.pipeline import make_pipeline  # type: ignore[import-untyped]
 
-from plugins.embeddings import load_session
+from checkstream.plugins.embeddings import load_session
 
 OUT = Path(__file__).resolve().parent.parent / "models" / "toxicity.onnx"
 # float32 inside onnxruntime versus float64 in scikit-learn: differences of ~1e-7 are
@@ -202,7 +202,7 @@ def bench(model: Path, rounds: int = 7) -> None:
     Rounds alternate between the two sessions so that load from other processes on the
     machine hits both alike; the median of the rounds is printed.
     """
-    from plugins.toxicity import ToxicityClassifier
+    from checkstream.plugins.toxicity import ToxicityClassifier
 
     sentence = "The quarterly report shows revenue grew, but the damn forecast is too rosy. "
     window = (sentence * 12)[:600]  # ~128 MiniLM tokens, a midstream window

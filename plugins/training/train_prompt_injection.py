@@ -74,7 +74,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import f1_score, precision_score, recall_score, roc_auc_score
 from sklearn.preprocessing import StandardScaler
 
-from plugins.prompt_injection import (
+from checkstream.plugins.prompt_injection import (
     MODEL,
     OUTPUT,
     PIECES_INPUT,
@@ -294,7 +294,7 @@ MAX_DOCS_FPR = 0.02
 
 
 def extra_frames(frames: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
-    from plugins.training import pi_corpora
+    from checkstream.plugins.training import pi_corpora
 
     pieces = WordPieces()
     doc_windows = pi_corpora.windowed(
@@ -379,7 +379,7 @@ def add_static(
 
 
 def add_minilm(splits: dict[str, Split]) -> None:
-    from plugins.embeddings import shared_minilm
+    from checkstream.plugins.embeddings import shared_minilm
 
     minilm = shared_minilm()
     for split in splits.values():
@@ -950,7 +950,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             latency_ms[family] = time_call(candidate.classify, [texts["128 tokens"]]) / 1000
             tmp.unlink()
         elif "minilm" in family:
-            from plugins.embeddings import shared_minilm
+            from checkstream.plugins.embeddings import shared_minilm
 
             minilm = shared_minilm()
             latency_ms[family] = time_call(minilm.embed, [texts["128 tokens"]], 2.0) / 1000

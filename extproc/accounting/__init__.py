@@ -1,0 +1,2 @@
+"""What each request costs and how it is closed: tallies, metering, budgets and alerts,
+suspensions, store failures (worker)."""

@@ -1,0 +1,1 @@
+"""Per-tenant, hash-chained audit trails and their verification (worker, CLI)."""

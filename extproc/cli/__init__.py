@@ -1,0 +1,1 @@
+"""The `checkstream` command line (CLI process)."""

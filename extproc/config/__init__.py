@@ -1,0 +1,2 @@
+"""checkstream.yaml: the typed model, the YAML loader with file:line errors, and fleet checks
+(every process)."""

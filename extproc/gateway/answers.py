@@ -1,0 +1,274 @@
+"""How one answer's body is handled, from its response headers to its end (worker process).
+
+The exchange picks one ``AnswerHandler`` when the response headers arrive, from what the
+tenant and the endpoint need, and from then on only feeds it:
+
+- ``PassThrough``: nothing reads the answer (Envoy's full-duplex mode still needs every
+  byte echoed).
+- ``MeteredBody`` / ``MeteredStream``: usage is read on the way; the bytes go on unchanged.
+- ``CheckedBody`` (egress): a whole answer is held until it has been checked.
+- ``CheckedStream`` (midstream): a streamed answer is checked while it flows.
+- ``Decoded`` wraps any of them when the backend compressed its answer anyway.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import zlib
+from collections.abc import Callable
+from typing import Protocol
+
+from checkstream.accounting.metering import MAX_METERED_BODY, BodyMeter, StreamMeter
+from checkstream.formats import WireFormat
+from checkstream.formats.texts import Usage
+from checkstream.intake.encodings import decoder
+from checkstream.policy.guardrails import PhasePlan
+from checkstream.policy.midstream import MidstreamGuard
+from checkstream.policy.pipeline import Checker, Verdict
+
+OnVerdict = Callable[[Verdict, float, list[str]], None]
+
+
+class AnswerHandler(Protocol):
+    @property
+    def closed(self) -> bool:
+        """The client's response has ended early (a stopped stream): the rest is discarded."""
+        ...
+
+    @property
+    def ended(self) -> bool:
+        """The answer's last event reached the client (a stream read to its end)."""
+        ...
+
+    async def feed(self, chunk: bytes) -> bytes:
+        """What to send the client now for ``chunk`` (possibly nothing: held back)."""
+        ...
+
+    async def finish(self) -> bytes:
+        """The upstream's answer ended: whatever is still to send."""
+        ...
+
+    def result(self) -> tuple[Usage | None, int]:
+        """The usage the answer reported, if any, and the characters the model wrote."""
+        ...
+
+
+class PassThrough:
+    closed = False
+    ended = False
+
+    async def feed(self, chunk: bytes) -> bytes:
+        return chunk
+
+    async def finish(self) -> bytes:
+        return b""
+
+    def result(self) -> tuple[Usage | None, int]:
+        return None, 0
+
+
+class MeteredBody:
+    closed = False
+    ended = False
+
+    def __init__(self, fmt: WireFormat) -> None:
+        self.meter = BodyMeter(fmt)
+
+    async def feed(self, chunk: bytes) -> bytes:
+        self.meter.feed(chunk)
+        return chunk
+
+    async def finish(self) -> bytes:
+        return b""
+
+    def result(self) -> tuple[Usage | None, int]:
+        return self.meter.result()
+
+
+class MeteredStream:
+    closed = False
+
+    def __init__(self, fmt: WireFormat, *, drop_usage_chunk: bool) -> None:
+        self.meter = StreamMeter(fmt, drop_usage_chunk=drop_usage_chunk)
+
+    @property
+    def ended(self) -> bool:
+        return self.meter.ended
+
+    async def feed(self, chunk: bytes) -> bytes:
+        return self.meter.feed(chunk)
+
+    async def finish(self) -> bytes:
+        return self.meter.finish()
+
+    def result(self) -> tuple[Usage | None, int]:
+        return self.meter.usage, self.meter.answer_chars
+
+
+class CheckedStream:
+    def __init__(self, guard: MidstreamGuard) -> None:
+        self.guard = guard
+        self.closed = False
+
+    @property
+    def ended(self) -> bool:
+        return self.guard.ended
+
+    async def feed(self, chunk: bytes) -> bytes:
+        release = await self.guard.feed(chunk)
+        self.closed = release.end
+        return release.body
+
+    async def finish(self) -> bytes:
+        release = await self.guard.finish()
+        self.closed = True
+        return release.body
+
+    def result(self) -> tuple[Usage | None, int]:
+        return self.guard.usage, self.guard.answer_chars
+
+
+class CheckedBody:
+    """Egress: the whole answer is held, checked, then released unchanged, redacted or
+    replaced. An answer that cannot be read (not JSON, or larger than the cap) is never
+    released unchecked: it is replaced, unless the tenant fails open."""
+
+    closed = False
+    ended = False
+
+    def __init__(
+        self,
+        fmt: WireFormat,
+        checker: Checker,
+        plan: PhasePlan,
+        *,
+        fail_open: bool,
+        on_verdict: OnVerdict,
+        max_bytes: int = MAX_METERED_BODY,
+    ) -> None:
+        self.fmt = fmt
+        self.checker = checker
+        self.plan = plan
+        self.fail_open = fail_open
+        self.on_verdict = on_verdict
+        self.max_bytes = max_bytes
+        self.body = bytearray()
+        self.overflow = False
+        self.usage: Usage | None = None
+        self.chars = 0
+
+    async def feed(self, chunk: bytes) -> bytes:
+        if len(self.body) + len(chunk) > self.max_bytes:
+            self.overflow = True
+            self.body.clear()
+        elif not self.overflow:
+            self.body += chunk
+        return b""
+
+    async def finish(self) -> bytes:
+        fmt = self.fmt
+        if self.overflow:
+            return self._unreadable(f"the answer is larger than {self.max_bytes} bytes")
+        body = bytes(self.body)
+        try:
+            payload = json.loads(body)
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            return self._unreadable("the answer is not JSON", body)
+        slots = fmt.answer_texts(payload)
+        self.usage = fmt.answer_usage(payload)
+        self.chars = sum(len(slot.text) for slot in slots)
+        texts = [slot.text for slot in slots]
+        started = time.perf_counter()
+        verdict = await self.checker.check(self.plan, texts, ["answer"] * len(slots))
+        self.on_verdict(verdict, (time.perf_counter() - started) * 1000, texts)
+        if verdict.failure is not None:
+            if self.fail_open:
+                return body
+            return fmt.blocked_answer(
+                payload, "the answer was withheld: its guardrail check failed", "guardrail_error"
+            )
+        deciding = verdict.deciding
+        if verdict.action in ("block", "stop") and deciding is not None:
+            rule = deciding.rule
+            message = rule.message or f"the answer was withheld by policy rule '{rule.name}'"
+            return fmt.blocked_answer(payload, message, rule.name)
+        if verdict.action == "redact":
+            return fmt.redact_answer(payload, slots, verdict.redactions)
+        return body
+
+    def _unreadable(self, why: str, body: bytes = b"") -> bytes:
+        if self.fail_open and not self.overflow:
+            return body
+        return self.fmt.blocked_answer(
+            {}, f"the answer was withheld: {why}, so it could not be checked", "guardrail_error"
+        )
+
+    def result(self) -> tuple[Usage | None, int]:
+        return self.usage, self.chars
+
+
+class Unreadable:
+    """An answer to be checked in an encoding CheckStream cannot decode: withheld (fail
+    closed), replaced by the format's blocked answer naming the encoding."""
+
+    closed = False
+    ended = False
+
+    def __init__(self, fmt: WireFormat, encoding: str) -> None:
+        self.fmt = fmt
+        self.encoding = encoding
+
+    async def feed(self, chunk: bytes) -> bytes:
+        return b""
+
+    async def finish(self) -> bytes:
+        message = (
+            f"the answer was withheld: the backend encoded it with {self.encoding!r}, "
+            "which CheckStream cannot check"
+        )
+        return self.fmt.blocked_answer({}, message, "guardrail_error")
+
+    def result(self) -> tuple[Usage | None, int]:
+        return None, 0
+
+
+class Decoded:
+    """An answer the backend compressed (gzip or deflate) although CheckStream asked for
+    ``identity``: decoded before the inner handler reads it, so it is checked like any; the
+    client gets it decoded (the exchange removes ``content-encoding``)."""
+
+    def __init__(self, inner: AnswerHandler, encoding: str) -> None:
+        self.inner = inner
+        self.decoder = decoder(encoding)
+        self.failed = False
+
+    @property
+    def closed(self) -> bool:
+        return self.inner.closed
+
+    @property
+    def ended(self) -> bool:
+        return self.inner.ended
+
+    async def feed(self, chunk: bytes) -> bytes:
+        return await self.inner.feed(self._decode(chunk))
+
+    async def finish(self) -> bytes:
+        tail = b"" if self.failed else self.decoder.flush()
+        out = await self.inner.feed(tail) if tail else b""
+        return out + await self.inner.finish()
+
+    def _decode(self, chunk: bytes) -> bytes:
+        if self.failed:
+            return b""
+        try:
+            return self.decoder.decompress(chunk)
+        except zlib.error:
+            # A corrupt body reads as what decoded so far; a checked one is then judged
+            # unreadable by its handler rather than passed.
+            self.failed = True
+            return b"\x00"
+
+    def result(self) -> tuple[Usage | None, int]:
+        return self.inner.result()

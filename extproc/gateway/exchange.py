@@ -1,0 +1,763 @@
+"""One HTTP request as extproc sees it: ext_proc messages in, ext_proc answers out.
+
+``server.py`` owns the gRPC stream and hands each message to an ``Exchange``; the exchange
+never touches gRPC, so tests feed it real protobuf messages directly.
+
+Body modes, and why. Every request starts with its headers; the answer to
+them carries a ``mode_override`` that asks for exactly what the tenant needs:
+
+- request body ``BUFFERED`` (tenants with ingress rules, a model allowlist or midstream
+  rules): classifiers and redaction need the whole prompt, which is small next to the
+  answer; Envoy enforces ``server.max_request_bytes`` (413) before extproc sees it.
+- response headers and body ``FULL_DUPLEX_STREAMED`` (tenants with midstream rules): answers
+  are long SSE streams that must reach the client incrementally, and midstream checks must
+  be able to hold text back, merge chunks and end the client's response *at once* with
+  ``end_of_stream`` (STREAMED mode cannot end a response before the upstream does). It
+  requires trailers to be sent too.
+
+Python's cost is per gRPC message, so a plain pass-through request costs one message.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import replace
+from functools import partial
+from typing import TypeAlias
+
+from envoy.service.ext_proc.v3.external_processor_pb2 import (
+    BodyMutation,
+    BodyResponse,
+    CommonResponse,
+    HeaderMutation,
+    HeadersResponse,
+    HttpBody,
+    HttpHeaders,
+    HttpTrailers,
+    ProcessingResponse,
+    StreamedBodyResponse,
+    TrailersResponse,
+)
+from google.protobuf.struct_pb2 import Struct
+
+from checkstream.accounting.accounts import CLIENT_CLOSED, Tally, iso_now, store_failed
+from checkstream.accounting.client_text import store_safe
+from checkstream.accounting.store_failure import STORE_UNAVAILABLE, store_refusal
+from checkstream.formats import WireFormat
+from checkstream.formats.endpoints import Endpoint, find_endpoint
+from checkstream.formats.jsonbody import RequestJsonError, parse_request_json
+from checkstream.formats.texts import dump_json, readable
+from checkstream.gateway.answers import (
+    AnswerHandler,
+    CheckedBody,
+    CheckedStream,
+    Decoded,
+    MeteredBody,
+    MeteredStream,
+    PassThrough,
+    Unreadable,
+)
+from checkstream.gateway.mutations import TO_ADMIN, error_response, header, header_map, immediate
+from checkstream.gateway.runtime import Runtime, TenantPlan
+from checkstream.intake.encodings import DECODABLE, decode_body
+from checkstream.intake.request_size import request_too_large
+from checkstream.ledger.usage import period_of
+from checkstream.limits.daily import DAILY_USD, UNLIMITED, tightest
+from checkstream.limits.limiter import NANO, Budget, Decision, LimiterUnavailable, to_nano
+from checkstream.ops import logs
+from checkstream.ops.metrics import (
+    ACCESS_REFUSED,
+    CLASSIFIER_ERRORS,
+    LATENCY,
+    POLICY_TRIGGERS,
+    RATE_LIMITED,
+)
+from checkstream.policy.midstream import MidstreamGuard
+from checkstream.policy.pipeline import Verdict
+from checkstream.tenants.resolution import Refused, Resolved
+
+log = logs.get("checkstream.policy")
+
+RULE_HEADER = "x-checkstream-rule"
+_EMPTY_BODY_RESPONSE = ProcessingResponse(request_body=BodyResponse())
+_EMPTY_RESPONSE_HEADERS = ProcessingResponse(response_headers=HeadersResponse())
+_EMPTY_TRAILERS = ProcessingResponse(response_trailers=TrailersResponse())
+_EXT_PROC_ATTRIBUTES = "envoy.filters.http.ext_proc"
+_ACCESS = "checkstream_access"
+# Served by the launcher's admin server, through the listener unless the operator says not.
+_OPERATOR_PATHS = frozenset({"/metrics", "/readyz"})
+# Client-chosen strings stored in usage records, audit trails and logs are capped.
+_MAX_MODEL_CHARS = 200
+
+Answer: TypeAlias = ProcessingResponse | list[ProcessingResponse] | None
+_PASS_THROUGH = PassThrough()
+
+
+def _streamed(body: bytes, end_of_stream: bool) -> ProcessingResponse:
+    return ProcessingResponse(
+        response_body=BodyResponse(
+            response=CommonResponse(
+                body_mutation=BodyMutation(
+                    streamed_response=StreamedBodyResponse(body=body, end_of_stream=end_of_stream)
+                )
+            )
+        )
+    )
+
+
+class Exchange:
+    """The state of one request between its ext_proc messages."""
+
+    __slots__ = (
+        "drop_usage_chunk",
+        "endpoint",
+        "fmt",
+        "handler",
+        "plan",
+        "request_body",
+        "request_encoding",
+        "runtime",
+        "tally",
+    )
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.plan: TenantPlan | None = None
+        self.request_body = bytearray()
+        #: The API this request is for; None: not one CheckStream reads (passed through).
+        self.endpoint: Endpoint | None = None
+        #: The wire format of the endpoint (or, without one, of the tenant).
+        self.fmt: WireFormat | None = None
+        self.request_encoding = ""
+        #: What happens to the answer's body, chosen at its headers.
+        self.handler: AnswerHandler = _PASS_THROUGH
+        #: CheckStream asked the backend for stream usage; the client did not.
+        self.drop_usage_chunk = False
+        #: What is counted about this request (usage, limits, audit), when its tenant counts.
+        self.tally: Tally | None = None
+
+    # -- request ---------------------------------------------------------------------------
+    async def on_request_headers(
+        self, msg: HttpHeaders, attributes: Mapping[str, Struct] | None = None
+    ) -> ProcessingResponse:
+        headers = header_map(msg)
+        path = headers.get(":path", "/")
+        if path == "/healthz" or path.startswith("/healthz?"):
+            return self._health()
+        runtime = self.runtime
+        bare = path.partition("?")[0]
+        if bare in _OPERATOR_PATHS:
+            if runtime.config.model.server.metrics_on_listener:
+                return TO_ADMIN
+            return immediate(404, b'{"error": "not served on this listener"}', details="no_route")
+        if _for_admin_server(bare, headers.get(":method", "GET")):
+            return TO_ADMIN
+        if runtime.config.model.server.console_on_listener and (
+            bare == "/ui" or bare.startswith("/ui/")
+        ):
+            return TO_ADMIN  # the operator console, when the operator put it here
+        found = runtime.resolver.resolve(path, headers)
+        if isinstance(found, Refused):
+            return error_response(
+                found.format, found.status, found.message, found.code, "checkstream_tenancy"
+            )
+        barred = runtime.access.check(
+            found.tenant.id, found.key_is_ours, attributes, headers.get("x-forwarded-for")
+        )
+        if barred is not None:
+            ACCESS_REFUSED.labels(found.tenant.id, barred.code).inc()
+            return error_response(
+                found.tenant.format, barred.status, barred.message, barred.code, _ACCESS
+            )
+        plan = runtime.plans[found.tenant.id]
+        self.plan = plan
+        tenant = plan.tenant
+        fmt = tenant.format
+        if runtime.accounts.suspended(tenant.id, tenant.config):
+            if plan.tracks:  # counted, logged and recorded like any refusal
+                self.tally = Tally.start(tenant.id, headers.get("x-request-id"))
+            refusal = error_response(
+                fmt, 403, "tenant is suspended", "tenant_suspended", "checkstream_tenancy"
+            )
+            return await self._local(refusal)
+        if found.path.startswith("/admin/"):
+            return await self._admin(found)
+        endpoint = find_endpoint(found.path)
+        self.endpoint = endpoint
+        self.fmt = endpoint.fmt if endpoint is not None else fmt
+        bare = found.path.partition("?")[0]
+        if (
+            endpoint is None
+            and not msg.end_of_stream
+            and plan.guarded
+            and bare not in plan.passthrough_paths
+        ):
+            # A body no guardrail can read would pass every check unseen.
+            return error_response(
+                fmt,
+                400,
+                f"{bare} is not an endpoint this gateway checks; the operator can allow it "
+                "with the tenant's passthrough_paths",
+                "unsupported_endpoint",
+                "checkstream_endpoint",
+            )
+        encoding = headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in ("", "identity") and plan.guarded and endpoint is not None:
+            if encoding not in DECODABLE:
+                return error_response(
+                    fmt,
+                    415,
+                    f"request bodies encoded with {encoding!r} cannot be checked: send "
+                    "identity, gzip or deflate",
+                    "unsupported_content_encoding",
+                    "checkstream_encoding",
+                )
+            self.request_encoding = encoding
+        if plan.tracks:
+            self.tally = Tally.start(tenant.id, headers.get("x-request-id"))
+        store_down = store_refusal(runtime.accounts, tenant.id, tenant.config)
+        if store_down is not None:
+            # Accounted like any answer: its own records are the probe that lifts the refusal.
+            return await self._local(
+                error_response(fmt, 503, store_down, STORE_UNAVAILABLE, "checkstream_store")
+            )
+        limits = tenant.config.rate_limit
+        if plan.admits and (not limits.tokens_per_minute or msg.end_of_stream):
+            refusal = await self._admit(plan, 0)
+            if refusal is not None:
+                return refusal
+        keep_key = tenant.config.auth_passthrough and not found.key_is_ours
+        fwd = plan.forwarding if keep_key else plan.forwarding_without_key
+        upstream_path = tenant.backend.upstream_path(found.path)
+        sets = list(fwd.set_headers)
+        removes = list(fwd.remove_headers)
+        if upstream_path != path:
+            sets.append(header(":path", upstream_path))
+        if self.request_encoding:
+            removes.append("content-encoding")  # the decoded body goes on
+        mutation = HeaderMutation(set_headers=sets, remove_headers=removes)
+        response = ProcessingResponse(
+            request_headers=HeadersResponse(
+                response=CommonResponse(header_mutation=mutation, clear_route_cache=True)
+            ),
+            mode_override=fwd.mode,
+        )
+        if fwd.metadata is not None:
+            response.dynamic_metadata.CopyFrom(fwd.metadata)
+        return response
+
+    async def on_request_body(self, msg: HttpBody) -> ProcessingResponse:
+        self.request_body += msg.body
+        if not msg.end_of_stream:
+            return _EMPTY_BODY_RESPONSE
+        plan = self.plan
+        if plan is None:
+            return _EMPTY_BODY_RESPONSE
+        tally = self.tally
+        limits = plan.tenant.config.rate_limit
+        pending_admission = bool(limits.tokens_per_minute) and not (tally and tally.admitted)
+        if not self.request_body:
+            if pending_admission:
+                refusal = await self._admit(plan, 0)
+                if refusal is not None:
+                    return refusal
+            return _EMPTY_BODY_RESPONSE
+        # Errors answer in the tenant's format (what its clients speak); texts are found
+        # where the endpoint's format puts them.
+        fmt = plan.tenant.format
+        endpoint = self.endpoint
+        if endpoint is None:
+            # Bodies of paths the operator passes through are not read, only forwarded.
+            if pending_admission:
+                refusal = await self._admit(plan, 0)
+                if refusal is not None:
+                    return refusal
+            return _EMPTY_BODY_RESPONSE
+        raw = bytes(self.request_body)
+        if self.request_encoding:
+            try:
+                raw = decode_body(raw, self.request_encoding, plan.max_request_bytes)
+            except ValueError as exc:
+                return await self._local(
+                    error_response(fmt, 400, str(exc), "invalid_encoding", "checkstream_encoding")
+                )
+        try:
+            payload = parse_request_json(raw)
+        except RequestJsonError as exc:
+            return await self._local(
+                error_response(
+                    fmt,
+                    400,
+                    str(exc),
+                    exc.code,
+                    "checkstream_json",
+                )
+            )
+        model = payload.get("model") if isinstance(payload, dict) else None
+        models = plan.allowed_models
+        if models is not None and (not isinstance(model, str) or model not in models):
+            return await self._local(
+                error_response(
+                    fmt,
+                    400,
+                    f"model {model!r} is not enabled for this tenant",
+                    "model_not_allowed",
+                    "checkstream_model",
+                )
+            )
+        api = endpoint.fmt
+        media = api.media_parts(payload) if plan.refuses_media else []
+        if media:
+            return await self._local(
+                error_response(
+                    fmt,
+                    400,
+                    f"this tenant's guardrails cannot check {media[0]} content, so it is not "
+                    "accepted (the operator can allow it with passthrough_media)",
+                    "unsupported_content",
+                    "checkstream_media",
+                )
+            )
+        slots = [replace(slot, text=readable(slot.text)) for slot in api.prompt_texts(payload)]
+        if tally is not None:
+            tally.model = store_safe(model, _MAX_MODEL_CHARS) if isinstance(model, str) else ""
+            tally.prompt_chars = sum(len(slot.text) for slot in slots)
+        if pending_admission:
+            asked = api.max_answer_tokens(payload)
+            answer = asked or limits.default_max_tokens
+            prompt = -(-sum(len(slot.text) for slot in slots) // 4)
+            too_large = request_too_large(prompt, answer, asked, limits.tokens_per_minute)
+            if too_large is not None:
+                # It could never fit, so it is not a rate limit: no Retry-After, no retry.
+                return await self._local(
+                    error_response(fmt, 400, too_large, "request_too_large", "checkstream_limits")
+                )
+            refusal = await self._admit(plan, prompt + answer)
+            if refusal is not None:
+                return refusal
+        rails = plan.guardrails.ingress
+        new_body: bytes | None = None
+        if rails.rules:
+            started = time.perf_counter()
+            verdict = await self.runtime.checker.check(
+                rails, [slot.text for slot in slots], [slot.source for slot in slots]
+            )
+            self._phase_latency(plan, "ingress", started)
+            if verdict.failure is not None:
+                if not self._fails_open(plan, verdict, "ingress"):
+                    return await self._local(
+                        error_response(
+                            fmt,
+                            503,
+                            "a guardrail check failed, so the request was not processed",
+                            "guardrail_error",
+                            "checkstream_classifier",
+                        )
+                    )
+            elif verdict.action is not None:
+                self._record(plan, verdict, "ingress", [slot.text for slot in slots])
+                deciding = verdict.deciding
+                assert deciding is not None
+                if verdict.action in ("block", "stop"):
+                    rule = deciding.rule
+                    message = (
+                        rule.message or f"the request was blocked by policy rule '{rule.name}'"
+                    )
+                    return await self._local(
+                        immediate(
+                            400,
+                            fmt.policy_error_body(message, rule.name),
+                            [(RULE_HEADER, rule.name)],
+                            details="checkstream_policy",
+                        )
+                    )
+                if verdict.action == "redact":
+                    new_body = api.redact_request(payload, slots, verdict.redactions)
+                    payload = json.loads(new_body)
+        if new_body is None and self.request_encoding:
+            new_body = raw
+        if plan.reads_answer_usage:
+            if (
+                plan.guardrails.midstream.rules
+                and isinstance(payload, dict)
+                and payload.get("stream")
+                and payload.get("n", 1) != 1
+            ):
+                # Only one streamed choice can be checked in order; others would pass unseen.
+                return await self._local(
+                    error_response(
+                        fmt,
+                        400,
+                        "streamed requests with n > 1 are not supported by this tenant's "
+                        "guardrails",
+                        "unsupported_parameter",
+                        "checkstream_n",
+                    )
+                )
+            # Exact token counts need the backend's usage, which OpenAI streams only on
+            # request; the extra chunk is removed before the client sees it.
+            with_usage = api.ensure_stream_usage(payload)
+            if with_usage is not None:
+                self.drop_usage_chunk = True
+                new_body = dump_json(with_usage)
+        if new_body is None:
+            return _EMPTY_BODY_RESPONSE
+        return ProcessingResponse(
+            request_body=BodyResponse(
+                response=CommonResponse(
+                    header_mutation=HeaderMutation(
+                        set_headers=[header("content-length", str(len(new_body)))]
+                    ),
+                    body_mutation=BodyMutation(body=new_body),
+                )
+            )
+        )
+
+    def on_request_trailers(self, msg: HttpTrailers) -> ProcessingResponse:
+        return ProcessingResponse(request_trailers=TrailersResponse())
+
+    # -- response --------------------------------------------------------------------------
+    async def on_response_headers(
+        self, msg: HttpHeaders, attributes: Mapping[str, Struct] | None = None
+    ) -> ProcessingResponse:
+        plan = self.plan
+        if plan is None:
+            return _EMPTY_RESPONSE_HEADERS
+        headers = header_map(msg)
+        status = headers.get(":status", "")
+        tally = self.tally
+        sets = []
+        if tally is not None:
+            tally.status = int(status) if status.isdigit() else 0
+            tally.billable = _from_upstream(attributes) and tally.status < 400
+            if tally.decision is not None:
+                sets = [header(k, v) for k, v in _limit_headers(tally.decision)]
+        removes: list[str] = []
+        if msg.end_of_stream:
+            await self._finish()
+        elif status.startswith("2"):
+            # Every success is read, not only 200: a 201 or 203 carries an answer too. The
+            # backend's own errors pass unchanged.
+            handler = self._answer_handler(plan, headers)
+            encoding = headers.get("content-encoding", "identity").strip().lower()
+            if handler is not _PASS_THROUGH and encoding not in ("", "identity"):
+                if encoding in DECODABLE:
+                    handler = Decoded(handler, encoding)
+                    removes.append("content-encoding")
+                elif plan.checks_answers and plan.tenant.config.fail_mode == "closed":
+                    handler = Unreadable(self.fmt or plan.tenant.format, encoding)
+                    removes.append("content-encoding")
+                else:
+                    handler = _PASS_THROUGH
+            self.handler = handler
+            keeps_length = isinstance(handler, MeteredBody) or (
+                isinstance(handler, MeteredStream) and not self.drop_usage_chunk
+            )
+            if handler is not _PASS_THROUGH and not keeps_length:
+                removes.append("content-length")  # the answer's length may change
+        if not sets and not removes:
+            return _EMPTY_RESPONSE_HEADERS
+        return ProcessingResponse(
+            response_headers=HeadersResponse(
+                response=CommonResponse(
+                    header_mutation=HeaderMutation(set_headers=sets, remove_headers=removes)
+                )
+            )
+        )
+
+    def _answer_handler(self, plan: TenantPlan, headers: Mapping[str, str]) -> AnswerHandler:
+        """The handler for a successful answer: checked, metered or passed."""
+        fmt = self.fmt or plan.tenant.format
+        endpoint = self.endpoint
+        rails = plan.guardrails
+        checks = endpoint is not None and endpoint.checks_answer and bool(rails.midstream.rules)
+        streamed = _is_event_stream(headers.get("content-type", ""))
+        fail_open = plan.tenant.config.fail_mode == "open"
+        if streamed and checks:
+            return CheckedStream(
+                MidstreamGuard(
+                    fmt,
+                    self.runtime.checker,
+                    rails.midstream,
+                    window_tokens=rails.window_tokens,
+                    holdback_tokens=rails.holdback_tokens,
+                    drop_usage_chunk=self.drop_usage_chunk,
+                    fail_open=fail_open,
+                    on_verdict=partial(self._midstream_verdict, plan),
+                )
+            )
+        if checks:
+            # A whole answer is checked before any of it is released (egress).
+            return CheckedBody(
+                fmt,
+                self.runtime.checker,
+                rails.egress,
+                fail_open=fail_open,
+                on_verdict=partial(self._egress_verdict, plan),
+            )
+        if self.tally is None or endpoint is None:
+            return _PASS_THROUGH
+        if streamed:
+            return MeteredStream(fmt, drop_usage_chunk=self.drop_usage_chunk)
+        return MeteredBody(fmt)
+
+    async def on_response_body(self, msg: HttpBody) -> Answer:
+        handler = self.handler
+        if handler.closed:
+            return None  # the client's response has ended; the rest is discarded
+        out = await handler.feed(msg.body)
+        end: bool = handler.closed  # a stream the guard stopped ends here
+        if msg.end_of_stream and not end:
+            out += await handler.finish()
+            end = True
+        if end:
+            await self._finish_answer()
+        elif not out:
+            return None  # held back: full-duplex mode needs no answer per chunk
+        return _streamed(out, end)
+
+    async def on_response_trailers(self, msg: HttpTrailers) -> Answer:
+        handler = self.handler
+        tail = b""
+        if not handler.closed:
+            # The body ended with trailers rather than end_of_stream: release the rest now.
+            tail = await handler.finish()
+        await self._finish_answer()
+        return [_streamed(tail, False), _EMPTY_TRAILERS] if tail else _EMPTY_TRAILERS
+
+    # -- accounting ------------------------------------------------------------------------
+    async def _admit(self, plan: TenantPlan, tokens: int) -> ProcessingResponse | None:
+        """Take the request's rate-limit share; a refusal answer if a limit is reached."""
+        tally = self.tally
+        tenant = plan.tenant
+        limits = tenant.config.rate_limit
+        accounts = self.runtime.accounts
+        budget = None
+        now = time.time()
+        if plan.budget_usd is not None:
+            budget = Budget(period_of(now), to_nano(plan.budget_usd))
+        try:
+            # The day's quotas first (daily_quotas.py): one more store call only for tenants
+            # that have them, given back if a minute limit refuses.
+            daily = (
+                await accounts.daily.admit(tenant.id, plan.daily, now) if plan.daily else UNLIMITED
+            )
+            decision = daily
+            if daily.allowed:
+                decision = await accounts.limiter.acquire(tenant.id, limits, tokens, budget=budget)
+                if not decision.allowed and plan.daily:
+                    await accounts.daily.refund(tenant.id, now)
+                decision = tightest(decision, daily)
+        except LimiterUnavailable as exc:
+            store_failed("limiter", tenant.id, exc, fail_mode=tenant.config.fail_mode)
+            if tenant.config.fail_mode == "open":
+                return None
+            return await self._local(
+                error_response(
+                    tenant.format,
+                    503,
+                    "rate limits cannot be checked right now, so the request was not processed",
+                    "limits_unavailable",
+                    "checkstream_limits",
+                )
+            )
+        if tally is not None:
+            tally.decision = decision
+        if decision.allowed:
+            if tally is not None:
+                tally.admitted = True
+                tally.reserved_tokens = tokens
+            return None
+        if decision.limit_name == DAILY_USD:
+            RATE_LIMITED.labels(tenant.id, DAILY_USD).inc()
+            daily_usd = plan.daily.budget_nano / NANO
+            message = f"the tenant's daily budget (daily_usd ${daily_usd:g}) is spent"
+            body = tenant.format.error_body(429, message, "budget_exceeded")
+            headers = _limit_headers(decision, refused=True)
+            return await self._local(immediate(429, body, headers, "checkstream_budget"))
+        if decision.over_budget:
+            RATE_LIMITED.labels(tenant.id, "budget").inc()
+            body = tenant.format.error_body(
+                429,
+                f"the tenant's monthly budget of ${plan.budget_usd:g} is spent",
+                "budget_exceeded",
+            )
+            headers = _limit_headers(decision, refused=True)
+            return await self._local(immediate(429, body, headers, "checkstream_budget"))
+        limit = decision.limit_name or "unknown"
+        RATE_LIMITED.labels(tenant.id, limit).inc()
+        message = f"rate limit reached ({limit}); retry after {_ceil(decision.retry_after_s)}s"
+        body = tenant.format.error_body(429, message, "rate_limit_exceeded")
+        return await self._local(
+            immediate(429, body, _limit_headers(decision, refused=True), "checkstream_limits")
+        )
+
+    async def _local(self, response: ProcessingResponse) -> ProcessingResponse:
+        """An answer extproc gives itself: the request ends here, so it is accounted now."""
+        tally = self.tally
+        if tally is not None:
+            tally.status = response.immediate_response.status.code
+            if tally.decision is not None and response.HasField("immediate_response"):
+                names = {h.header.key for h in response.immediate_response.headers.set_headers}
+                extra = [header(k, v) for k, v in _limit_headers(tally.decision) if k not in names]
+                response.immediate_response.headers.set_headers.extend(extra)
+            await self._finish()
+        return response
+
+    async def _finish(self) -> None:
+        tally = self.tally
+        plan = self.plan
+        if tally is None or tally.done or plan is None:
+            return
+        runtime = self.runtime
+        await runtime.accounts.finish(
+            tally, plan.tenant.config, runtime.pricing, runtime.known_models
+        )
+
+    async def _finish_answer(self) -> None:
+        tally = self.tally
+        if tally is not None:
+            tally.usage, tally.answer_chars = self.handler.result()
+        await self._finish()
+
+    async def abandon(self) -> None:
+        """The gRPC stream ended before the response did (client gone, Envoy reset)."""
+        tally = self.tally
+        if tally is None or tally.done:
+            return
+        usage, chars = self.handler.result()
+        if usage is not None or chars:
+            tally.usage, tally.answer_chars = usage, chars
+        if not self.handler.ended:
+            # 499 only when the client left before the end; a client that hung up right
+            # after the last event (the SDKs do) read the whole answer with its status.
+            tally.status = CLIENT_CLOSED
+        await self._finish()
+
+    # -- policy bookkeeping ----------------------------------------------------------------
+    def _phase_latency(self, plan: TenantPlan, phase: str, started: float) -> None:
+        LATENCY.labels(plan.tenant.id, phase).observe((time.perf_counter() - started) * 1000)
+
+    def _midstream_verdict(
+        self, plan: TenantPlan, verdict: Verdict, elapsed_ms: float, window: str
+    ) -> None:
+        self._verdict(plan, "midstream", verdict, elapsed_ms, [window])
+
+    def _egress_verdict(
+        self, plan: TenantPlan, verdict: Verdict, elapsed_ms: float, texts: list[str]
+    ) -> None:
+        self._verdict(plan, "egress", verdict, elapsed_ms, texts)
+
+    def _verdict(
+        self, plan: TenantPlan, phase: str, verdict: Verdict, elapsed_ms: float, texts: list[str]
+    ) -> None:
+        """Count, log and audit what a check of the answer found; the handler acts on it."""
+        LATENCY.labels(plan.tenant.id, phase).observe(elapsed_ms)
+        if verdict.failure is not None:
+            self._fails_open(plan, verdict, phase)
+        elif verdict.action is not None:
+            self._record(plan, verdict, phase, texts)
+
+    def _record(self, plan: TenantPlan, verdict: Verdict, phase: str, texts: list[str]) -> None:
+        tenant = plan.tenant.id
+        tally = self.tally
+        for trigger in verdict.triggers:
+            rule = trigger.rule
+            POLICY_TRIGGERS.labels(tenant, rule.name, rule.action).inc()
+            event = {
+                "event": "policy_trigger",
+                "tenant": tenant,
+                "phase": phase,
+                "rule": rule.name,
+                "action": rule.action,
+                "classifier": rule.classifier,
+                "score": round(trigger.score, 4),
+                "threshold": rule.threshold,
+                "regulation": rule.regulation,
+            }
+            if tally is not None:
+                event["request_id"] = tally.request_id
+                event["model"] = tally.model
+                if rule.name not in tally.rules:
+                    tally.rules.append(rule.name)
+                record = {"time": iso_now(), "type": "trigger", **_without(event, "event")}
+                if self.runtime.accounts.audit.audits(tenant):
+                    excerpt = self.runtime.excerpt(tenant, texts)
+                    if excerpt is not None:
+                        record["excerpt"] = excerpt
+                tally.triggers.append(record)
+            # Structured, and never the text itself: prompts and answers may hold PII.
+            log.info("policy_trigger", **_without(event, "event"))
+
+    def _fails_open(self, plan: TenantPlan, verdict: Verdict, phase: str) -> bool:
+        """Count and log a failed check; True if the tenant's fail mode lets traffic pass."""
+        tenant = plan.tenant
+        CLASSIFIER_ERRORS.labels(tenant.id, verdict.failed_classifier or "unknown").inc()
+        log.error(
+            "classifier_failure",
+            tenant=tenant.id,
+            phase=phase,
+            error=verdict.failure,
+            fail_mode=tenant.config.fail_mode,
+        )
+        return tenant.config.fail_mode == "open"
+
+    # -- local answers ---------------------------------------------------------------------
+    def _health(self) -> ProcessingResponse:
+        if self.runtime.draining:
+            return immediate(503, b'{"status":"draining"}', details="checkstream_health")
+        return immediate(200, b'{"status":"ok"}', details="checkstream_health")
+
+    async def _admin(self, found: Resolved) -> ProcessingResponse:
+        fmt = found.tenant.format
+        if found.path.partition("?")[0] != "/admin/tenant-info":
+            return error_response(fmt, 404, "not found", "not_found", "checkstream_admin")
+        info = await self.runtime.tenant_info(found.tenant.id)
+        return immediate(200, json.dumps(info, indent=2).encode(), details="checkstream_admin")
+
+
+def _from_upstream(attributes: Mapping[str, Struct] | None) -> bool:
+    """Whether the backend itself answered, rather than Envoy (backend down, timeout)."""
+    if attributes is None:
+        return True  # not asked for (tests, an older bootstrap): assume the backend
+    found = attributes.get(_EXT_PROC_ATTRIBUTES)
+    if found is None or "response.code_details" not in found.fields:
+        return True
+    return found.fields["response.code_details"].string_value == "via_upstream"
+
+
+def _is_event_stream(content_type: str) -> bool:
+    """``text/event-stream`` in any case, with or without parameters (``; charset=utf-8``)."""
+    return content_type.partition(";")[0].strip().lower() == "text/event-stream"
+
+
+def _for_admin_server(bare_path: str, method: str) -> bool:
+    """Operator /admin/* endpoints go to the admin server, which checks their token;
+    GET /admin/tenant-info stays here: it resolves the caller's tenant like traffic does."""
+    return bare_path.startswith("/admin/") and not (
+        bare_path == "/admin/tenant-info" and method == "GET"
+    )
+
+
+def _ceil(seconds: float) -> int:
+    return max(1, math.ceil(seconds))
+
+
+def _limit_headers(decision: Decision, *, refused: bool = False) -> list[tuple[str, str]]:
+    """X-RateLimit-* for the tightest limit (and Retry-After when refused)."""
+    out: list[tuple[str, str]] = []
+    if decision.limit is not None:
+        out.append(("x-ratelimit-limit", str(decision.limit)))
+        out.append(("x-ratelimit-remaining", str(max(0, decision.remaining or 0))))
+        if decision.reset is not None:
+            out.append(("x-ratelimit-reset", str(math.ceil(decision.reset))))
+    if refused:
+        out.append(("retry-after", str(_ceil(decision.retry_after_s))))
+    return out
+
+
+def _without(event: dict[str, object], key: str) -> dict[str, object]:
+    return {k: v for k, v in event.items() if k != key}
