@@ -21,10 +21,8 @@ Python's cost is per gRPC message, so a plain pass-through request costs one mes
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Mapping
-from dataclasses import replace
 from functools import partial
 from typing import TypeAlias
 
@@ -43,13 +41,13 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import (
 )
 from google.protobuf.struct_pb2 import Struct
 
-from checkstream.accounting.accounts import CLIENT_CLOSED, Tally, iso_now, store_failed
+from checkstream.accounting.accounts import CLIENT_CLOSED, Tally
 from checkstream.accounting.client_text import store_safe
 from checkstream.accounting.store_failure import STORE_UNAVAILABLE, store_refusal
 from checkstream.formats import WireFormat
 from checkstream.formats.endpoints import Endpoint, find_endpoint
-from checkstream.formats.jsonbody import RequestJsonError, parse_request_json
-from checkstream.formats.texts import dump_json, readable
+from checkstream.formats.texts import dump_json
+from checkstream.gateway.admission import admit, limit_headers
 from checkstream.gateway.answers import (
     AnswerHandler,
     CheckedBody,
@@ -60,20 +58,22 @@ from checkstream.gateway.answers import (
     PassThrough,
     Unreadable,
 )
-from checkstream.gateway.mutations import TO_ADMIN, error_response, header, header_map, immediate
+from checkstream.gateway.mutations import error_response, header, header_map, immediate
+from checkstream.gateway.operator_paths import route_operator
+from checkstream.gateway.request_checks import (
+    Refusal,
+    headers_refusal,
+    read_body,
+    streaming_refusal,
+)
 from checkstream.gateway.runtime import Runtime, TenantPlan
-from checkstream.intake.encodings import DECODABLE, decode_body
+from checkstream.gateway.verdicts import fails_open, observe, record
+from checkstream.intake.encodings import DECODABLE
 from checkstream.intake.request_size import request_too_large
-from checkstream.ledger.usage import period_of
-from checkstream.limits.daily import DAILY_USD, UNLIMITED, tightest
-from checkstream.limits.limiter import NANO, Budget, Decision, LimiterUnavailable, to_nano
 from checkstream.ops import logs
 from checkstream.ops.metrics import (
     ACCESS_REFUSED,
-    CLASSIFIER_ERRORS,
     LATENCY,
-    POLICY_TRIGGERS,
-    RATE_LIMITED,
 )
 from checkstream.policy.midstream import MidstreamGuard
 from checkstream.policy.pipeline import Verdict
@@ -87,13 +87,17 @@ _EMPTY_RESPONSE_HEADERS = ProcessingResponse(response_headers=HeadersResponse())
 _EMPTY_TRAILERS = ProcessingResponse(response_trailers=TrailersResponse())
 _EXT_PROC_ATTRIBUTES = "envoy.filters.http.ext_proc"
 _ACCESS = "checkstream_access"
-# Served by the launcher's admin server, through the listener unless the operator says not.
-_OPERATOR_PATHS = frozenset({"/metrics", "/readyz"})
 # Client-chosen strings stored in usage records, audit trails and logs are capped.
 _MAX_MODEL_CHARS = 200
 
 Answer: TypeAlias = ProcessingResponse | list[ProcessingResponse] | None
 _PASS_THROUGH = PassThrough()
+_CHECK_FAILED = Refusal(
+    503,
+    "a guardrail check failed, so the request was not processed",
+    "guardrail_error",
+    "checkstream_classifier",
+)
 
 
 def _streamed(body: bytes, end_of_stream: bool) -> ProcessingResponse:
@@ -145,20 +149,10 @@ class Exchange:
     ) -> ProcessingResponse:
         headers = header_map(msg)
         path = headers.get(":path", "/")
-        if path == "/healthz" or path.startswith("/healthz?"):
-            return self._health()
         runtime = self.runtime
-        bare = path.partition("?")[0]
-        if bare in _OPERATOR_PATHS:
-            if runtime.config.model.server.metrics_on_listener:
-                return TO_ADMIN
-            return immediate(404, b'{"error": "not served on this listener"}', details="no_route")
-        if _for_admin_server(bare, headers.get(":method", "GET")):
-            return TO_ADMIN
-        if runtime.config.model.server.console_on_listener and (
-            bare == "/ui" or bare.startswith("/ui/")
-        ):
-            return TO_ADMIN  # the operator console, when the operator put it here
+        operator = route_operator(runtime, path, headers.get(":method", "GET"))
+        if operator is not None:
+            return operator
         found = runtime.resolver.resolve(path, headers)
         if isinstance(found, Refused):
             return error_response(
@@ -188,33 +182,11 @@ class Exchange:
         endpoint = find_endpoint(found.path)
         self.endpoint = endpoint
         self.fmt = endpoint.fmt if endpoint is not None else fmt
-        bare = found.path.partition("?")[0]
-        if (
-            endpoint is None
-            and not msg.end_of_stream
-            and plan.guarded
-            and bare not in plan.passthrough_paths
-        ):
-            # A body no guardrail can read would pass every check unseen.
-            return error_response(
-                fmt,
-                400,
-                f"{bare} is not an endpoint this gateway checks; the operator can allow it "
-                "with the tenant's passthrough_paths",
-                "unsupported_endpoint",
-                "checkstream_endpoint",
-            )
         encoding = headers.get("content-encoding", "identity").strip().lower()
-        if encoding not in ("", "identity") and plan.guarded and endpoint is not None:
-            if encoding not in DECODABLE:
-                return error_response(
-                    fmt,
-                    415,
-                    f"request bodies encoded with {encoding!r} cannot be checked: send "
-                    "identity, gzip or deflate",
-                    "unsupported_content_encoding",
-                    "checkstream_encoding",
-                )
+        refusal = headers_refusal(plan, endpoint, found.path, not msg.end_of_stream, encoding)
+        if refusal is not None:
+            return refusal.response(fmt)
+        if encoding not in ("", "identity") and endpoint is not None and plan.guarded:
             self.request_encoding = encoding
         if plan.tracks:
             self.tally = Tally.start(tenant.id, headers.get("x-request-id"))
@@ -276,52 +248,11 @@ class Exchange:
                 if refusal is not None:
                     return refusal
             return _EMPTY_BODY_RESPONSE
-        raw = bytes(self.request_body)
-        if self.request_encoding:
-            try:
-                raw = decode_body(raw, self.request_encoding, plan.max_request_bytes)
-            except ValueError as exc:
-                return await self._local(
-                    error_response(fmt, 400, str(exc), "invalid_encoding", "checkstream_encoding")
-                )
-        try:
-            payload = parse_request_json(raw)
-        except RequestJsonError as exc:
-            return await self._local(
-                error_response(
-                    fmt,
-                    400,
-                    str(exc),
-                    exc.code,
-                    "checkstream_json",
-                )
-            )
-        model = payload.get("model") if isinstance(payload, dict) else None
-        models = plan.allowed_models
-        if models is not None and (not isinstance(model, str) or model not in models):
-            return await self._local(
-                error_response(
-                    fmt,
-                    400,
-                    f"model {model!r} is not enabled for this tenant",
-                    "model_not_allowed",
-                    "checkstream_model",
-                )
-            )
         api = endpoint.fmt
-        media = api.media_parts(payload) if plan.refuses_media else []
-        if media:
-            return await self._local(
-                error_response(
-                    fmt,
-                    400,
-                    f"this tenant's guardrails cannot check {media[0]} content, so it is not "
-                    "accepted (the operator can allow it with passthrough_media)",
-                    "unsupported_content",
-                    "checkstream_media",
-                )
-            )
-        slots = [replace(slot, text=readable(slot.text)) for slot in api.prompt_texts(payload)]
+        read = read_body(bytes(self.request_body), self.request_encoding, plan, api)
+        if isinstance(read, Refusal):
+            return await self._local(read.response(fmt))
+        raw, payload, model, slots = read.raw, read.payload, read.model, read.slots
         if tally is not None:
             tally.model = store_safe(model, _MAX_MODEL_CHARS) if isinstance(model, str) else ""
             tally.prompt_chars = sum(len(slot.text) for slot in slots)
@@ -345,20 +276,13 @@ class Exchange:
             verdict = await self.runtime.checker.check(
                 rails, [slot.text for slot in slots], [slot.source for slot in slots]
             )
-            self._phase_latency(plan, "ingress", started)
+            elapsed_ms = (time.perf_counter() - started) * 1000
+            LATENCY.labels(plan.tenant.id, "ingress").observe(elapsed_ms)
             if verdict.failure is not None:
-                if not self._fails_open(plan, verdict, "ingress"):
-                    return await self._local(
-                        error_response(
-                            fmt,
-                            503,
-                            "a guardrail check failed, so the request was not processed",
-                            "guardrail_error",
-                            "checkstream_classifier",
-                        )
-                    )
+                if not fails_open(plan, verdict, "ingress"):
+                    return await self._local(_CHECK_FAILED.response(fmt))
             elif verdict.action is not None:
-                self._record(plan, verdict, "ingress", [slot.text for slot in slots])
+                record(self.runtime, plan, self.tally, verdict, "ingress", [s.text for s in slots])
                 deciding = verdict.deciding
                 assert deciding is not None
                 if verdict.action in ("block", "stop"):
@@ -380,23 +304,9 @@ class Exchange:
         if new_body is None and self.request_encoding:
             new_body = raw
         if plan.reads_answer_usage:
-            if (
-                plan.guardrails.midstream.rules
-                and isinstance(payload, dict)
-                and payload.get("stream")
-                and payload.get("n", 1) != 1
-            ):
-                # Only one streamed choice can be checked in order; others would pass unseen.
-                return await self._local(
-                    error_response(
-                        fmt,
-                        400,
-                        "streamed requests with n > 1 are not supported by this tenant's "
-                        "guardrails",
-                        "unsupported_parameter",
-                        "checkstream_n",
-                    )
-                )
+            refusal = streaming_refusal(plan, payload)
+            if refusal is not None:
+                return await self._local(refusal.response(fmt))
             # Exact token counts need the backend's usage, which OpenAI streams only on
             # request; the extra chunk is removed before the client sees it.
             with_usage = api.ensure_stream_usage(payload)
@@ -434,7 +344,7 @@ class Exchange:
             tally.status = int(status) if status.isdigit() else 0
             tally.billable = _from_upstream(attributes) and tally.status < 400
             if tally.decision is not None:
-                sets = [header(k, v) for k, v in _limit_headers(tally.decision)]
+                sets = [header(k, v) for k, v in limit_headers(tally.decision)]
         removes: list[str] = []
         if msg.end_of_stream:
             await self._finish()
@@ -530,70 +440,9 @@ class Exchange:
 
     # -- accounting ------------------------------------------------------------------------
     async def _admit(self, plan: TenantPlan, tokens: int) -> ProcessingResponse | None:
-        """Take the request's rate-limit share; a refusal answer if a limit is reached."""
-        tally = self.tally
-        tenant = plan.tenant
-        limits = tenant.config.rate_limit
-        accounts = self.runtime.accounts
-        budget = None
-        now = time.time()
-        if plan.budget_usd is not None:
-            budget = Budget(period_of(now), to_nano(plan.budget_usd))
-        try:
-            # The day's quotas first (daily_quotas.py): one more store call only for tenants
-            # that have them, given back if a minute limit refuses.
-            daily = (
-                await accounts.daily.admit(tenant.id, plan.daily, now) if plan.daily else UNLIMITED
-            )
-            decision = daily
-            if daily.allowed:
-                decision = await accounts.limiter.acquire(tenant.id, limits, tokens, budget=budget)
-                if not decision.allowed and plan.daily:
-                    await accounts.daily.refund(tenant.id, now)
-                decision = tightest(decision, daily)
-        except LimiterUnavailable as exc:
-            store_failed("limiter", tenant.id, exc, fail_mode=tenant.config.fail_mode)
-            if tenant.config.fail_mode == "open":
-                return None
-            return await self._local(
-                error_response(
-                    tenant.format,
-                    503,
-                    "rate limits cannot be checked right now, so the request was not processed",
-                    "limits_unavailable",
-                    "checkstream_limits",
-                )
-            )
-        if tally is not None:
-            tally.decision = decision
-        if decision.allowed:
-            if tally is not None:
-                tally.admitted = True
-                tally.reserved_tokens = tokens
-            return None
-        if decision.limit_name == DAILY_USD:
-            RATE_LIMITED.labels(tenant.id, DAILY_USD).inc()
-            daily_usd = plan.daily.budget_nano / NANO
-            message = f"the tenant's daily budget (daily_usd ${daily_usd:g}) is spent"
-            body = tenant.format.error_body(429, message, "budget_exceeded")
-            headers = _limit_headers(decision, refused=True)
-            return await self._local(immediate(429, body, headers, "checkstream_budget"))
-        if decision.over_budget:
-            RATE_LIMITED.labels(tenant.id, "budget").inc()
-            body = tenant.format.error_body(
-                429,
-                f"the tenant's monthly budget of ${plan.budget_usd:g} is spent",
-                "budget_exceeded",
-            )
-            headers = _limit_headers(decision, refused=True)
-            return await self._local(immediate(429, body, headers, "checkstream_budget"))
-        limit = decision.limit_name or "unknown"
-        RATE_LIMITED.labels(tenant.id, limit).inc()
-        message = f"rate limit reached ({limit}); retry after {_ceil(decision.retry_after_s)}s"
-        body = tenant.format.error_body(429, message, "rate_limit_exceeded")
-        return await self._local(
-            immediate(429, body, _limit_headers(decision, refused=True), "checkstream_limits")
-        )
+        """The tenant's limits (``admission.py``); a refusal is accounted like any answer."""
+        refusal = await admit(self.runtime.accounts, plan, self.tally, tokens)
+        return None if refusal is None else await self._local(refusal)
 
     async def _local(self, response: ProcessingResponse) -> ProcessingResponse:
         """An answer extproc gives itself: the request ends here, so it is accounted now."""
@@ -602,7 +451,7 @@ class Exchange:
             tally.status = response.immediate_response.status.code
             if tally.decision is not None and response.HasField("immediate_response"):
                 names = {h.header.key for h in response.immediate_response.headers.set_headers}
-                extra = [header(k, v) for k, v in _limit_headers(tally.decision) if k not in names]
+                extra = [header(k, v) for k, v in limit_headers(tally.decision) if k not in names]
                 response.immediate_response.headers.set_headers.extend(extra)
             await self._finish()
         return response
@@ -637,80 +486,18 @@ class Exchange:
             tally.status = CLIENT_CLOSED
         await self._finish()
 
-    # -- policy bookkeeping ----------------------------------------------------------------
-    def _phase_latency(self, plan: TenantPlan, phase: str, started: float) -> None:
-        LATENCY.labels(plan.tenant.id, phase).observe((time.perf_counter() - started) * 1000)
-
+    # -- policy bookkeeping (verdicts.py) --------------------------------------------------
     def _midstream_verdict(
         self, plan: TenantPlan, verdict: Verdict, elapsed_ms: float, window: str
     ) -> None:
-        self._verdict(plan, "midstream", verdict, elapsed_ms, [window])
+        observe(self.runtime, plan, self.tally, "midstream", verdict, elapsed_ms, [window])
 
     def _egress_verdict(
         self, plan: TenantPlan, verdict: Verdict, elapsed_ms: float, texts: list[str]
     ) -> None:
-        self._verdict(plan, "egress", verdict, elapsed_ms, texts)
-
-    def _verdict(
-        self, plan: TenantPlan, phase: str, verdict: Verdict, elapsed_ms: float, texts: list[str]
-    ) -> None:
-        """Count, log and audit what a check of the answer found; the handler acts on it."""
-        LATENCY.labels(plan.tenant.id, phase).observe(elapsed_ms)
-        if verdict.failure is not None:
-            self._fails_open(plan, verdict, phase)
-        elif verdict.action is not None:
-            self._record(plan, verdict, phase, texts)
-
-    def _record(self, plan: TenantPlan, verdict: Verdict, phase: str, texts: list[str]) -> None:
-        tenant = plan.tenant.id
-        tally = self.tally
-        for trigger in verdict.triggers:
-            rule = trigger.rule
-            POLICY_TRIGGERS.labels(tenant, rule.name, rule.action).inc()
-            event = {
-                "event": "policy_trigger",
-                "tenant": tenant,
-                "phase": phase,
-                "rule": rule.name,
-                "action": rule.action,
-                "classifier": rule.classifier,
-                "score": round(trigger.score, 4),
-                "threshold": rule.threshold,
-                "regulation": rule.regulation,
-            }
-            if tally is not None:
-                event["request_id"] = tally.request_id
-                event["model"] = tally.model
-                if rule.name not in tally.rules:
-                    tally.rules.append(rule.name)
-                record = {"time": iso_now(), "type": "trigger", **_without(event, "event")}
-                if self.runtime.accounts.audit.audits(tenant):
-                    excerpt = self.runtime.excerpt(tenant, texts)
-                    if excerpt is not None:
-                        record["excerpt"] = excerpt
-                tally.triggers.append(record)
-            # Structured, and never the text itself: prompts and answers may hold PII.
-            log.info("policy_trigger", **_without(event, "event"))
-
-    def _fails_open(self, plan: TenantPlan, verdict: Verdict, phase: str) -> bool:
-        """Count and log a failed check; True if the tenant's fail mode lets traffic pass."""
-        tenant = plan.tenant
-        CLASSIFIER_ERRORS.labels(tenant.id, verdict.failed_classifier or "unknown").inc()
-        log.error(
-            "classifier_failure",
-            tenant=tenant.id,
-            phase=phase,
-            error=verdict.failure,
-            fail_mode=tenant.config.fail_mode,
-        )
-        return tenant.config.fail_mode == "open"
+        observe(self.runtime, plan, self.tally, "egress", verdict, elapsed_ms, texts)
 
     # -- local answers ---------------------------------------------------------------------
-    def _health(self) -> ProcessingResponse:
-        if self.runtime.draining:
-            return immediate(503, b'{"status":"draining"}', details="checkstream_health")
-        return immediate(200, b'{"status":"ok"}', details="checkstream_health")
-
     async def _admin(self, found: Resolved) -> ProcessingResponse:
         fmt = found.tenant.format
         if found.path.partition("?")[0] != "/admin/tenant-info":
@@ -733,30 +520,6 @@ def _is_event_stream(content_type: str) -> bool:
     """``text/event-stream`` in any case, with or without parameters (``; charset=utf-8``)."""
     return content_type.partition(";")[0].strip().lower() == "text/event-stream"
 
-
-def _for_admin_server(bare_path: str, method: str) -> bool:
-    """Operator /admin/* endpoints go to the admin server, which checks their token;
-    GET /admin/tenant-info stays here: it resolves the caller's tenant like traffic does."""
-    return bare_path.startswith("/admin/") and not (
-        bare_path == "/admin/tenant-info" and method == "GET"
-    )
-
-
-def _ceil(seconds: float) -> int:
-    return max(1, math.ceil(seconds))
-
-
-def _limit_headers(decision: Decision, *, refused: bool = False) -> list[tuple[str, str]]:
-    """X-RateLimit-* for the tightest limit (and Retry-After when refused)."""
-    out: list[tuple[str, str]] = []
-    if decision.limit is not None:
-        out.append(("x-ratelimit-limit", str(decision.limit)))
-        out.append(("x-ratelimit-remaining", str(max(0, decision.remaining or 0))))
-        if decision.reset is not None:
-            out.append(("x-ratelimit-reset", str(math.ceil(decision.reset))))
-    if refused:
-        out.append(("retry-after", str(_ceil(decision.retry_after_s))))
-    return out
 
 
 def _without(event: dict[str, object], key: str) -> dict[str, object]:
