@@ -43,6 +43,11 @@ class WireFormat(Protocol):
         ...
 
     @property
+    def repeats_text(self) -> bool:
+        """Its streams repeat their text in later events (``rewrite_repeats``)."""
+        ...
+
+    @property
     def auth_header(self) -> str:
         """Header that carries the API key the backend expects when CheckStream injects one."""
         ...

@@ -45,6 +45,8 @@ _STRUCTURE = frozenset(
 class AnthropicFormat:
     name: str = "anthropic"
     auth_header: str = "x-api-key"
+    #: Its streams repeat their text in later events (``rewrite_repeats``).
+    repeats_text: bool = False
 
     def error_body(self, status: int, message: str, code: str | None = None) -> bytes:
         kind = _TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")

@@ -50,6 +50,8 @@ _HEAD = ("id", "object", "created", "model", "system_fingerprint")
 class OpenAIFormat:
     name: str = "openai"
     auth_header: str = "authorization"
+    #: Its streams repeat their text in later events (``rewrite_repeats``).
+    repeats_text: bool = False
 
     def error_body(self, status: int, message: str, code: str | None = None) -> bytes:
         kind = _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")

@@ -50,6 +50,8 @@ _FINAL = frozenset({"response.completed", "response.incomplete", "response.faile
 class ResponsesFormat:
     name: str = "openai"
     auth_header: str = "authorization"
+    #: Its streams repeat their text in later events (``rewrite_repeats``).
+    repeats_text: bool = True
 
     def error_body(self, status: int, message: str, code: str | None = None) -> bytes:
         return _OPENAI.error_body(status, message, code)

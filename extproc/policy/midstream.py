@@ -38,6 +38,7 @@ _ANSWER = ("answer",)
 # Latin and CJK full stops, question and exclamation marks, and line breaks.
 _SENTENCE_ENDS = frozenset(".!?\n\u3002\uff01\uff1f")
 _SPACED_ENDS = tuple(f"{end} " for end in ".!?\u3002\uff01\uff1f")
+_DIGITS = frozenset("0123456789")
 # The longest number or code written in groups (an IBAN: 34 characters and 8 spaces).
 _MAX_GROUPED = 42
 # Text no longer needed is dropped from the buffer in pieces at least this large.
@@ -100,6 +101,10 @@ class MidstreamGuard:
         self.ended = False
         #: The upstream sent its stream's last event ([DONE], message_stop, ...).
         self.last_seen = False
+        self._boundary_for = -1  # the `checked` the cached boundary was computed for
+        self._boundary_at = 0
+        # Only formats whose streams repeat their text need each channel's released text.
+        self.keeps_sent = fmt.repeats_text
 
     @property
     def answer_chars(self) -> int:
@@ -234,7 +239,16 @@ class MidstreamGuard:
         return Release(self.tracker.ending(rule, reason), end=True)
 
     def _boundary(self) -> int:
-        """How far the answer's text may be released now (see the module's docstring)."""
+        """How far the answer's text may be released now (see the module's docstring).
+
+        It moves only when a check does, so it is computed once per check."""
+        if self._boundary_for == self.checked:
+            return max(self._boundary_at, self.released)
+        self._boundary_for = self.checked
+        self._boundary_at = self._compute_boundary()
+        return max(self._boundary_at, self.released)
+
+    def _compute_boundary(self) -> int:
         checked = self.checked
         tail = self._text(max(self.base, self.released, checked - self.window_chars), checked)
         offset = checked - len(tail)
@@ -263,11 +277,12 @@ class MidstreamGuard:
                 if text is not None:
                     event = fmt.with_delta_text(event, text)
                     self.redacted.add(item.channel)
-                self.sent.setdefault(item.channel, []).append(
-                    text if text is not None else self._text(item.start, item.end)
-                )
+                if self.keeps_sent:
+                    self.sent.setdefault(item.channel, []).append(
+                        text if text is not None else self._text(item.start, item.end)
+                    )
                 self.released = max(self.released, item.end)
-            elif self.redacted:
+            elif self.redacted and self.keeps_sent:
                 rendered = {ch: "".join(self.sent[ch]) for ch in self.redacted}
                 event = fmt.rewrite_repeats(event, rendered) or event
             self.tracker.observe(event)
@@ -316,7 +331,7 @@ class MidstreamGuard:
 
 
 def _ends_sentence(text: str) -> bool:
-    return any(c in _SENTENCE_ENDS for c in text)
+    return not _SENTENCE_ENDS.isdisjoint(text)
 
 
 def _sentence_cut(text: str) -> int | None:
@@ -354,4 +369,4 @@ def _word_start(text: str, end: int) -> int:
 
 
 def _has_digit(word: str) -> bool:
-    return any(c.isdigit() for c in word)
+    return not _DIGITS.isdisjoint(word)
