@@ -66,7 +66,7 @@ from checkstream.intake.encodings import DECODABLE, decode_body
 from checkstream.intake.request_size import request_too_large
 from checkstream.ledger.usage import period_of
 from checkstream.limits.daily import DAILY_USD, UNLIMITED, tightest
-from checkstream.limits.limiter import NANO, Budget, Decision, LimiterUnavailable, to_nano
+from checkstream.limits.decisions import NANO, Budget, Decision, LimiterUnavailable, to_nano
 from checkstream.ops import logs
 from checkstream.ops.metrics import (
     ACCESS_REFUSED,
