@@ -80,14 +80,10 @@ from checkstream.config.model import LimitsConfig, RateLimitConfig, load_config
 from checkstream.gateway.runtime import Runtime
 from checkstream.gateway.server import ExternalProcessor
 from checkstream.ledger.usage import UsageLedger, UsageRecord, period_of
-from checkstream.limits.limiter import (
-    Budget,
-    Charge,
-    Limiter,
-    MemoryLimiter,
-    build_limiter,
-    to_nano,
-)
+from checkstream.limits import build_limiter
+from checkstream.limits.base import Limiter
+from checkstream.limits.decisions import Budget, Charge, to_nano
+from checkstream.limits.memory import MemoryLimiter
 
 HOST = pt.HOST
 TARGET_MEMORY_PCT = 90.0

@@ -2,7 +2,7 @@
 messages (no gRPC, no Envoy) with the real limiter (which keeps the budgets too) and SQLite
 usage ledger.
 
-The limiter's clock is fixed (``checkstream.limits.limiter.time``), so every X-RateLimit-* value and
+The limiter's clock is fixed (``checkstream.limits.memory.time``), so every X-RateLimit-* value and
 every remaining count is exact.
 """
 
@@ -38,14 +38,10 @@ from checkstream.formats.texts import Usage
 from checkstream.gateway.exchange import Exchange
 from checkstream.gateway.runtime import Runtime
 from checkstream.ledger.usage import Pricing, UsageLedger
-from checkstream.limits import limiter as limits_module
-from checkstream.limits.limiter import (
-    NANO,
-    Charge,
-    MemoryLimiter,
-    RedisLimiter,
-    seconds_to_next_month,
-)
+from checkstream.limits import memory as limits_module
+from checkstream.limits.decisions import NANO, Charge, seconds_to_next_month
+from checkstream.limits.memory import MemoryLimiter
+from checkstream.limits.redis import RedisLimiter
 from tests.redis_server import RedisServer, redis_server
 from tests.support import free_port
 from tests.test_metering import ANSWER_CHARS, anthropic_stream, openai_stream

@@ -16,7 +16,7 @@ from aiohttp import web
 from checkstream.accounting.budget_alerts import BudgetAlerts, MemoryClaims, RedisClaims
 from checkstream.audit.trail import AuditLog
 from checkstream.config.model import TenantConfig
-from checkstream.limits.limiter import NANO
+from checkstream.limits.decisions import NANO
 from checkstream.ops.metrics import BUDGET_USED
 from tests.redis_server import RedisServer, redis_server
 

@@ -1,4 +1,4 @@
-"""Monthly budgets in checkstream.limits.limiter: one suite over both backends, then what only
+"""Monthly budgets in checkstream.limits: one suite over both backends, then what only
 Redis can
 show (replicas, round trips, seeding races, an unreachable, flushed or restarted server), and
 the month arithmetic.
@@ -23,7 +23,9 @@ import pytest
 import redis.asyncio as aioredis
 
 from checkstream.config.model import LimitsConfig, RateLimitConfig
-from checkstream.limits.limiter import (
+from checkstream.limits import build_limiter
+from checkstream.limits.base import Limiter
+from checkstream.limits.decisions import (
     CONCURRENCY,
     NANO,
     REQUESTS,
@@ -31,14 +33,12 @@ from checkstream.limits.limiter import (
     Budget,
     Charge,
     Decision,
-    Limiter,
     LimiterUnavailable,
-    MemoryLimiter,
-    RedisLimiter,
-    build_limiter,
     seconds_to_next_month,
     to_nano,
 )
+from checkstream.limits.memory import MemoryLimiter
+from checkstream.limits.redis import RedisLimiter
 from tests.redis_server import RedisServer, redis_binary, redis_server
 from tests.support import free_port
 

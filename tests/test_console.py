@@ -28,7 +28,8 @@ from checkstream.console.sessions import SessionStore, SignInThrottle
 from checkstream.console.source import ConsoleSource
 from checkstream.console.views import SESSION_COOKIE, SIGNIN_COOKIE
 from checkstream.ledger.usage import UsageLedger, UsageRecord, resolve_usage_path
-from checkstream.limits.limiter import Limiter, MemoryLimiter
+from checkstream.limits.base import Limiter
+from checkstream.limits.memory import MemoryLimiter
 from checkstream.ops.admin import build_admin_app
 from checkstream.ops.metrics import LATENCY_BUCKETS_MS
 from tests.console_gateway import (

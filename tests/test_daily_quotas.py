@@ -21,7 +21,7 @@ from checkstream.limits.daily import (
     day_of,
     tightest,
 )
-from checkstream.limits.limiter import NANO, Decision
+from checkstream.limits.decisions import NANO, Decision
 from tests.redis_server import RedisServer, redis_server
 
 __all__ = ["redis_server"]

@@ -1,5 +1,5 @@
-"""checkstream.limits.limiter: one suite over both backends, then what only Redis can show
-(replicas).
+"""checkstream.limits (memory.py, redis.py): one suite over both backends, then what only
+Redis can show (replicas).
 
 Clocks are passed in (`now`), so nothing sleeps and every expected number is exact.
 """
@@ -15,17 +15,11 @@ import pytest
 import redis.asyncio as aioredis
 
 from checkstream.config.model import LimitsConfig, RateLimitConfig
-from checkstream.limits.limiter import (
-    CONCURRENCY,
-    REQUESTS,
-    TOKENS,
-    Decision,
-    Limiter,
-    LimiterUnavailable,
-    MemoryLimiter,
-    RedisLimiter,
-    build_limiter,
-)
+from checkstream.limits import build_limiter
+from checkstream.limits.base import Limiter
+from checkstream.limits.decisions import CONCURRENCY, REQUESTS, TOKENS, Decision, LimiterUnavailable
+from checkstream.limits.memory import MemoryLimiter
+from checkstream.limits.redis import RedisLimiter
 from tests.redis_server import RedisServer, redis_binary, redis_server
 from tests.support import free_port
 
@@ -97,16 +91,16 @@ async def test_tokens_prepaid_then_settled(limiter: Limiter) -> None:
     assert refused.retry_after_s == 12.0  # 200 tokens over, at 1000/min
 
     # The answer used only 100: the refund makes room for another 600.
-    await limiter.settle("acme", limits, reserved_tokens=600, actual_tokens=100, now=T0)
+    await limiter.finish("acme", limits, reserved_tokens=600, actual_tokens=100, now=T0)
     assert (await limiter.remaining("acme", limits, now=T0)).remaining == 900
     assert (await limiter.acquire("acme", limits, 600, now=T0)).allowed  # level 700
 
     # This one used 900: the overrun is charged, up to full...
-    await limiter.settle("acme", limits, reserved_tokens=600, actual_tokens=900, now=T0)
+    await limiter.finish("acme", limits, reserved_tokens=600, actual_tokens=900, now=T0)
     full = await limiter.remaining("acme", limits, now=T0)
     assert (full.allowed, full.remaining) == (True, 0)  # a token-free request still fits
     # ...and beyond: 200 tokens of debt block even a token-free request for 12 s.
-    await limiter.settle("acme", limits, reserved_tokens=0, actual_tokens=200, now=T0)
+    await limiter.finish("acme", limits, reserved_tokens=0, actual_tokens=200, now=T0)
     debt = await limiter.acquire("acme", limits, 0, now=T0)
     assert (debt.allowed, debt.limit_name, debt.retry_after_s) == (False, TOKENS, 12.0)
     assert debt.reset == T0 + 72  # 1200 tokens at 1000/min
@@ -128,14 +122,14 @@ async def test_concurrency_slots_and_release(limiter: Limiter) -> None:
     c = await limiter.acquire("acme", limits, 0, now=T0)
     assert (c.allowed, c.limit_name, c.retry_after_s) == (False, CONCURRENCY, 1.0)
     assert c.lease is None  # refused: nothing to give back
-    await limiter.release("acme", limits, a.lease)
+    await limiter.finish("acme", limits, 0, 0, lease=a.lease)
     assert (await limiter.remaining("acme", limits, now=T0)).remaining == 1
     d = await limiter.acquire("acme", limits, 0, now=T0)
     assert d.allowed and d.lease
     for _ in range(3):  # releasing the same lease again frees nothing more
-        await limiter.release("acme", limits, a.lease)
+        await limiter.finish("acme", limits, 0, 0, lease=a.lease)
     assert (await limiter.remaining("acme", limits, now=T0)).remaining == 0
-    await limiter.release("acme", limits, b.lease)
+    await limiter.finish("acme", limits, 0, 0, lease=b.lease)
     await limiter.finish("acme", limits, 0, 0, now=T0, lease=d.lease)
     assert (await limiter.remaining("acme", limits, now=T0)).remaining == 2
 
@@ -154,7 +148,7 @@ async def test_a_lease_nobody_renews_expires_after_lease_s_even_under_traffic(
     assert (await limiter.acquire("acme", limits, 0, now=T0 + 30)).allowed
     # The dead holder's late release (were it to come) frees nothing that is not its own.
     assert held.lease is not None
-    await limiter.release("acme", limits, held.lease)
+    await limiter.finish("acme", limits, 0, 0, lease=held.lease)
     assert not (await limiter.acquire("acme", limits, 0, now=T0 + 31)).allowed
 
 
@@ -181,7 +175,7 @@ async def test_a_refusal_by_one_limit_takes_nothing_from_the_others(limiter: Lim
     # Refused by concurrency: no request, no tokens taken.
     by_slot = await limiter.acquire("acme", limits, 100, now=T0)
     assert (by_slot.allowed, by_slot.limit_name) == (False, CONCURRENCY)
-    await limiter.release("acme", limits, held.lease or "")
+    await limiter.finish("acme", limits, 0, 0, lease=held.lease)
     # Refused by tokens: no request, no slot taken.
     by_tokens = await limiter.acquire("acme", limits, 950, now=T0)
     assert (by_tokens.allowed, by_tokens.limit_name) == (False, TOKENS)
@@ -213,7 +207,7 @@ async def test_tenants_are_isolated(limiter: Limiter) -> None:
         d = await limiter.acquire(other, limits, 10, now=T0)
         assert (d.allowed, d.limit_name, d.remaining) == (True, CONCURRENCY, 0)
     # acme's lease given as another tenant's frees nothing anywhere.
-    await limiter.release("acme-corp", limits, held.lease)
+    await limiter.finish("acme-corp", limits, 0, 0, lease=held.lease)
     assert not (await limiter.acquire("acme", limits, 0, now=T0 + 29)).allowed
 
 
@@ -285,12 +279,12 @@ async def test_backends_decide_identically_on_a_random_sequence(
                     held.setdefault((tenant, ci), []).append((dm.lease, dr.lease))
             elif op < 0.75:
                 reserved, actual = rng.randrange(600), rng.randrange(900)
-                await memory.settle(tenant, limits, reserved, actual, now=now)
-                await shared.settle(tenant, limits, reserved, actual, now=now)
+                await memory.finish(tenant, limits, reserved, actual, now=now)
+                await shared.finish(tenant, limits, reserved, actual, now=now)
             elif op < 0.9 and held.get((tenant, ci)):
                 lease_m, lease_r = held[(tenant, ci)].pop()
-                await memory.release(tenant, limits, lease_m)
-                await shared.release(tenant, limits, lease_r)
+                await memory.finish(tenant, limits, 0, 0, lease=lease_m)
+                await shared.finish(tenant, limits, 0, 0, lease=lease_r)
             else:
                 assert await memory.remaining(tenant, limits, now=now) == await shared.remaining(
                     tenant, limits, now=now
@@ -356,7 +350,7 @@ async def test_now_none_uses_the_redis_clock(redis_server: RedisServer) -> None:
         assert before + 59 <= d.reset <= time.time() + 61
         refused = await lim.acquire("acme", rl(rpm=1), 0)
         assert not refused.allowed and 58 < refused.retry_after_s <= 60
-        await lim.settle("acme", rl(tpm=10), 5, 1)
+        await lim.finish("acme", rl(tpm=10), 5, 1)
         assert (await lim.remaining("acme", rl(rpm=1))).remaining == 0
     finally:
         await lim.aclose()
@@ -367,8 +361,8 @@ async def test_unreachable_redis_raises_limiter_unavailable() -> None:
     try:
         for call in (
             lim.acquire("acme", rl(rpm=1), 0, now=T0),
-            lim.settle("acme", rl(tpm=10), 5, 1, now=T0),
-            lim.release("acme", rl(concurrent=1), "some-lease"),
+            lim.finish("acme", rl(tpm=10), 5, 1, now=T0),
+            lim.finish("acme", rl(concurrent=1), 0, 0, lease="some-lease"),
             lim.remaining("acme", rl(rpm=1), now=T0),
         ):
             with pytest.raises(LimiterUnavailable, match="unavailable") as caught:

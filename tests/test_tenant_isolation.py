@@ -24,7 +24,7 @@ from checkstream.audit.trail import AuditLog, verify
 from checkstream.config.model import Price, TenantConfig
 from checkstream.formats.texts import Usage
 from checkstream.ledger.usage import LedgerWriteError, Pricing, UsageLedger, UsageRecord
-from checkstream.limits.limiter import MemoryLimiter
+from checkstream.limits.memory import MemoryLimiter
 
 LONE = "m\ud800"  # what json.loads('"m\\ud800"') gives: valid JSON, not encodable as UTF-8
 

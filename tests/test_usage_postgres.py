@@ -277,7 +277,7 @@ async def test_accounts_seed_budgets_from_the_shared_ledger_or_fail_in_the_tenan
 ) -> None:
     from checkstream.accounting.accounts import Accounts
     from checkstream.config.model import load_config
-    from checkstream.limits.limiter import NANO, LimiterUnavailable
+    from checkstream.limits.decisions import NANO, LimiterUnavailable
 
     postgres_available()
     server = PostgresServer().start()  # its own server: this test stops it

@@ -42,15 +42,10 @@ from checkstream.formats.texts import Usage
 from checkstream.intake.request_id import request_id as choose_request_id
 from checkstream.ledger.backends import Ledger, open_ledger
 from checkstream.ledger.usage import Pricing, UsageRecord, period_of
+from checkstream.limits import build_limiter
+from checkstream.limits.base import Limiter
 from checkstream.limits.daily import DailyQuotas, MemoryDailyQuotas, RedisDailyQuotas
-from checkstream.limits.limiter import (
-    Charge,
-    Decision,
-    Limiter,
-    LimiterUnavailable,
-    build_limiter,
-    to_nano,
-)
+from checkstream.limits.decisions import Charge, Decision, LimiterUnavailable, to_nano
 from checkstream.ops import logs
 from checkstream.ops.metrics import EXTPROC_ERRORS, LATENCY, REQUESTS, SPEND, TOKENS, model_label
 from checkstream.ops.replica import replica_name

@@ -30,8 +30,10 @@ import redis.exceptions
 from checkstream.audit.trail import AuditLog
 from checkstream.config.model import TenantConfig
 from checkstream.ledger.usage import period_of
+from checkstream.limits.base import Limiter
 from checkstream.limits.daily import DailyQuotas, day_of
-from checkstream.limits.limiter import NANO, Limiter, redis_client, to_nano
+from checkstream.limits.decisions import NANO, to_nano
+from checkstream.limits.redis import redis_client
 from checkstream.ops.metrics import BUDGET_USED
 
 log = logging.getLogger("checkstream.alerts")

@@ -22,7 +22,7 @@ from typing import Final
 import redis.exceptions
 
 from checkstream.config.model import LoadedConfig
-from checkstream.limits.limiter import redis_client
+from checkstream.limits.redis import redis_client
 from checkstream.ops import logs
 
 log = logs.get("checkstream.suspensions")

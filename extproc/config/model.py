@@ -309,7 +309,7 @@ class LimitsConfig(Strict):
     # password). Read at load time into ``url``.
     url_env: str | None = None
     # Concurrency slots are leases renewed while their request lives: a dead replica's slots
-    # free within this many seconds (limits.py).
+    # free within this many seconds (limits/base.py).
     lease_s: Annotated[float, Field(ge=1, le=3600)] = 30.0
 
 

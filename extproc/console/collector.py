@@ -29,7 +29,9 @@ from checkstream.console.source import ConsoleSource
 from checkstream.console.traffic import TrafficWindow, WindowStats, sample_from
 from checkstream.console.usage_source import usage_source
 from checkstream.ledger.usage import UsageError, period_of
-from checkstream.limits.limiter import REQUESTS, TOKENS, Limiter, LimiterUnavailable, RedisLimiter
+from checkstream.limits.base import Limiter
+from checkstream.limits.decisions import REQUESTS, TOKENS, LimiterUnavailable
+from checkstream.limits.redis import RedisLimiter
 from checkstream.ops.replica import replica_name
 
 log = logging.getLogger("checkstream.console")

@@ -18,7 +18,7 @@ from typing import Any, Final
 import redis.exceptions
 
 from checkstream.console.traffic import NO_TRAFFIC, WindowStats
-from checkstream.limits.limiter import redis_client
+from checkstream.limits.redis import redis_client
 
 KEY: Final = "checkstream:console:traffic"
 FRESH_S: Final = 30.0

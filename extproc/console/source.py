@@ -13,7 +13,7 @@ from prometheus_client.metrics_core import Metric
 
 from checkstream.accounting.suspensions import SuspensionOutcome
 from checkstream.config.model import LoadedConfig
-from checkstream.limits.limiter import Limiter
+from checkstream.limits.base import Limiter
 
 
 @runtime_checkable

@@ -18,7 +18,7 @@ from checkstream.gateway.mutations import error_response, immediate
 from checkstream.gateway.runtime import TenantPlan
 from checkstream.ledger.usage import period_of
 from checkstream.limits.daily import DAILY_USD, UNLIMITED, tightest
-from checkstream.limits.limiter import NANO, Budget, Decision, LimiterUnavailable, to_nano
+from checkstream.limits.decisions import NANO, Budget, Decision, LimiterUnavailable, to_nano
 from checkstream.ops.metrics import RATE_LIMITED
 
 

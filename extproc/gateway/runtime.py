@@ -19,7 +19,7 @@ from checkstream.formats.texts import apply_redactions
 from checkstream.gateway.mutations import Forwarding, build_forwarding
 from checkstream.ledger.usage import Pricing, UsageError, period_of
 from checkstream.limits.daily import DailyLimits
-from checkstream.limits.limiter import NANO, LimiterUnavailable
+from checkstream.limits.decisions import NANO, LimiterUnavailable
 from checkstream.policy.guardrails import Guardrails, TenantGuardrails, compile_guardrails
 from checkstream.policy.large_inputs import LargeInputs
 from checkstream.policy.pipeline import Checker

@@ -24,7 +24,7 @@ from checkstream.accounting.suspensions import (
 )
 from checkstream.config.model import LoadedConfig
 from checkstream.gateway.server import Worker
-from checkstream.limits.limiter import Limiter
+from checkstream.limits.base import Limiter
 from checkstream.ops import logs
 from checkstream.ops.admin import ReloadOutcome
 from checkstream.ops.control import listener_url, proxy_tenant_info

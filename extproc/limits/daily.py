@@ -1,7 +1,7 @@
 """Per-day quotas: ``rate_limit.requests_per_day`` and ``budget.daily_usd`` (worker).
 
 Days are UTC days: counters are keyed by the date, so they reset at 00:00 UTC. Kept apart
-from the minute limiter (``limits.py``): their own keys and their own Lua script, the same
+from the minute limiter (``base.py``): their own keys and their own Lua script, the same
 shape (an in-memory backend exact with one worker, a Redis backend exact across workers and
 replicas, since each admission is one atomic script).
 
@@ -9,7 +9,7 @@ replicas, since each admission is one atomic script).
 either limit nothing changes. ``refund`` gives the count back when the minute limits refuse
 the request after all. ``charge`` adds a request's cost at its end and returns the day's
 spend. A day's spend counter that does not exist yet starts from the usage ledger
-(``SET NX``, first replica wins), like the month's in ``limits.py``.
+(``SET NX``, first replica wins), like the month's in ``redis.py``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from typing import Final, Protocol
 import redis.exceptions
 
 from checkstream.config.model import TenantConfig
-from checkstream.limits.limiter import Decision, LimiterUnavailable, redis_client, to_nano
+from checkstream.limits.decisions import Decision, LimiterUnavailable, to_nano
+from checkstream.limits.redis import redis_client
 
 REQUESTS_PER_DAY: Final = "requests_per_day"
 DAILY_USD: Final = "daily_usd"

@@ -22,7 +22,7 @@ from checkstream.accounting.suspensions import SuspensionOutcome, kept_in_redis,
 from checkstream.config.model import LoadedConfig, load_config
 from checkstream.config.yamlsource import ConfigError
 from checkstream.gateway.runtime import check_config, config_version
-from checkstream.limits.limiter import Limiter
+from checkstream.limits.base import Limiter
 from checkstream.ops import logs
 from checkstream.ops.admin import ReloadOutcome
 from checkstream.ops.metrics import metric_families, render_metrics

@@ -1,6 +1,7 @@
--- Shared by every limiter script (prepended by limits.py). Mirrors `drain`, `fits` and
--- `MemoryLimiter._load/_store` line for line. Numbers are written with '%d': Redis would
--- otherwise format Lua numbers with '%.14g' and round levels above 1e14.
+-- Shared by every limiter script (prepended by redis.py). Mirrors `drain`, `fits`
+-- (decisions.py) and `MemoryLimiter._load/_store` (memory.py) line for line. Numbers are
+-- written with '%d': Redis would otherwise format Lua numbers with '%.14g' and round levels
+-- above 1e14.
 local W = 60000
 local function clock(arg)
   if arg ~= '' then return tonumber(arg) end
