@@ -19,6 +19,12 @@ worker per limiter; one Envoy (``--concurrency`` as ``checkstream run``) per var
   (STREAMED: the only body mode Envoy takes with ``observability_mode``);
 - ``split1``: blocking filter with request headers only (acquire, no prompt tokens
   pre-paid); accounting filter as ``split2``.
+- ``als2`` / ``als1``: the blocking filter of ``split2`` / ``split1``, no accounting
+  filter: an Envoy Lua filter reads the usage from the end of the answer as it passes into
+  dynamic metadata, and Envoy's gRPC access log (``envoy.access_loggers.http_grpc``,
+  flushed every 50 ms) brings each request's entry, with that metadata and the blocking
+  filter's, to the worker's ``AccessLogService``: many requests per gRPC message, no
+  ext_proc stream for the answer at all.
 
 In the split variants the blocking filter's last answer sets dynamic metadata (namespace
 ``checkstream``: lease, reserved tokens, start time, request id, the limiter's remaining
@@ -62,7 +68,26 @@ PROMPT = {
     "model": "checkstream-demo",
     "messages": [{"role": "user", "content": "Say hello to the accounting prototype, please."}],
 }
-VARIANTS = ("pass", "today", "split2", "split1")
+VARIANTS = ("pass", "today", "split2", "split1", "als2", "als1")
+# Reads the usage from the end of the answer as it passes (bodyChunks does not buffer) into
+# dynamic metadata, which the access log entry carries.
+USAGE_LUA = """
+function envoy_on_response(handle)
+  local tail = ""
+  for chunk in handle:bodyChunks() do
+    local n = chunk:length()
+    if n > 0 then
+      local take = math.min(n, 600)
+      tail = string.sub(tail .. chunk:getBytes(n - take, take), -600)
+    end
+  end
+  local meta = handle:streamInfo():dynamicMetadata()
+  local tin = string.match(tail, '"prompt_tokens":%s*(%d+)')
+  local tout = string.match(tail, '"completion_tokens":%s*(%d+)')
+  if tin then meta:set("checkstream.usage", "in", tonumber(tin)) end
+  if tout then meta:set("checkstream.usage", "out", tonumber(tout)) end
+end
+"""
 TARGET_PCT = {"memory": 60.0, "redis": 50.0}
 TARGET_BLOCKING = 2.0
 
@@ -82,7 +107,7 @@ def _mode(**send: str) -> dict[str, str]:
 
 def blocking_filter(variant: str) -> dict[str, Any]:
     send: dict[str, str] = {"request_header_mode": "SEND"}
-    if variant in ("today", "split2"):
+    if variant in ("today", "split2", "als2"):
         send["request_body_mode"] = "BUFFERED"
     if variant == "today":
         send |= {"response_header_mode": "SEND", "response_body_mode": "STREAMED"}
@@ -110,7 +135,7 @@ def accounting_filter(variant: str) -> dict[str, Any]:
         "typed_config": {
             "@type": EXT_PROC,
             "grpc_service": {
-                "envoy_grpc": {"cluster_name": "extproc"},
+                "envoy_grpc": {"cluster_name": "accounting"},
                 "timeout": "10s",
                 "initial_metadata": [{"key": "x-bench-variant", "value": variant}],
             },
@@ -134,6 +159,33 @@ def bootstrap(variant: str, port: int, admin: int, upstream: int, worker: int) -
     route = config["route_config"]["virtual_hosts"][0]["routes"][0]
     if variant.startswith("split"):
         filters.append(accounting_filter(variant))
+    if variant.startswith("als"):
+        filters.append(
+            {
+                "name": "envoy.filters.http.lua",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
+                    "default_source_code": {"inline_string": USAGE_LUA},
+                },
+            }
+        )
+        config["access_log"] = [
+            {
+                "name": "envoy.access_loggers.http_grpc",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.access_loggers.grpc.v3."
+                    "HttpGrpcAccessLogConfig",
+                    "common_config": {
+                        "log_name": "checkstream",
+                        "transport_api_version": "V3",
+                        "grpc_service": {"envoy_grpc": {"cluster_name": "accounting"}},
+                        "buffer_flush_interval": "0.05s",
+                        "buffer_size_bytes": 65536,
+                    },
+                },
+            }
+        ]
+    if variant.startswith(("split", "als")):
         route["response_headers_to_add"] = [
             {
                 "header": {
@@ -144,37 +196,46 @@ def bootstrap(variant: str, port: int, admin: int, upstream: int, worker: int) -
             }
         ]
     config["http_filters"] = [*filters, router]
-    doc["static_resources"]["clusters"].append(
-        {
-            "name": "extproc",
-            "type": "STATIC",
-            "connect_timeout": "5s",
-            "typed_extension_protocol_options": {
-                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                    "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3."
-                    "HttpProtocolOptions",
-                    "explicit_http_config": {"http2_protocol_options": {}},
-                }
-            },
-            "load_assignment": {
-                "cluster_name": "extproc",
-                "endpoints": [
-                    {
-                        "lb_endpoints": [
-                            {
-                                "endpoint": {
-                                    "address": {
-                                        "socket_address": {"address": HOST, "port_value": worker}
-                                    }
-                                }
-                            }
-                        ]
-                    }
-                ],
-            },
-        }
-    )
+    for cluster in ("extproc", "accounting"):
+        doc["static_resources"]["clusters"].append(_grpc_cluster(cluster, worker))
     return doc
+
+
+def _grpc_cluster(name: str, port: int) -> dict[str, Any]:
+    # Accounting streams are not back-pressured (send and go): with Envoy's default circuit
+    # breaker (1024 requests) a backlog overflows it and requests fail with "overflow".
+    many = 100_000
+    return {
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "5s",
+        "circuit_breakers": {
+            "thresholds": [
+                {"max_connections": many, "max_pending_requests": many, "max_requests": many}
+            ]
+        },
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3."
+                "HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }
+        },
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [
+                {
+                    "lb_endpoints": [
+                        {
+                            "endpoint": {
+                                "address": {"socket_address": {"address": HOST, "port_value": port}}
+                            }
+                        }
+                    ]
+                }
+            ],
+        },
+    }
 
 
 @dataclass
@@ -188,6 +249,7 @@ class Variant:
     request: bytes = b""
     result: pt.Result = field(init=False)
     msgs: dict[str, float] = field(default_factory=dict)
+    drain_s: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.result = pt.Result(self.name)
@@ -291,14 +353,26 @@ def measure_round(v: Variant, args: argparse.Namespace, redis: pt.Service | None
     pids = {"envoy": [v.envoy.process.pid], "worker": [v.worker.process.pid]}
     if redis is not None and v.limiter == "redis":
         pids["redis"] = [redis.process.pid]
+    rows_before = len(ledger_rows(v.ledger)) if v.kind != "pass" else 0
     before = {k: sum(pt.cpu_seconds(p) for p in ps) for k, ps in pids.items()}
     state, elapsed = pt.run_load(
         v.envoy.port, v.request, args.requests, args.concurrency, args.max_seconds
     )
+    # Sustained throughput: the accounting of a request may land after its answer (send and
+    # go), so the round lasts until the ledger holds every request it answered.
+    drain = 0.0
+    if v.kind != "pass":
+        ended = time.perf_counter()
+        while len(ledger_rows(v.ledger)) < rows_before + state.done:
+            if time.perf_counter() - ended > 60:
+                raise RuntimeError(f"{v.name}: ledger short of {state.done} rows after 60 s")
+            time.sleep(0.02)
+        drain = time.perf_counter() - ended
     after = {k: sum(pt.cpu_seconds(p) for p in ps) for k, ps in pids.items()}
     done = max(1, state.done)
-    v.result.rps.append(state.done / elapsed)
+    v.result.rps.append(state.done / (elapsed + drain))
     v.result.errors += state.errors
+    v.drain_s.append(drain)
     for k in before:
         v.result.cpu_us.setdefault(k, []).append((after[k] - before[k]) / done * 1e6)
 
@@ -311,6 +385,7 @@ def summarize(variants: list[Variant]) -> dict[str, Any]:
         pct = [100 * a / b for a, b in zip(v.result.rps, base.result.rps, strict=False) if b]
         s["pct_of_pass"] = statistics.median(pct) if pct else float("nan")
         s["pct_of_pass_rounds"] = [round(p, 1) for p in pct]
+        s["drain_s_rounds"] = [round(d, 3) for d in v.drain_s]
         s["blocking_msgs_per_request"] = v.msgs.get("blocking.stream_msgs_sent", float("nan"))
         s["accounting_msgs_per_request"] = v.msgs.get("accounting.stream_msgs_sent", 0.0)
         s["answers_per_request"] = v.msgs.get("blocking.stream_msgs_received", float("nan"))
@@ -340,6 +415,7 @@ def print_report(summary: dict[str, Any], noise: float) -> None:
             f"{s['pct_of_pass']:>7.1f}%{s['blocking_msgs_per_request']:>9.2f}"
             f"{s['accounting_msgs_per_request']:>6.2f}{s['answers_per_request']:>8.2f}   {cpu}"
             f"   {s.get('verdict', '')}  rounds {s['pct_of_pass_rounds']}"
+            f" drain s {s['drain_s_rounds']}"
         )
     print(f"other processes used {noise:.0f}% of the machine's CPU during the rounds")
 

@@ -36,6 +36,7 @@ from typing import Any
 
 import grpc
 from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
+from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
 from envoy.service.ext_proc.v3.external_processor_pb2 import (
     BodyResponse,
@@ -52,6 +53,7 @@ from extproc.limits import Budget, Charge, Limiter, build_limiter, to_nano
 from extproc.usage import UsageLedger, UsageRecord, period_of
 
 NAMESPACE = "checkstream"
+USAGE_NAMESPACE = "checkstream.usage"
 TENANT = "counted"
 LIMITS = RateLimitConfig(
     requests_per_minute=10_000_000, tokens_per_minute=1_000_000_000, max_concurrent_requests=1000
@@ -101,6 +103,17 @@ class Accounting:
 
     async def finish(self, state: dict[str, Any], rid: str, status: int, body: bytes) -> None:
         model, tokens_in, tokens_out = _usage(body) if status == 200 else ("", 0, 0)
+        await self.finish_tokens(state, rid, status, model, tokens_in, tokens_out)
+
+    async def finish_tokens(
+        self,
+        state: dict[str, Any],
+        rid: str,
+        status: int,
+        model: str,
+        tokens_in: int,
+        tokens_out: int,
+    ) -> None:
         cost = tokens_in * PRICE_IN + tokens_out * PRICE_OUT
         await self.limiter.finish(
             TENANT,
@@ -162,7 +175,7 @@ class Worker(external_processor_pb2_grpc.ExternalProcessorServicer):  # type: ig
                 rid = _header(request.request_headers, "x-request-id")
                 if variant == "pass":
                     yield CONTINUE_HEADERS
-                elif variant == "split1":
+                elif variant in ("split1", "als1"):
                     state = await acc.acquire(0)
                     state["rid"] = rid
                     yield _metadata_answer(kind, state)
@@ -172,7 +185,7 @@ class Worker(external_processor_pb2_grpc.ExternalProcessorServicer):  # type: ig
                 reserved = len(request.request_body.body) // 4 + 1024
                 state = await acc.acquire(reserved)
                 state["rid"] = rid
-                if variant == "split2":
+                if variant in ("split2", "als2"):
                     yield _metadata_answer(kind, state)
                 else:
                     yield ProcessingResponse(request_body=BodyResponse())
@@ -184,6 +197,37 @@ class Worker(external_processor_pb2_grpc.ExternalProcessorServicer):  # type: ig
                 if request.response_body.end_of_stream:
                     await acc.finish(state, rid, status, body)
                 yield CONTINUE_RESPONSE_BODY
+
+
+class AccessLogs(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]
+    """The ``als`` variants: Envoy's gRPC access log, many requests per message. Each entry
+    carries the blocking filter's metadata and the usage a Lua filter read from the end of
+    the answer; the entries of one message are finished concurrently (the ledger batches)."""
+
+    def __init__(self, accounting: Accounting) -> None:
+        self.accounting = accounting
+
+    async def StreamAccessLogs(
+        self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
+    ) -> Any:
+        async for message in requests:
+            jobs = []
+            for entry in message.http_logs.log_entry:
+                meta = entry.common_properties.metadata.filter_metadata
+                if NAMESPACE not in meta:
+                    continue  # not a counted request
+                state = {k: _value(v) for k, v in meta[NAMESPACE].fields.items()}
+                usage = meta.get(USAGE_NAMESPACE)
+                fields = usage.fields if usage is not None else {}
+                tokens_in = int(fields["in"].number_value) if "in" in fields else 0
+                tokens_out = int(fields["out"].number_value) if "out" in fields else 0
+                status = entry.response.response_code.value
+                rid = entry.request.request_id
+                jobs.append(
+                    self.accounting.finish_tokens(state, rid, status, "", tokens_in, tokens_out)
+                )
+            await asyncio.gather(*jobs)
+        return als_pb2.StreamAccessLogsResponse()
 
 
 def _limit_headers(state: dict[str, Any]) -> ProcessingResponse:
@@ -208,9 +252,9 @@ async def serve(port: int, limiter_kind: str, redis_url: str | None, ledger_path
     limiter = build_limiter(LimitsConfig(backend=limiter_kind, url=redis_url))  # type: ignore[arg-type]
     ledger = UsageLedger.open(ledger_path)
     server = grpc.aio.server()
-    external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(
-        Worker(Accounting(limiter, ledger)), server
-    )
+    accounting = Accounting(limiter, ledger)
+    external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(Worker(accounting), server)
+    als_pb2_grpc.add_AccessLogServiceServicer_to_server(AccessLogs(accounting), server)
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     stop = asyncio.Event()
