@@ -390,17 +390,18 @@ def measure_load(v: Variant, args: argparse.Namespace, redis: pt.Service | None)
         v.result.cpu_us.setdefault(k, []).append((after[k] - before[k]) / done * 1e6)
 
 
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
 def summarize(variants: list[Variant]) -> dict[str, Any]:
     """Per variant: figures, % of pass-through (median of the per-pair ratios), verdict."""
     out: dict[str, Any] = {}
     for v in variants:
         s = v.result.summary()
-        if v.kind == "pass":
-            pct = [100.0] * len(v.result.rps)
-        else:
-            pairs = zip(v.result.rps, v.paired_pass, strict=False)
-            pct = [100 * a / b for a, b in pairs if b]
-        s["pct_of_pass"] = statistics.median(pct) if pct else float("nan")
+        pairs = zip(v.result.rps, v.paired_pass, strict=False)
+        pct = [100 * a / b for a, b in pairs if b]
+        s["pct_of_pass"] = 100.0 if v.kind == "pass" else _median(pct)
         s["pct_of_pass_rounds"] = [round(p, 1) for p in pct]
         s["drain_s_rounds"] = [round(d, 3) for d in v.drain_s]
         s["blocking_msgs_per_request"] = v.msgs.get("blocking.stream_msgs_sent", float("nan"))
