@@ -251,6 +251,7 @@ class Variant:
     result: pt.Result = field(init=False)
     msgs: dict[str, float] = field(default_factory=dict)
     drain_s: list[float] = field(default_factory=list)
+    checks: list[str] = field(default_factory=list)
     paired_pass: list[float] = field(default_factory=list)  # pass req/s just before each round
 
     def __post_init__(self) -> None:
@@ -303,6 +304,45 @@ def filter_stats(admin: int) -> dict[str, int]:
 def ledger_rows(path: Path) -> list[tuple[int, int, int]]:
     with sqlite3.connect(path) as db:
         return list(db.execute("SELECT input_tokens, output_tokens, status FROM usage"))
+
+
+def wait_rows(v: Variant, count: int, timeout_s: float = 5.0) -> list[tuple[int, int, int]]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        rows = ledger_rows(v.ledger)
+        if len(rows) >= count or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.05)
+
+
+def check_streams_and_resets(v: Variant, n: int = 10) -> None:
+    """The access-log path also accounts streamed answers (usage from the last SSE chunk)
+    and requests whose client goes away mid-stream (one entry each, so the lease is freed)."""
+    body = {**PROMPT, "stream": True, "stream_options": {"include_usage": True}}
+    streamed = pt.build_request(v.envoy.port, body, {"x-demo-chunks": "20"})
+    before = len(ledger_rows(v.ledger))
+    client = pt.BlockingClient(v.envoy.port)
+    try:
+        for _ in range(n):
+            status, _, _, _ = client.send(streamed, watch_events=True)
+            if status != 200:
+                raise RuntimeError(f"{v.name}: streamed HTTP {status}")
+    finally:
+        client.close()
+    new = wait_rows(v, before + n)[before:]
+    if len(new) != n or any(r[0] <= 0 or r[1] <= 0 for r in new):
+        raise RuntimeError(f"{v.name}: streamed answers: {len(new)} rows for {n}: {new[:3]}")
+    slow = pt.build_request(v.envoy.port, body, {"x-demo-chunks": "40", "x-demo-delay-ms": "50"})
+    before += n
+    for _ in range(n):
+        reset = pt.BlockingClient(v.envoy.port)
+        reset.sock.sendall(slow)
+        reset.sock.recv(4096)  # the answer has started: leave mid-stream
+        reset.close()
+    new = wait_rows(v, before + n)[before:]
+    if len(new) != n:
+        raise RuntimeError(f"{v.name}: {len(new)} ledger rows for {n} abandoned streams")
+    v.checks.append(f"{n} streamed + {n} abandoned streams accounted ({new[0]})")
 
 
 def check_and_count(v: Variant, n: int = 40) -> None:
@@ -486,6 +526,9 @@ def main(argv: list[str] | None = None) -> int:
                     variants.append(Variant(name, kind, limiter, envoy, worker, ledger))
             for v in variants:
                 check_and_count(v)
+                if v.kind.startswith("als"):
+                    check_streams_and_resets(v)
+                    pt.say(f"{v.name}: {v.checks[-1]}")
             ours = [os.getpid()] + [p for s in procs.services for p in s.pids]
             ours_before = sum(pt.cpu_seconds(p) for p in ours)
             busy_before, wall_before = pt.machine_busy_seconds(), time.monotonic()
