@@ -511,7 +511,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     ctx = context(args)
-    python = None if args.no_litellm else litellm_python(args.cache_dir, args.litellm_version)
+    try:
+        python = None if args.no_litellm else litellm_python(args.cache_dir, args.litellm_version)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        print(f"could not install LiteLLM into {args.cache_dir}: {exc}", file=sys.stderr)
+        return 1
     with pt._workdir(args.keep_logs) as workdir:
         procs = pt.Processes(workdir)
         signal.signal(signal.SIGTERM, pt._interrupt)
