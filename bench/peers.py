@@ -418,7 +418,7 @@ def print_report(doc: dict[str, Any]) -> None:
     )
     header = (
         f"{'setup':<22}{'p50 ms':>8}{'p99 ms':>8}{'req/s':>8}{'TTFB ms':>9}{'stream ms':>10}"
-        f"{'CPU µs/req':>11}   per process"
+        f"{'CPU µs/req':>11}{'msgs':>6}   per process"
     )
     print(header)
     print("-" * len(header))
@@ -429,7 +429,8 @@ def print_report(doc: dict[str, Any]) -> None:
         print(
             f"{name:<22}{fmt(v['p50_ms']):>8}{fmt(v['p99_ms']):>8}{v['rps']:>8.0f}"
             f"{fmt(v['ttfb_ms']):>9}{fmt(v['stream_ms']):>10}"
-            f"{v['server_cpu_us_per_request']:>11.0f}   {parts}"
+            f"{v['server_cpu_us_per_request']:>11.0f}"
+            f"{fmt(v['ext_proc_msgs_per_request'].get('plain', float('nan')), 1):>6}   {parts}"
         )
     print()
     print("Ratios (throughput: median of per-round ratios):")
