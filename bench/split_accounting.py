@@ -443,7 +443,7 @@ def summarize(variants: list[Variant]) -> dict[str, Any]:
         pct = [100 * a / b for a, b in pairs if b]
         s["pct_of_pass"] = 100.0 if v.kind == "pass" else _median(pct)
         s["pct_of_pass_rounds"] = [round(p, 1) for p in pct]
-        s["drain_s_rounds"] = [round(d, 3) for d in v.drain_s]
+        s["drain_s_rounds"] = [round(d, 3) for d in v.drain_s] if v.kind != "pass" else []
         s["blocking_msgs_per_request"] = v.msgs.get("blocking.stream_msgs_sent", float("nan"))
         s["accounting_msgs_per_request"] = v.msgs.get("accounting.stream_msgs_sent", 0.0)
         s["answers_per_request"] = v.msgs.get("blocking.stream_msgs_received", float("nan"))
