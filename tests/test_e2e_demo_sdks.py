@@ -6,7 +6,6 @@ API's shape, and the usage report afterwards has no empty-model rows and exact c
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 import time
@@ -80,26 +79,27 @@ def test_start_up_says_each_phase_with_timings_and_full_addresses(
     demo_gateway: Gateway,
 ) -> None:
     server = yaml.safe_load(demo_gateway.config_path.read_text())["server"]
+    # One JSON record per start-up step, each with the seconds since `run` began.
     phases = [
-        line.removeprefix("checkstream: ")
+        record
         for line in demo_gateway.log().splitlines()
-        if re.match(r"checkstream: \[\d+\.\d+s\] ", line)
+        if line.startswith("{") and (record := json.loads(line)).get("phase")
     ]
-    assert [re.sub(r"^\[[\d.]+s\] ", "", p).split(" ")[0] for p in phases] == [
-        "config",
-        "demo",
-        "starting",
-        "starting",
-        "ready:",
+    assert [p["event"] for p in phases] == [
+        "loading classifiers",
+        "demo upstream started",
+        "starting extproc workers (each loads the classifiers)",
+        "starting Envoy",
+        "listening",
     ]
-    assert "starting extproc workers: 1 on 127.0.0.1:" in phases[2]
-    assert phases[3].endswith(f"starting Envoy on http://127.0.0.1:{server['port']}...")
-    stamps = [float(p[1 : p.index("s]")]) for p in phases]
+    assert phases[2]["workers"].startswith("1 on 127.0.0.1:")
+    assert phases[3]["url"] == f"http://127.0.0.1:{server['port']}"
+    stamps = [p["elapsed_s"] for p in phases]
     assert stamps == sorted(stamps)
     ready = phases[-1]
-    assert f"listening on http://127.0.0.1:{server['port']}" in ready
-    assert f"admin http://127.0.0.1:{server['admin_port']}" in ready
-    assert f"envoy admin http://127.0.0.1:{server['envoy_admin_port']}" in ready
+    assert ready["url"] == f"http://127.0.0.1:{server['port']}"
+    assert ready["admin"] == f"http://127.0.0.1:{server['admin_port']}"
+    assert ready["envoy_admin"] == f"http://127.0.0.1:{server['envoy_admin_port']}"
 
 
 def test_chat_completions_json_and_sse(oai: openai.OpenAI) -> None:
