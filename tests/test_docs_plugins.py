@@ -173,12 +173,6 @@ def test_the_example_plugins_own_tests_pass(project: Path) -> None:
 
 @pytest.mark.parametrize("index", range(len(snippets())))
 def test_snippet_runs(index: int) -> None:
-    # A fresh interpreter: the snippets' asserts are their checks.
-    done = subprocess.run(
-        [sys.executable, "-c", snippets()[index]],
-        capture_output=True,
-        text=True,
-        env=environment(),
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr
+    # The snippets' asserts are their checks; each gets a namespace of its own.
+    code = compile(snippets()[index], f"{DOC}:snippet {index}", "exec")
+    exec(code, {"__name__": f"plugins_md_snippet_{index}"})
