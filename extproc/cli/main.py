@@ -15,6 +15,7 @@ from pathlib import Path
 from checkstream.cli import doctor
 from checkstream.cli import init as starter
 from checkstream.cli import keys as cli_keys
+from checkstream.cli import plugins as cli_plugins
 from checkstream.cli import tenants as cli_tenants
 from checkstream.cli.classifiers import add_commands as add_classifier_commands
 from checkstream.cli.options import DEFAULT_CONFIG, add_config_option
@@ -553,6 +554,7 @@ def build_parser() -> argparse.ArgumentParser:
     fleet_status.set_defaults(handler=_cmd_fleet_status)
     cli_keys.register(commands)
     cli_tenants.register(commands)
+    cli_plugins.register(commands)
     return parser
 
 
