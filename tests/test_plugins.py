@@ -985,3 +985,36 @@ async def test_shutdown_awaits_every_plugins_hook() -> None:
     registry = load_registry(extra=[("s", sync_plugin), ("a", async_plugin)])
     await registry.shutdown()
     assert sorted(closed) == ["async", "sync"]
+
+
+@pytest.mark.parametrize(
+    ("attributes", "complaint"),
+    [
+        ({"sources": {"users"}}, "unknown sources ['users']"),
+        ({"sources": "user"}, "'sources' must be a set"),
+        ({"sources": set()}, "'sources' is empty"),
+        ({"inline": "yes"}, "'inline' must be True or False"),
+    ],
+)
+def test_a_classifiers_optional_attributes_are_checked(
+    attributes: dict[str, object], complaint: str
+) -> None:
+    from checkstream.policy.guardrails import contract_problem
+
+    instance = SimpleNamespace(name="c", produces_spans=False, classify=None, **attributes)
+    problem = contract_problem(instance)
+    assert problem is not None and complaint in problem
+    good = SimpleNamespace(name="c", produces_spans=False, inline=True, sources={"user", "tool"})
+    assert contract_problem(good) is None
+
+
+def test_numpy_scores_are_accepted() -> None:
+    import numpy as np
+
+    from checkstream.policy.pipeline import ClassifierFailure, validate
+
+    texts = ["a", "b"]
+    ok = validate("m", texts, [Classification(np.float32(0.25)), Classification(np.float64(1))])
+    assert [c.score for c in ok] == [0.25, 1.0]
+    with pytest.raises(ClassifierFailure):
+        validate("m", ["a"], [Classification(True)])

@@ -37,7 +37,7 @@ from checkstream.ops.reloading import (
     write_ack,
 )
 from checkstream.ops.watching import watch_config
-from checkstream.policy.registry import PluginError
+from checkstream.policy.registry import PluginError, load_registry
 
 log = logs.get("checkstream.extproc")
 
@@ -285,6 +285,7 @@ async def serve(
     await processor.runtime.accounts.aclose()
     if processor.runtime.checker.large is not None:
         processor.runtime.checker.large.close()
+    await load_registry().shutdown()  # plugins release what they hold (remote channels)
 
 
 async def _prune_audit(processor: ExternalProcessor) -> None:

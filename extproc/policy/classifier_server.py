@@ -199,3 +199,4 @@ async def serve(classifiers: Mapping[str, Classifier], host: str, port: int) -> 
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     await server.stop(GRACE_S)
+    await load_registry().shutdown()  # plugins release what they hold (remote channels)

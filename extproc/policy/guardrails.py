@@ -12,7 +12,7 @@ egress, ``chunk`` for midstream), then the global ones.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +32,7 @@ from checkstream.config.yamlsource import (
     YamlDocument,
     format_key_path,
 )
+from checkstream.formats.texts import SOURCES
 from checkstream.policy.files import Action, LoadedPolicy
 from checkstream.policy.files import Rule as PolicyRule
 from checkstream.policy.registry import Registry
@@ -271,8 +272,31 @@ def _build_classifiers(
                 )
             )
             continue
+        wrong = contract_problem(instance)
+        if wrong is not None:
+            problems.append(doc.problem(at, f"plugin '{kind.plugin}': classifier {wrong}"))
+            continue
         built[name] = instance
     return built, set(wanted) - set(built)
+
+
+def contract_problem(instance: object) -> str | None:
+    """What is wrong with a classifier's optional attributes, or None: a typo such as
+    ``sources = {"users"}`` would otherwise switch a guardrail off without a word."""
+    inline = getattr(instance, "inline", False)
+    if not isinstance(inline, bool):
+        return f"'inline' must be True or False, not {inline!r}"
+    sources = getattr(instance, "sources", None)
+    if sources is None:
+        return None
+    if isinstance(sources, str) or not isinstance(sources, Collection):
+        return f"'sources' must be a set of {sorted(SOURCES)}, not {sources!r}"
+    unknown = sorted(str(s) for s in sources if s not in SOURCES)
+    if unknown:
+        return f"'sources' names unknown sources {unknown} (known: {sorted(SOURCES)})"
+    if not sources:
+        return "'sources' is empty: the classifier would read nothing"
+    return None
 
 
 def _settings_problems(

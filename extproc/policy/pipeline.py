@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import math
+import numbers
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor
@@ -191,7 +192,13 @@ def validate(name: str, texts: Sequence[str], result: Any) -> list[Classificatio
         if not isinstance(item, Classification):
             raise ClassifierFailure(name, f"returned {type(item).__name__}, not Classification")
         score = item.score
-        if not isinstance(score, int | float) or math.isnan(score) or not 0.0 <= score <= 1.0:
+        # Any real number: a numpy float from a model is as good as a Python one.
+        if (
+            not isinstance(score, numbers.Real)
+            or isinstance(score, bool)
+            or math.isnan(score)
+            or not 0.0 <= score <= 1.0
+        ):
             raise ClassifierFailure(name, f"returned score {score!r} outside [0, 1]")
         if not isinstance(item.spans, tuple | list):
             raise ClassifierFailure(name, f"returned spans {item.spans!r}, not a tuple")
