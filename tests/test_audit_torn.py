@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from checkstream.audit.trail import AuditLog, verify
+from checkstream.audit.trail import AuditLog
+from checkstream.audit.verify import verify
 from checkstream.cli.main import AUDIT_TORN, main
 
 ROOT = Path(__file__).resolve().parent.parent

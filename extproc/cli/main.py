@@ -283,7 +283,7 @@ def _audit_dirs(loaded: LoadedConfig) -> dict[str, tuple[Path, AuditConfig]] | N
 
 
 def _cmd_audit_verify(args: argparse.Namespace) -> int:
-    from checkstream.audit.trail import verify_chains
+    from checkstream.audit.verify import verify_chains
 
     loaded: LoadedConfig | None = None
     if args.tenant is None:
