@@ -18,7 +18,8 @@ import pytest
 
 from checkstream.audit.trail import AuditLog
 from checkstream.audit.verify import verify
-from checkstream.cli.main import AUDIT_TORN, main
+from checkstream.cli.audit import AUDIT_TORN
+from checkstream.cli.main import main
 
 ROOT = Path(__file__).resolve().parent.parent
 DAY = "2026-12-07"
