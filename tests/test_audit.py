@@ -21,12 +21,11 @@ from checkstream.audit.trail import (
     GENESIS,
     AuditError,
     AuditLog,
-    VerifyResult,
     prune_trail,
     record_hash,
     resolve_audit_dirs,
-    verify,
 )
+from checkstream.audit.verify import VerifyResult, verify
 from checkstream.cli.main import main
 from checkstream.config.model import load_config
 from checkstream.config.yamlsource import ConfigError

@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 
 from checkstream.audit.completeness import check_against_ledger
-from checkstream.audit.trail import GENESIS, AuditLog, chains, prune_trail, verify, verify_chains
+from checkstream.audit.trail import GENESIS, AuditLog, chains, prune_trail
+from checkstream.audit.verify import verify, verify_chains
 from checkstream.cli.main import main
 from checkstream.ledger.usage import UsageLedger, UsageRecord
 

@@ -16,8 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from checkstream.audit.trail import AuditLog, verify
-from checkstream.cli.main import AUDIT_TORN, main
+from checkstream.audit.trail import AuditLog
+from checkstream.audit.verify import verify
+from checkstream.cli.audit import AUDIT_TORN
+from checkstream.cli.main import main
 
 ROOT = Path(__file__).resolve().parent.parent
 DAY = "2026-12-07"

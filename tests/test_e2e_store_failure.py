@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from checkstream.audit.trail import verify
+from checkstream.audit.verify import verify
 from tests.support import (
     DemoUpstreamThread,
     Gateway,

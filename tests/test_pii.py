@@ -11,12 +11,10 @@ import pytest
 from checkstream import hookspecs
 from checkstream.plugins import pii
 from checkstream.plugins.eval_pii import evaluate, load_fixture
-from checkstream.plugins.pii import (
-    ENTITIES,
-    PiiDetector,
+from checkstream.plugins.pii import ENTITIES, PiiDetector, create
+from checkstream.plugins.pii_patterns import (
     card_issuer_valid,
     card_valid,
-    create,
     iban_valid,
     luhn_valid,
     ssn_valid,

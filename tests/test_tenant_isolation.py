@@ -20,7 +20,8 @@ from checkstream.accounting.client_text import (
     store_safe,
     without_surrogates,
 )
-from checkstream.audit.trail import AuditLog, verify
+from checkstream.audit.trail import AuditLog
+from checkstream.audit.verify import verify
 from checkstream.config.model import Price, TenantConfig
 from checkstream.formats.texts import Usage
 from checkstream.ledger.usage import LedgerWriteError, Pricing, UsageLedger, UsageRecord

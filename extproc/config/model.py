@@ -1,8 +1,10 @@
-"""The CheckStream configuration: typed model, loading and cross-checks.
+"""The CheckStream configuration: typed model and loading.
 
 ``checkstream.yaml`` plus one policy file per tenant (``../shared/design.md`` is the contract).
 Everything a user can get wrong is refused at start with the file, the line and the key path;
-nothing is re-validated per request. Key names are the public contract: keep them.
+nothing is re-validated per request. Key names are the public contract: keep them. The checks
+across keys live in ``checks.py``. Run wherever a config is loaded (CLI, launcher, workers,
+classifier server).
 """
 
 from __future__ import annotations
@@ -18,11 +20,10 @@ from urllib.parse import urlsplit
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from checkstream.config.fleet import check_usage_backend, replication_problems
+from checkstream.config.checks import API_KEY_MAP, cross_check
 from checkstream.config.yamlsource import (
     ConfigError,
     KeyPath,
-    Problem,
     YamlDocument,
     load_yaml,
     validation_problems,
@@ -379,9 +380,6 @@ class LoadedConfig:
     warnings: tuple[str, ...] = ()
 
 
-_API_KEY_MAP: KeyPath = ("tenants", "api_key_map")
-
-
 def load_config(path: str | Path, *, require_secrets: bool = True) -> LoadedConfig:
     """Load and cross-check ``path``; raise ConfigError listing every problem found.
 
@@ -396,16 +394,9 @@ def load_config(path: str | Path, *, require_secrets: bool = True) -> LoadedConf
         model = CheckStreamConfig.model_validate(data)
     except pydantic.ValidationError as exc:
         raise ConfigError(
-            validation_problems(doc, exc, CheckStreamConfig, redact=[_API_KEY_MAP])
+            validation_problems(doc, exc, CheckStreamConfig, redact=[API_KEY_MAP])
         ) from None
-    from checkstream.tenants.access_checks import check_access  # it imports this module's models
-
-    problems, warnings = _cross_check(doc, model)
-    access_problems, access_warnings = check_access(doc, model)
-    problems += access_problems
-    warnings += access_warnings
-    problems += check_usage_backend(doc, model, warnings, require_secrets=require_secrets)
-    problems += replication_problems(doc, model, warnings)
+    problems, warnings = cross_check(doc, model, require_secrets=require_secrets)
     policies: dict[str, LoadedPolicy] = {}
     secrets: dict[str, str] = {}
     base = doc.path.parent
@@ -447,79 +438,3 @@ def load_config(path: str | Path, *, require_secrets: bool = True) -> LoadedConf
     if problems:
         raise ConfigError(sorted(problems, key=lambda p: (p.file, p.line or 0)))
     return LoadedConfig(doc.path, model, doc, policies, secrets, tuple(warnings))
-
-
-def _cross_check(doc: YamlDocument, model: CheckStreamConfig) -> tuple[list[Problem], list[str]]:
-    problems: list[Problem] = []
-    warnings: list[str] = []
-    tenants = model.tenants
-    known = tenants.configs
-    if tenants.default_tenant is not None and tenants.default_tenant not in known:
-        problems.append(
-            doc.problem(
-                ("tenants", "default_tenant"),
-                f"tenant '{tenants.default_tenant}' has no entry in tenants.configs",
-            )
-        )
-    if not tenants.enabled and tenants.default_tenant is None:
-        problems.append(
-            doc.problem(("tenants", "enabled"), "tenancy is disabled: set default_tenant")
-        )
-    for index, (key, tenant_id) in enumerate(tenants.api_key_map.items()):
-        if tenant_id not in known:
-            # The key itself is a credential: locate it by line, never print it.
-            line = doc.line_of((*_API_KEY_MAP, key))
-            problems.append(
-                Problem(
-                    str(doc.path),
-                    line,
-                    f"tenants.api_key_map[entry {index + 1}]",
-                    f"tenant '{tenant_id}' has no entry in tenants.configs",
-                )
-            )
-    kinds = [step.method for step in tenants.resolution]
-    for kind in set(kinds):
-        if kinds.count(kind) > 1:
-            problems.append(
-                doc.problem(("tenants", "resolution"), "each resolution method may appear once")
-            )
-    for tenant_id, tenant in known.items():
-        where: KeyPath = ("tenants", "configs", tenant_id)
-        if tenant.auth is not None and tenant.auth_passthrough:
-            problems.append(
-                doc.problem(
-                    (*where, "auth_passthrough"),
-                    "auth_passthrough and managed auth exclude each other: choose one",
-                )
-            )
-    if model.limits.url and model.limits.url_env:
-        problems.append(
-            doc.problem(("limits", "url_env"), "give limits.url or limits.url_env, not both")
-        )
-    elif model.limits.backend == "redis" and not (model.limits.url or model.limits.url_env):
-        problems.append(
-            doc.problem(("limits", "backend"), "backend redis needs limits.url or limits.url_env")
-        )
-    shared_counts = any(t.rate_limit.limited or t.budget is not None for t in known.values())
-    if model.server.extproc_workers > 1 and model.limits.backend == "memory" and shared_counts:
-        problems.append(
-            doc.problem(
-                ("server", "extproc_workers"),
-                "in-memory limits are exact only with one worker; use limits.backend: redis "
-                "or extproc_workers: 1 (otherwise each worker would grant the full limit)",
-            )
-        )
-    ports = model.server
-    used = [("port", ports.port), ("admin_port", ports.admin_port)]
-    used += [("envoy_admin_port", ports.envoy_admin_port)]
-    used += [("extproc_port", ports.extproc_port + i) for i in range(ports.extproc_workers)]
-    seen: dict[int, str] = {}
-    for name, number in used:
-        if number and number in seen:
-            problems.append(
-                doc.problem(
-                    ("server", name), f"port {number} is also used by server.{seen[number]}"
-                )
-            )
-        seen.setdefault(number, name)
-    return problems, warnings

@@ -23,7 +23,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from checkstream.audit.trail import every_day_file, lock_files, verify
+from checkstream.audit.trail import every_day_file, lock_files
+from checkstream.audit.verify import verify
 
 MANIFEST = "manifest.json"
 _COLUMNS = (
