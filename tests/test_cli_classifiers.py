@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from checkstream.cli.binary_metrics import measure, roc_auc
+from checkstream.policy.binary_metrics import measure, roc_auc
 from tests.support import write_config
 from tests.test_remote import start_serve
 

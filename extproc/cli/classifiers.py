@@ -32,7 +32,7 @@ from checkstream.policy.registry import PluginError, load_registry
 from checkstream.types import Classification, Classifier
 
 if TYPE_CHECKING:
-    from checkstream.cli.binary_metrics import Measures
+    from checkstream.policy.binary_metrics import Measures
 
 #: Used when a classifier documents no threshold (keyword, pii_detector: scores are 0 or 1).
 FALLBACK_THRESHOLD = 0.5
@@ -236,7 +236,7 @@ def report(
     # numpy only here: `checkstream` imports this module for every command.
     import numpy as np
 
-    from checkstream.cli.binary_metrics import measure, roc_auc, sweep
+    from checkstream.policy.binary_metrics import measure, roc_auc, sweep
 
     s = np.asarray(scores, dtype=np.float64)
     y = np.array([i.label for i in items], dtype=bool)

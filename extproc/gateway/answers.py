@@ -23,7 +23,7 @@ from checkstream.accounting.metering import MAX_METERED_BODY, BodyMeter, StreamM
 from checkstream.formats import WireFormat
 from checkstream.formats.texts import Usage
 from checkstream.intake.encodings import decoder
-from checkstream.policy.guardrails import PhasePlan
+from checkstream.policy.guardrails import PhasePlan, TenantGuardrails
 from checkstream.policy.midstream import MidstreamGuard
 from checkstream.policy.pipeline import Checker, Verdict
 
@@ -272,3 +272,50 @@ class Decoded:
 
     def result(self) -> tuple[Usage | None, int]:
         return self.inner.result()
+
+
+PASS_THROUGH = PassThrough()
+
+
+def choose_handler(
+    fmt: WireFormat,
+    checker: Checker,
+    rails: TenantGuardrails,
+    *,
+    content_type: str,
+    checks: bool,
+    counted: bool,
+    drop_usage_chunk: bool,
+    fail_open: bool,
+    on_midstream: Callable[[Verdict, float, str], None],
+    on_egress: OnVerdict,
+) -> AnswerHandler:
+    """One successful answer's handler: checked while it streams, checked whole, metered,
+    or passed (``checks``: the endpoint's answer holds text and the tenant has rules for it;
+    ``counted``: its usage is recorded)."""
+    streamed = is_event_stream(content_type)
+    if checks and streamed:
+        guard = MidstreamGuard(
+            fmt,
+            checker,
+            rails.midstream,
+            window_tokens=rails.window_tokens,
+            holdback_tokens=rails.holdback_tokens,
+            drop_usage_chunk=drop_usage_chunk,
+            fail_open=fail_open,
+            on_verdict=on_midstream,
+        )
+        return CheckedStream(guard)
+    if checks:
+        # A whole answer is checked before any of it is released (egress).
+        return CheckedBody(fmt, checker, rails.egress, fail_open=fail_open, on_verdict=on_egress)
+    if not counted:
+        return PASS_THROUGH
+    if streamed:
+        return MeteredStream(fmt, drop_usage_chunk=drop_usage_chunk)
+    return MeteredBody(fmt)
+
+
+def is_event_stream(content_type: str) -> bool:
+    """``text/event-stream`` in any case, with or without parameters (``; charset=utf-8``)."""
+    return content_type.partition(";")[0].strip().lower() == "text/event-stream"

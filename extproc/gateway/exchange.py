@@ -49,14 +49,13 @@ from checkstream.formats.endpoints import Endpoint, find_endpoint
 from checkstream.formats.texts import dump_json
 from checkstream.gateway.admission import admit, limit_headers
 from checkstream.gateway.answers import (
+    PASS_THROUGH,
     AnswerHandler,
-    CheckedBody,
-    CheckedStream,
     Decoded,
     MeteredBody,
     MeteredStream,
-    PassThrough,
     Unreadable,
+    choose_handler,
 )
 from checkstream.gateway.mutations import error_response, header, header_map, immediate
 from checkstream.gateway.operator_paths import route_operator
@@ -75,7 +74,6 @@ from checkstream.ops.metrics import (
     ACCESS_REFUSED,
     LATENCY,
 )
-from checkstream.policy.midstream import MidstreamGuard
 from checkstream.policy.pipeline import Verdict
 from checkstream.tenants.resolution import Refused, Resolved
 
@@ -91,7 +89,7 @@ _ACCESS = "checkstream_access"
 _MAX_MODEL_CHARS = 200
 
 Answer: TypeAlias = ProcessingResponse | list[ProcessingResponse] | None
-_PASS_THROUGH = PassThrough()
+_PASS_THROUGH = PASS_THROUGH
 _CHECK_FAILED = Refusal(
     503,
     "a guardrail check failed, so the request was not processed",
@@ -380,39 +378,19 @@ class Exchange:
 
     def _answer_handler(self, plan: TenantPlan, headers: Mapping[str, str]) -> AnswerHandler:
         """The handler for a successful answer: checked, metered or passed."""
-        fmt = self.fmt or plan.tenant.format
         endpoint = self.endpoint
-        rails = plan.guardrails
-        checks = endpoint is not None and endpoint.checks_answer and bool(rails.midstream.rules)
-        streamed = _is_event_stream(headers.get("content-type", ""))
-        fail_open = plan.tenant.config.fail_mode == "open"
-        if streamed and checks:
-            return CheckedStream(
-                MidstreamGuard(
-                    fmt,
-                    self.runtime.checker,
-                    rails.midstream,
-                    window_tokens=rails.window_tokens,
-                    holdback_tokens=rails.holdback_tokens,
-                    drop_usage_chunk=self.drop_usage_chunk,
-                    fail_open=fail_open,
-                    on_verdict=partial(self._midstream_verdict, plan),
-                )
-            )
-        if checks:
-            # A whole answer is checked before any of it is released (egress).
-            return CheckedBody(
-                fmt,
-                self.runtime.checker,
-                rails.egress,
-                fail_open=fail_open,
-                on_verdict=partial(self._egress_verdict, plan),
-            )
-        if self.tally is None or endpoint is None:
-            return _PASS_THROUGH
-        if streamed:
-            return MeteredStream(fmt, drop_usage_chunk=self.drop_usage_chunk)
-        return MeteredBody(fmt)
+        return choose_handler(
+            self.fmt or plan.tenant.format,
+            self.runtime.checker,
+            plan.guardrails,
+            content_type=headers.get("content-type", ""),
+            checks=endpoint is not None and endpoint.checks_answer and plan.checks_answers,
+            counted=self.tally is not None and endpoint is not None,
+            drop_usage_chunk=self.drop_usage_chunk,
+            fail_open=plan.tenant.config.fail_mode == "open",
+            on_midstream=partial(self._midstream_verdict, plan),
+            on_egress=partial(self._egress_verdict, plan),
+        )
 
     async def on_response_body(self, msg: HttpBody) -> Answer:
         handler = self.handler
@@ -514,11 +492,6 @@ def _from_upstream(attributes: Mapping[str, Struct] | None) -> bool:
     if found is None or "response.code_details" not in found.fields:
         return True
     return found.fields["response.code_details"].string_value == "via_upstream"
-
-
-def _is_event_stream(content_type: str) -> bool:
-    """``text/event-stream`` in any case, with or without parameters (``; charset=utf-8``)."""
-    return content_type.partition(";")[0].strip().lower() == "text/event-stream"
 
 
 
