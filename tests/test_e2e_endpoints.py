@@ -49,6 +49,10 @@ class RealisticBackend:
         self.received.append(Received(req.method, req.path_qs, headers, raw))
         answer = headers.get("x-test-answer", EMAIL_ANSWER)
         payload = json.loads(raw) if raw else {}
+        if "x-test-error-echo" in headers:
+            # Some backends repeat the offending input in their error message.
+            error = {"error": {"message": f"invalid input: {answer}", "type": "invalid_request"}}
+            return web.json_response(error, status=400)
         if req.path.endswith("/responses"):
             if payload.get("stream"):
                 return await self._sse(req, _responses_events(answer))
@@ -398,3 +402,16 @@ def test_images_are_refused_unless_the_tenant_passes_them(gw: Gateway) -> None:
     assert refused.status == 400
     assert json.loads(refused.body)["error"]["code"] == "unsupported_content"
     assert _post(gw, "media-ok", "/v1/chat/completions", body).status == 200
+
+
+def test_a_backend_error_that_echoes_protected_text_is_withheld(gw: Gateway) -> None:
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    echoed = _post(gw, "redacting", "/v1/chat/completions", body, **{"x-test-error-echo": "1"})
+    assert echoed.status == 400
+    assert b"jane.doe" not in echoed.body
+    assert json.loads(echoed.body)["error"]["code"] == "upstream_error_withheld"
+    # An error with nothing to hide passes as the backend wrote it.
+    plain = {"x-test-error-echo": "1", "x-test-answer": "the model field is required"}
+    passed = _post(gw, "redacting", "/v1/chat/completions", body, **plain)
+    assert passed.status == 400
+    assert b"the model field is required" in passed.body

@@ -264,3 +264,22 @@ async def test_the_reported_address_split_is_redacted_whole() -> None:
         assert _client_text(openai.FORMAT, body) == (
             "Contact the lead at [REDACTED:EMAIL] for the Q3 numbers."
         )
+
+
+async def test_a_private_key_longer_than_the_window_is_redacted_line_by_line() -> None:
+    """A PEM key is longer than the check window: its later lines are still caught after
+    its BEGIN line left the window."""
+    lines = [
+        "".join(chr(65 + (i * 7 + j * 3) % 26) for j in range(64)) for i in range(30)
+    ]  # 30 base64-looking lines: about 2 KB, four windows long
+    key = "-----BEGIN RSA PRIVATE KEY-----\n" + "\n".join(lines) + "\n-----END RSA PRIVATE KEY-----"
+    answer = f"Here is the key you asked for:\n{key}\nKeep it safe."
+    assert _spans(answer), "the detector finds the key in the whole answer"
+    for size in (3, 17):
+        chunks = _cut(_chat(_split(answer, [size])), [97])  # network reads of a few events
+        body = await _stream_through(_guard(openai.FORMAT, "redact"), chunks)
+        seen = _client_text(openai.FORMAT, body)
+        for line in lines:
+            assert line[:20] not in seen, (size, line)
+        assert seen.startswith("Here is the key you asked for:")
+        assert seen.endswith("Keep it safe.")

@@ -22,7 +22,7 @@ from typing import Protocol
 from checkstream.accounting.metering import MAX_METERED_BODY, BodyMeter, StreamMeter
 from checkstream.formats import WireFormat
 from checkstream.formats.texts import Usage
-from checkstream.intake.encodings import decoder
+from checkstream.intake.encodings import DECODABLE, decoder
 from checkstream.policy.guardrails import PhasePlan, TenantGuardrails
 from checkstream.policy.midstream import MidstreamGuard
 from checkstream.policy.pipeline import Checker, Verdict
@@ -208,6 +208,66 @@ class CheckedBody:
         return self.usage, self.chars
 
 
+class CheckedError:
+    """A backend's error body for a tenant whose answers are checked: errors often repeat
+    the request ("invalid content: <the prompt>"), so the body is checked as one text and
+    replaced by an error in the tenant's format if a rule fires (any action but ``log``),
+    or if the check fails and the tenant fails closed. Kept up to ``max_bytes``; a larger
+    error body is replaced unread."""
+
+    closed = False
+    ended = False
+
+    def __init__(
+        self,
+        fmt: WireFormat,
+        checker: Checker,
+        plan: PhasePlan,
+        status: int,
+        *,
+        fail_open: bool,
+        on_verdict: OnVerdict,
+        max_bytes: int = 64 * 1024,
+    ) -> None:
+        self.fmt = fmt
+        self.checker = checker
+        self.plan = plan
+        self.status = status
+        self.fail_open = fail_open
+        self.on_verdict = on_verdict
+        self.max_bytes = max_bytes
+        self.body = bytearray()
+        self.overflow = False
+
+    async def feed(self, chunk: bytes) -> bytes:
+        if len(self.body) + len(chunk) > self.max_bytes:
+            self.overflow = True
+        elif not self.overflow:
+            self.body += chunk
+        return b""
+
+    async def finish(self) -> bytes:
+        body = bytes(self.body)
+        if self.overflow:
+            return self._withheld("it is too large to check")
+        text = body.decode("utf-8", "replace")
+        started = time.perf_counter()
+        verdict = await self.checker.check(self.plan, [text], ["answer"])
+        self.on_verdict(verdict, (time.perf_counter() - started) * 1000, [text])
+        if verdict.failure is not None:
+            return body if self.fail_open else self._withheld("its check failed")
+        if verdict.action is not None and verdict.action != "log":
+            return self._withheld("it repeats content this tenant's policy does not allow")
+        return body
+
+    def _withheld(self, why: str) -> bytes:
+        message = f"the backend answered {self.status}; its error was withheld: {why}"
+        return self.fmt.error_body(self.status, message, "upstream_error_withheld")
+
+    def result(self) -> tuple[Usage | None, int]:
+        return None, 0
+
+
 class Unreadable:
     """An answer to be checked in an encoding CheckStream cannot decode: withheld (fail
     closed), replaced by the format's blocked answer naming the encoding."""
@@ -319,3 +379,17 @@ def choose_handler(
 def is_event_stream(content_type: str) -> bool:
     """``text/event-stream`` in any case, with or without parameters (``; charset=utf-8``)."""
     return content_type.partition(";")[0].strip().lower() == "text/event-stream"
+
+
+def decoded(
+    handler: AnswerHandler, encoding: str, fmt: WireFormat, *, withhold: bool
+) -> tuple[AnswerHandler, list[str]]:
+    """``handler`` for an answer the backend compressed although CheckStream asked for
+    ``identity``, and the response headers to remove: gzip and deflate are decoded; another
+    encoding is withheld where answers are checked and the tenant fails closed (``withhold``),
+    else passed as it came."""
+    if encoding in DECODABLE:
+        return Decoded(handler, encoding), ["content-encoding"]
+    if withhold:
+        return Unreadable(fmt, encoding), ["content-encoding"]
+    return PASS_THROUGH, []

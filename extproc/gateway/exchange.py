@@ -36,7 +36,6 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import (
     HttpHeaders,
     HttpTrailers,
     ProcessingResponse,
-    StreamedBodyResponse,
     TrailersResponse,
 )
 from google.protobuf.struct_pb2 import Struct
@@ -51,13 +50,19 @@ from checkstream.gateway.admission import admit, limit_headers
 from checkstream.gateway.answers import (
     PASS_THROUGH,
     AnswerHandler,
-    Decoded,
+    CheckedError,
     MeteredBody,
     MeteredStream,
-    Unreadable,
     choose_handler,
+    decoded,
 )
-from checkstream.gateway.mutations import error_response, header, header_map, immediate
+from checkstream.gateway.mutations import (
+    error_response,
+    header,
+    header_map,
+    immediate,
+    streamed_body,
+)
 from checkstream.gateway.operator_paths import route_operator
 from checkstream.gateway.request_checks import (
     Refusal,
@@ -67,7 +72,6 @@ from checkstream.gateway.request_checks import (
 )
 from checkstream.gateway.runtime import Runtime, TenantPlan
 from checkstream.gateway.verdicts import fails_open, observe, record
-from checkstream.intake.encodings import DECODABLE
 from checkstream.intake.request_size import request_too_large
 from checkstream.ops import logs
 from checkstream.ops.metrics import (
@@ -89,25 +93,12 @@ _ACCESS = "checkstream_access"
 _MAX_MODEL_CHARS = 200
 
 Answer: TypeAlias = ProcessingResponse | list[ProcessingResponse] | None
-_PASS_THROUGH = PASS_THROUGH
 _CHECK_FAILED = Refusal(
     503,
     "a guardrail check failed, so the request was not processed",
     "guardrail_error",
     "checkstream_classifier",
 )
-
-
-def _streamed(body: bytes, end_of_stream: bool) -> ProcessingResponse:
-    return ProcessingResponse(
-        response_body=BodyResponse(
-            response=CommonResponse(
-                body_mutation=BodyMutation(
-                    streamed_response=StreamedBodyResponse(body=body, end_of_stream=end_of_stream)
-                )
-            )
-        )
-    )
 
 
 class Exchange:
@@ -135,7 +126,7 @@ class Exchange:
         self.fmt: WireFormat | None = None
         self.request_encoding = ""
         #: What happens to the answer's body, chosen at its headers.
-        self.handler: AnswerHandler = _PASS_THROUGH
+        self.handler: AnswerHandler = PASS_THROUGH
         #: CheckStream asked the backend for stream usage; the client did not.
         self.drop_usage_chunk = False
         #: What is counted about this request (usage, limits, audit), when its tenant counts.
@@ -346,25 +337,19 @@ class Exchange:
         removes: list[str] = []
         if msg.end_of_stream:
             await self._finish()
-        elif status.startswith("2"):
-            # Every success is read, not only 200: a 201 or 203 carries an answer too. The
-            # backend's own errors pass unchanged.
-            handler = self._answer_handler(plan, headers)
+        else:
+            handler = self._answer_handler(plan, headers, status)
             encoding = headers.get("content-encoding", "identity").strip().lower()
-            if handler is not _PASS_THROUGH and encoding not in ("", "identity"):
-                if encoding in DECODABLE:
-                    handler = Decoded(handler, encoding)
-                    removes.append("content-encoding")
-                elif plan.checks_answers and plan.tenant.config.fail_mode == "closed":
-                    handler = Unreadable(self.fmt or plan.tenant.format, encoding)
-                    removes.append("content-encoding")
-                else:
-                    handler = _PASS_THROUGH
+            if handler is not PASS_THROUGH and encoding not in ("", "identity"):
+                closed = plan.checks_answers and plan.tenant.config.fail_mode != "open"
+                fmt = self.fmt or plan.tenant.format
+                handler, removed = decoded(handler, encoding, fmt, withhold=closed)
+                removes += removed
             self.handler = handler
             keeps_length = isinstance(handler, MeteredBody) or (
                 isinstance(handler, MeteredStream) and not self.drop_usage_chunk
             )
-            if handler is not _PASS_THROUGH and not keeps_length:
+            if handler is not PASS_THROUGH and not keeps_length:
                 removes.append("content-length")  # the answer's length may change
         if not sets and not removes:
             return _EMPTY_RESPONSE_HEADERS
@@ -376,20 +361,36 @@ class Exchange:
             )
         )
 
-    def _answer_handler(self, plan: TenantPlan, headers: Mapping[str, str]) -> AnswerHandler:
-        """The handler for a successful answer: checked, metered or passed."""
+    def _answer_handler(
+        self, plan: TenantPlan, headers: Mapping[str, str], status: str
+    ) -> AnswerHandler:
+        """The handler for an answer: checked, metered or passed. Every success is read,
+        not only 200; a backend's error is checked too where answers are (it may echo the
+        prompt), and otherwise passes unchanged."""
         endpoint = self.endpoint
+        checks = endpoint is not None and endpoint.checks_answer and plan.checks_answers
+        fmt = self.fmt or plan.tenant.format
+        fail_open = plan.tenant.config.fail_mode == "open"
+        on_egress = partial(self._egress_verdict, plan)
+        if status[:1] in ("4", "5") and checks:
+            rails = plan.guardrails.egress
+            checker = self.runtime.checker
+            return CheckedError(
+                fmt, checker, rails, int(status), fail_open=fail_open, on_verdict=on_egress
+            )
+        if not status.startswith("2"):
+            return PASS_THROUGH
         return choose_handler(
-            self.fmt or plan.tenant.format,
+            fmt,
             self.runtime.checker,
             plan.guardrails,
             content_type=headers.get("content-type", ""),
-            checks=endpoint is not None and endpoint.checks_answer and plan.checks_answers,
+            checks=checks,
             counted=self.tally is not None and endpoint is not None,
             drop_usage_chunk=self.drop_usage_chunk,
-            fail_open=plan.tenant.config.fail_mode == "open",
+            fail_open=fail_open,
             on_midstream=partial(self._midstream_verdict, plan),
-            on_egress=partial(self._egress_verdict, plan),
+            on_egress=on_egress,
         )
 
     async def on_response_body(self, msg: HttpBody) -> Answer:
@@ -405,7 +406,7 @@ class Exchange:
             await self._finish_answer()
         elif not out:
             return None  # held back: full-duplex mode needs no answer per chunk
-        return _streamed(out, end)
+        return streamed_body(out, end)
 
     async def on_response_trailers(self, msg: HttpTrailers) -> Answer:
         handler = self.handler
@@ -414,7 +415,7 @@ class Exchange:
             # The body ended with trailers rather than end_of_stream: release the rest now.
             tail = await handler.finish()
         await self._finish_answer()
-        return [_streamed(tail, False), _EMPTY_TRAILERS] if tail else _EMPTY_TRAILERS
+        return [streamed_body(tail, False), _EMPTY_TRAILERS] if tail else _EMPTY_TRAILERS
 
     # -- accounting ------------------------------------------------------------------------
     async def _admit(self, plan: TenantPlan, tokens: int) -> ProcessingResponse | None:
@@ -492,8 +493,3 @@ def _from_upstream(attributes: Mapping[str, Struct] | None) -> bool:
     if found is None or "response.code_details" not in found.fields:
         return True
     return found.fields["response.code_details"].string_value == "via_upstream"
-
-
-
-def _without(event: dict[str, object], key: str) -> dict[str, object]:
-    return {k: v for k, v in event.items() if k != key}

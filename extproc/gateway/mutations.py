@@ -12,12 +12,15 @@ from dataclasses import dataclass
 from envoy.config.core.v3.base_pb2 import HeaderValue, HeaderValueOption
 from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
 from envoy.service.ext_proc.v3.external_processor_pb2 import (
+    BodyMutation,
+    BodyResponse,
     CommonResponse,
     HeaderMutation,
     HeadersResponse,
     HttpHeaders,
     ImmediateResponse,
     ProcessingResponse,
+    StreamedBodyResponse,
 )
 from envoy.type.v3.http_status_pb2 import HttpStatus
 from google.protobuf.struct_pb2 import Struct
@@ -140,3 +143,17 @@ TO_ADMIN = ProcessingResponse(
         response_trailer_mode=_SKIP,
     ),
 )
+
+
+def streamed_body(body: bytes, end_of_stream: bool) -> ProcessingResponse:
+    """A response-body answer in full-duplex mode: these bytes go to the client now, and
+    ``end_of_stream`` ends its response."""
+    return ProcessingResponse(
+        response_body=BodyResponse(
+            response=CommonResponse(
+                body_mutation=BodyMutation(
+                    streamed_response=StreamedBodyResponse(body=body, end_of_stream=end_of_stream)
+                )
+            )
+        )
+    )

@@ -41,6 +41,8 @@ _SPACED_ENDS = tuple(f"{end} " for end in ".!?\u3002\uff01\uff1f")
 _DIGITS = frozenset("0123456789")
 # The longest number or code written in groups (an IBAN: 34 characters and 8 spaces).
 _MAX_GROUPED = 42
+# A PEM block longer than this is no key: it stops widening the checks.
+_MAX_BLOCK_CHARS = 64 * 1024
 # Text no longer needed is dropped from the buffer in pieces at least this large.
 _TRIM_CHARS = 4096
 
@@ -101,6 +103,9 @@ class MidstreamGuard:
         self.ended = False
         #: The upstream sent its stream's last event ([DONE], message_stop, ...).
         self.last_seen = False
+        #: Where an unfinished PEM block (``-----BEGIN ...``) starts: every check reaches back
+        #: to it, so its later lines are still recognised once the window moved past BEGIN.
+        self.open_block: int | None = None
         self._boundary_for = -1  # the `checked` the cached boundary was computed for
         self._boundary_at = 0
         # Only formats whose streams repeat their text need each channel's released text.
@@ -172,7 +177,11 @@ class MidstreamGuard:
             ended = ended or _ends_sentence(text)
             self.held.append(_Held(event, start, self.size, delta.channel))
         if pieces:
-            self.buf += "".join(pieces)
+            added = "".join(pieces)
+            self.buf += added
+            if self.open_block is None and "-----BEGIN" in self.buf[-len(added) - 10 :]:
+                at = self.buf.rfind("-----BEGIN")
+                self.open_block = self.base + at
         return ended
 
     def _text(self, start: int, end: int) -> str:
@@ -183,6 +192,11 @@ class MidstreamGuard:
         """Check the window ending at the newest text; a Release only if the stream ends."""
         end = self.size
         start = max(self.base, min(self.checked, end - self.window_chars))
+        block = self.open_block
+        if block is not None:
+            start = max(self.base, min(start, block))
+            if "-----END" in self._text(block, end) or end - block > _MAX_BLOCK_CHARS:
+                self.open_block = None  # this check sees it whole (or it was no PEM block)
         started = time.perf_counter()
         window = self._text(start, end)
         verdict = await self.checker.check(self.plan, [window], _ANSWER)
@@ -295,6 +309,8 @@ class MidstreamGuard:
     def _trim(self) -> None:
         """Drop text no check or release can need again: before the window and the held."""
         keep = min(self.released, self.size - self.window_chars)
+        if self.open_block is not None:
+            keep = min(keep, self.open_block)
         if keep - self.base >= max(_TRIM_CHARS, len(self.buf) // 2):
             self.buf = self.buf[keep - self.base :]
             self.base = keep
