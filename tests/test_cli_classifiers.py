@@ -19,6 +19,9 @@ from checkstream.policy.binary_metrics import measure, roc_auc
 from tests.support import write_config
 from tests.test_remote import start_serve
 
+# Runs the real `checkstream` program (or its process pools) as a user would: the e2e tier.
+pytestmark = pytest.mark.e2e
+
 CLI = (sys.executable, "-m", "checkstream", "classifiers")
 KEYWORDS = {"classifiers": {"banned": {"type": "keyword", "terms": ["project falcon", "acme"]}}}
 

@@ -13,6 +13,9 @@ import yaml
 
 from checkstream.cli.main import main
 
+# Runs the real `checkstream` program (or its process pools) as a user would: the e2e tier.
+pytestmark = pytest.mark.e2e
+
 GOOD = """\
 tenants:
   default_tenant: acme

@@ -22,6 +22,9 @@ from checkstream.demo.state import demo_config_path, new_demo_state
 from checkstream.ledger.usage import resolve_usage_path
 from checkstream.tenants.keyindex import digest_of
 
+# Runs the real `checkstream` program (or its process pools) as a user would: the e2e tier.
+pytestmark = pytest.mark.e2e
+
 
 def checkstream(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"}

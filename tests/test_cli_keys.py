@@ -7,10 +7,14 @@ import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
 import yaml
 
 from checkstream.config.model import load_config
 from checkstream.tenants.resolution import Resolved, TenantResolver
+
+# Runs the real `checkstream` program (or its process pools) as a user would: the e2e tier.
+pytestmark = pytest.mark.e2e
 
 CONFIG = """\
 # Tenants of the keys tests.

@@ -11,7 +11,12 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.test_plugins import BROKEN_PLUGIN, SHOUTING_PLUGIN, install
+
+# Runs the real `checkstream` program as a user would: the e2e tier.
+pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -27,6 +32,7 @@ BUILT_IN_TYPES = {
 # A plugin that only releases something at shutdown: listed although it offers no type.
 SHUTDOWN_ONLY_PLUGIN = """\
 from checkstream import hookimpl
+
 
 
 @hookimpl

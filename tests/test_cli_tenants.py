@@ -14,6 +14,9 @@ from checkstream.config.model import load_config
 from checkstream.tenants.onboarding import template_names
 from checkstream.tenants.resolution import Resolved, TenantResolver
 
+# Runs the real `checkstream` program (or its process pools) as a user would: the e2e tier.
+pytestmark = pytest.mark.e2e
+
 CONFIG = """\
 # Our gateway. Comments, quoting and flow style must survive `tenants new`.
 server: {host: 0.0.0.0, port: 8080}

@@ -20,6 +20,9 @@ from pathlib import Path
 
 import pytest
 
+# Runs the real `checkstream` program (or its process pools) as a user would: the e2e tier.
+pytestmark = pytest.mark.e2e
+
 REPO = Path(__file__).resolve().parent.parent
 DOC = REPO / "docs" / "plugins.md"
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```$", re.MULTILINE | re.DOTALL)

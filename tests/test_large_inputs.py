@@ -25,6 +25,9 @@ from checkstream.policy.pipeline import Checker
 from checkstream.types import Classification, Span
 from tests.support import child_processes
 
+# Runs the real `checkstream` program (or its process pools) as a user would: the e2e tier.
+pytestmark = pytest.mark.e2e
+
 BIG = INLINE_MAX_CHARS + 1
 
 

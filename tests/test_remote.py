@@ -60,6 +60,9 @@ from tests.support import (
     write_policy,
 )
 
+# Runs the real `checkstream` program (or its process pools) as a user would: the e2e tier.
+pytestmark = pytest.mark.e2e
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # Code points beyond the BMP, combining marks and CRLF: offsets must count code points on

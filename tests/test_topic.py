@@ -299,6 +299,8 @@ def evaluations() -> dict[str, Evaluation]:
     return {preset: evaluate(preset) for preset in FLOORS}
 
 
+# Scores every labelled example through the model: minutes of CPU, the e2e tier.
+@pytest.mark.e2e
 @pytest.mark.parametrize("preset", sorted(FLOORS))
 def test_preset_metrics_do_not_regress(preset: str, evaluations: dict[str, Evaluation]) -> None:
     result = evaluations[preset]
@@ -311,6 +313,7 @@ def test_preset_metrics_do_not_regress(preset: str, evaluations: dict[str, Evalu
     assert result.minilm.best.f1 >= f1_floor
 
 
+@pytest.mark.e2e  # the same evaluation as above
 @pytest.mark.parametrize("preset", sorted(RECOMMENDED))
 def test_recommended_thresholds_keep_their_f1(
     preset: str, evaluations: dict[str, Evaluation]
