@@ -41,7 +41,7 @@ from checkstream.policy.classifier_server import (
     CLASSIFY_METHOD,
     LIST_CLASSIFIERS_METHOD,
     SERVICE_NAME,
-    build_server,
+    build_classifier_server,
     servable_classifiers,
 )
 from checkstream.policy.guardrails import PhasePlan, Rule, compile_guardrails
@@ -140,7 +140,9 @@ async def served() -> AsyncIterator[Served]:
         "thread_recorder": ThreadRecorder(),
     }
     executor = ThreadPoolExecutor(2, thread_name_prefix="classifier")
-    server, port = build_server(classifiers, Checker(classifiers, executor, 3.0), "127.0.0.1", 0)
+    server, port = build_classifier_server(
+        classifiers, Checker(classifiers, executor, 3.0), "127.0.0.1", 0
+    )
     await server.start()
     yield Served(f"127.0.0.1:{port}", classifiers)
     await close_channels()

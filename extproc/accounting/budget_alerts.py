@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -34,9 +33,10 @@ from checkstream.limits.base import Limiter
 from checkstream.limits.daily import DailyQuotas, day_of
 from checkstream.limits.decisions import NANO, to_nano
 from checkstream.limits.redis import redis_client
+from checkstream.ops import logs
 from checkstream.ops.metrics import BUDGET_USED
 
-log = logging.getLogger("checkstream.alerts")
+log = logs.get("checkstream.alerts")
 
 #: Delivery attempts, and the first wait between them (doubled after each failure).
 ATTEMPTS: Final = 6
@@ -135,7 +135,7 @@ class BudgetAlerts:
             try:
                 mine = await self._claims.claim(key)
             except redis.exceptions.RedisError as exc:
-                log.error(json.dumps({"event": "budget_alert_claim_failed", "error": str(exc)}))
+                log.error("budget_alert_claim_failed", error=str(exc))
                 return  # unclaimed: a later request tries again
             self._seen.add(key)
             if mine:
@@ -188,8 +188,8 @@ class BudgetAlerts:
                 await self._audit.append(alert.tenant, [record])
                 return
             except Exception as exc:
-                log.error(json.dumps({"event": "audit_write_failed", "error": str(exc)}))
-        log.info(json.dumps({"event": "budget_alert", **record}))
+                log.error("audit_write_failed", error=str(exc))
+        log.info("budget_alert", **record)
 
     async def aclose(self) -> None:
         if self._deliveries:

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
-import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -47,8 +45,9 @@ from checkstream.console.sessions import Session, SessionStore, SignInThrottle
 from checkstream.console.source import ConsoleSource
 from checkstream.console.usage_source import usage_source
 from checkstream.ledger.usage import UsageError, check_period, period_of, render
+from checkstream.ops import logs
 
-log = logging.getLogger("checkstream.console")
+log = logs.get("checkstream.console")
 
 PREFIX: Final = "/ui/"
 SESSION_COOKIE: Final = "checkstream_console"
@@ -203,7 +202,7 @@ class Console:
         now = self.clock()
         wait = self.throttle.retry_after(client, now)
         if wait is not None:
-            log.warning(json.dumps({"event": "console_sign_in_throttled", "client": client}))
+            log.warning("console_sign_in_throttled", client=client)
             response = self._sign_in_page(request, "Too many wrong tokens: wait a minute.", 429)
             response.headers["Retry-After"] = str(max(1, int(wait + 0.999)))
             return response
@@ -212,9 +211,9 @@ class Console:
         if not (isinstance(given, str) and _same(given, self.token)):
             self.throttle.failed(client, now)
             # Never the token tried: it may be a real token of something else, mistyped.
-            log.warning(json.dumps({"event": "console_sign_in_refused", "client": client}))
+            log.warning("console_sign_in_refused", client=client)
             return self._sign_in_page(request, "Wrong token.", 401)
-        log.info(json.dumps({"event": "console_signed_in", "client": client}))
+        log.info("console_signed_in", client=client)
         session = self.sessions.create(now)
         response = see_other(PREFIX)
         _set_cookie(request, response, SESSION_COOKIE, session.id, max_age=self.sessions.ttl_s)

@@ -11,7 +11,6 @@ launcher (``envoy_config.py``).
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -68,7 +67,7 @@ class WorkerAdmin:
                 await accounts.shared.refresh(accounts.suspensions)
         if outcome.status == 200:
             event = "tenant_suspended" if suspended else "tenant_resumed"
-            log.info(json.dumps({"event": event, "tenant": tenant}))
+            log.info(event, tenant=tenant)
         return outcome
 
     async def status(self) -> dict[str, Any]:

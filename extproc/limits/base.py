@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import logging
 import re
 import uuid
 from abc import ABC, abstractmethod
@@ -52,8 +50,9 @@ from checkstream.limits.decisions import (
     decide,
     over_budget,
 )
+from checkstream.ops import logs
 
-log = logging.getLogger("checkstream.limits")
+log = logs.get("checkstream.limits")
 
 # A concurrency slot is a lease that expires unless its holder renews it: a replica killed
 # mid-request (or a release lost to a Redis stall) frees its slots within this long.
@@ -152,7 +151,7 @@ class LeaseBook:
                 await self._beat()
             except Exception as exc:  # the heartbeat must outlive any one failure
                 if not failing:  # one line per outage, not one per beat
-                    log.error(json.dumps({"event": "lease_heartbeat_failed", "error": str(exc)}))
+                    log.error("lease_heartbeat_failed", error=str(exc))
                 failing = True
             else:
                 failing = False

@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
-import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Final
 
 from checkstream.config.model import LoadedConfig
+from checkstream.ops import logs
 
-log = logging.getLogger("checkstream.watch")
+log = logs.get("checkstream.watch")
 
 WATCH_EVERY_S: Final = 1.0
 
@@ -67,7 +66,7 @@ async def watch_config(
         if now == seen:
             continue
         changed = sorted(str(path) for path in files if now.get(path) != seen.get(path))
-        log.info(json.dumps({"event": "config_changed", "files": changed}))
+        log.info("config_changed", files=changed)
         await reload()
         # A reload may name other policy files: watch what is in force now, as it is now
         # (a change made during the reload shows up at the next look).

@@ -117,7 +117,7 @@ def _message(item: Classification) -> pb.Classification:
     )
 
 
-def build_server(
+def build_classifier_server(
     classifiers: Mapping[str, Classifier], checker: Checker, host: str, port: int
 ) -> tuple[grpc.aio.Server, int]:
     """A server (not started) and the port it bound; port 0 picks a free one."""
@@ -186,7 +186,7 @@ def servable_classifiers(
 
 async def serve(classifiers: Mapping[str, Classifier], host: str, port: int) -> None:
     """Serve until SIGTERM/SIGINT, then let calls in flight finish (up to ``GRACE_S``)."""
-    server, bound = build_server(classifiers, new_checker(classifiers), host, port)
+    server, bound = build_classifier_server(classifiers, new_checker(classifiers), host, port)
     await server.start()
     print(
         f"checkstream: classifiers listening on {host}:{bound} "

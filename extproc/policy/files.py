@@ -29,14 +29,14 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class Trigger(_Strict):
+class TriggerSpec(_Strict):
     classifier: Annotated[str, Field(min_length=1)]
     threshold: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
 
 
-class Rule(_Strict):
+class RuleSpec(_Strict):
     name: Annotated[str, Field(min_length=1)]
-    trigger: Trigger
+    trigger: TriggerSpec
     action: Action
     regulation: str | None = None
     message: str | None = None
@@ -45,7 +45,7 @@ class Rule(_Strict):
 class PolicyFile(_Strict):
     version: str
     name: str
-    policies: list[Rule] = []
+    policies: list[RuleSpec] = []
 
 
 @dataclass(frozen=True)

@@ -33,8 +33,7 @@ from checkstream.config.yamlsource import (
     format_key_path,
 )
 from checkstream.formats.texts import SOURCES
-from checkstream.policy.files import Action, LoadedPolicy
-from checkstream.policy.files import Rule as PolicyRule
+from checkstream.policy.files import Action, LoadedPolicy, RuleSpec
 from checkstream.policy.registry import Registry
 from checkstream.types import Classifier
 
@@ -154,7 +153,7 @@ def _midstream_setting(tenant: MidstreamConfig, model: CheckStreamConfig, key: s
 
 
 def _phase(
-    tenant: str, names: tuple[str, ...], rules: list[PolicyRule], default_threshold: float
+    tenant: str, names: tuple[str, ...], rules: list[RuleSpec], default_threshold: float
 ) -> PhasePlan:
     chosen = tuple(
         Rule(
@@ -178,7 +177,7 @@ def _rules(
     classifiers: Mapping[str, Classifier],
     broken: set[str],
     problems: list[Problem],
-) -> list[PolicyRule]:
+) -> list[RuleSpec]:
     """The tenant's rules that can work; each one that cannot is a located problem."""
     if policy is None:
         return []
