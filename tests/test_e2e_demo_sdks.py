@@ -53,7 +53,9 @@ def demo_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     }
     path = write_config(directory, config)
     gateway = start_gateway(
-        path, args=["--demo", "--demo-port", str(demo_port), "--demo-chunk-delay-ms", "0"]
+        path,
+        env={"CHECKSTREAM_ADMIN_TOKEN": "demo-sdks-admin-token"},  # the console is on
+        args=["--demo", "--demo-port", str(demo_port), "--demo-chunk-delay-ms", "0"],
     )
     yield gateway
     gateway.stop()
@@ -100,6 +102,9 @@ def test_start_up_says_each_phase_with_timings_and_full_addresses(
     assert ready["url"] == f"http://127.0.0.1:{server['port']}"
     assert ready["admin"] == f"http://127.0.0.1:{server['admin_port']}"
     assert ready["envoy_admin"] == f"http://127.0.0.1:{server['envoy_admin_port']}"
+    # The admin token turns the console on: its address is on the ready line.
+    assert ready["console"] == f"http://127.0.0.1:{server['admin_port']}/ui/"
+    assert "demo-sdks-admin-token" not in demo_gateway.log()
 
 
 def test_chat_completions_json_and_sse(oai: openai.OpenAI) -> None:

@@ -301,3 +301,28 @@ async def test_accounts_seed_budgets_from_the_shared_ledger_or_fail_in_the_tenan
         await accounts.aclose()
     finally:
         server.stop()
+
+
+async def test_days_for_the_console_match_the_sqlite_ledger(
+    ledger: PostgresLedger, postgres_url: str, tmp_path: Path
+) -> None:
+    from datetime import date
+
+    from checkstream.ledger import postgres
+    from checkstream.ledger.days import daily_report as sqlite_days
+    from checkstream.ledger.usage import UsageLedger
+
+    await asyncio.gather(*(ledger.record(r) for r in SAMPLE))
+    local = UsageLedger.open(tmp_path / "usage.db")
+    try:
+        await asyncio.gather(*(local.record(r) for r in SAMPLE))
+    finally:
+        await local.aclose()
+    since = date(2026, 1, 1)
+    for tenant in ("acme", None):
+        shared = postgres.daily_report(postgres_url, tenant=tenant, since=since)
+        single = sqlite_days(tmp_path / "usage.db", tenant=tenant, since=since)
+        assert shared and [(r.tenant, r.day, r.model, r.requests) for r in shared] == [
+            (r.tenant, r.day, r.model, r.requests) for r in single
+        ]
+        assert [round(r.cost_usd, 9) for r in shared] == [round(r.cost_usd, 9) for r in single]

@@ -23,12 +23,14 @@ import asyncio
 import contextlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, date, datetime
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
+from checkstream.ledger.days import DailyRow
 from checkstream.ledger.usage import (
     BILLABLE,
     LedgerWriteError,
@@ -335,6 +337,34 @@ def report(url: str, *, tenant: str | None, period: str, by_model: bool) -> list
     """``checkstream usage`` from the shared ledger (blocking, for the CLI)."""
     query, params = report_query(tenant=tenant, period=period, by_model=by_model)
     return [_usage_row(row) for row in _read(url, query, params)]
+
+
+def daily_report(url: str, *, tenant: str | None, since: date) -> list[DailyRow]:
+    """Per tenant, UTC day and model from ``since`` on, from every replica (the console)."""
+    start = datetime(since.year, since.month, since.day, tzinfo=UTC).timestamp()
+    query = (
+        "SELECT tenant, to_char(to_timestamp(time) AT TIME ZONE 'UTC', 'YYYY-MM-DD') AS day,"
+        " model, COUNT(*), SUM(input_tokens), SUM(output_tokens), SUM((status >= 400)::int),"
+        f" COALESCE(SUM(cost_usd), 0) FROM {TABLE} WHERE time >= %s"
+        + (" AND tenant = %s" if tenant is not None else "")
+        + " GROUP BY tenant, day, model ORDER BY tenant, day, model"
+    )
+    params: list[object] = [start] if tenant is None else [start, tenant]
+    return [_daily_row(row) for row in _read(url, query, params)]
+
+
+def _daily_row(row: tuple[Any, ...]) -> DailyRow:
+    tenant, day, model, requests, tokens_in, tokens_out, errors, cost = row
+    return DailyRow(
+        str(tenant),
+        date.fromisoformat(day),
+        str(model),
+        int(requests),
+        int(tokens_in),
+        int(tokens_out),
+        int(errors),
+        float(cost),
+    )
 
 
 def request_times(url: str, tenant: str, since: float) -> dict[str, float]:

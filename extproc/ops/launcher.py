@@ -309,6 +309,8 @@ async def _supervise(
         extproc_workers=workers,
         admin=_url(server.host, server.admin_port),
         envoy_admin=_url("127.0.0.1", server.envoy_admin_port),
+        # The operator console, where it is on: behind the admin token.
+        console=f"{_url(server.host, server.admin_port)}/ui/" if admin_token_from_env() else None,
     )
     code = await _watch(children, stopping, control, start_worker)
     # Before anything else: /healthz and /readyz answer 503 at once, here and on the
