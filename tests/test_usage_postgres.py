@@ -326,3 +326,35 @@ async def test_days_for_the_console_match_the_sqlite_ledger(
             (r.tenant, r.day, r.model, r.requests) for r in single
         ]
         assert [round(r.cost_usd, 9) for r in shared] == [round(r.cost_usd, 9) for r in single]
+
+
+async def test_a_tenant_is_exported_and_purged_from_the_shared_ledger(
+    ledger: PostgresLedger, postgres_url: str, tmp_path: Path
+) -> None:
+    from checkstream.ledger.postgres import redacted
+    from checkstream.ledger.usage import UsageLedger
+    from checkstream.tenants.ledger_rows import PostgresRows, SqliteRows
+    from checkstream.tenants.offboarding import export_tenant, purge_tenant
+
+    await asyncio.gather(*(ledger.record(r) for r in SAMPLE))
+    shared = PostgresRows(postgres_url)
+    acme = [r for r in SAMPLE if r.tenant == "acme"]
+    done = export_tenant("acme", shared, None, tmp_path / "export")
+    assert done.usage_rows == len(acme)
+    manifest = json.loads((tmp_path / "export" / "manifest.json").read_text())
+    assert manifest["usage"]["ledger"] == redacted(postgres_url)  # never a password
+    # The export's rows read the same as the SQLite ledger's for the same requests.
+    local = UsageLedger.open(tmp_path / "usage.db")
+    try:
+        await asyncio.gather(*(local.record(r) for r in SAMPLE))
+    finally:
+        await local.aclose()
+    from_sqlite = SqliteRows(tmp_path / "usage.db").rows("acme")
+    assert [r[2:] for r in shared.rows("acme")] == [r[2:] for r in from_sqlite]
+    purged = purge_tenant("acme", shared, None, tmp_path / "export")
+    assert purged.usage_rows == len(acme)
+    assert [t for t, _ in _rows(postgres_url)] == ["beta"] * (len(SAMPLE) - len(acme))
+    with psycopg.connect(postgres_url) as conn:
+        (recorded,) = conn.execute(f"SELECT usage_rows FROM {TABLE}_purges").fetchall()
+    assert recorded == (len(acme),)
+

@@ -11,9 +11,10 @@ from checkstream.cli.options import add_config_option
 from checkstream.config.model import LoadedConfig, load_config
 from checkstream.config.yamlsource import ConfigError
 from checkstream.gateway.runtime import check_config
-from checkstream.ledger.usage import resolve_usage_path
+from checkstream.ledger.usage import UsageError
 from checkstream.policy.registry import PluginError
 from checkstream.tenants.keyindex import new_key
+from checkstream.tenants.ledger_rows import LedgerRows, LedgerRowsError, ledger_rows
 from checkstream.tenants.offboarding import OffboardingError, export_tenant, purge_tenant
 from checkstream.tenants.onboarding import (
     OnboardingError,
@@ -130,7 +131,7 @@ def _check(path: Path) -> str | None:
     return None
 
 
-def _stores(args: argparse.Namespace) -> tuple[LoadedConfig, Path, Path | None] | str:
+def _stores(args: argparse.Namespace) -> tuple[LoadedConfig, LedgerRows, Path | None] | str:
     """The config, the usage ledger and the tenant's audit trail directory (if any)."""
     try:
         loaded = load_config(args.config, require_secrets=False)
@@ -143,7 +144,11 @@ def _stores(args: argparse.Namespace) -> tuple[LoadedConfig, Path, Path | None] 
         # No longer configured (or audit turned off): the default place, if a trail is there.
         default = loaded.path.parent / "audit" / args.tenant
         trail = default if default.is_dir() else None
-    return loaded, resolve_usage_path(loaded), trail
+    try:
+        ledger = ledger_rows(loaded)
+    except UsageError as exc:
+        return str(exc)
+    return loaded, ledger, trail
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -153,7 +158,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     _loaded, ledger, trail = found
     try:
         done = export_tenant(args.tenant, ledger, trail, Path(args.out))
-    except OffboardingError as exc:
+    except (OffboardingError, LedgerRowsError) as exc:
         return _fail(str(exc))
     print(
         f"exported tenant '{args.tenant}' to {done.directory}: {done.usage_rows} usage rows, "
@@ -180,7 +185,7 @@ def _cmd_purge(args: argparse.Namespace) -> int:
     export = Path(args.export) if args.export is not None else None
     try:
         done = purge_tenant(args.tenant, ledger, trail, export)
-    except OffboardingError as exc:
+    except (OffboardingError, LedgerRowsError) as exc:
         return _fail(str(exc))
     print(
         f"purged tenant '{args.tenant}': {done.usage_rows} usage rows, "

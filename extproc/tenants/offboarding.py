@@ -4,8 +4,9 @@ Export writes ``usage.csv``, ``usage.json``, ``audit/<day>.jsonl`` and ``manifes
 (every file's SHA-256 and size, row and record counts, the trail's verification). Purge
 deletes the tenant's ledger rows and audit day files, but only what an export holds: the
 ledger's rows and the trail's files must still match the manifest, so nothing written since
-the export is lost. The purge itself is recorded in the ledger's ``purges`` table, in the
-same transaction as the deletion.
+the export is lost. The purge itself is recorded in the ledger (its ``purges`` table), in
+the same transaction as the deletion; SQLite and the fleet's PostgreSQL ledger alike
+(``ledger_rows.py``).
 """
 
 from __future__ import annotations
@@ -16,8 +17,6 @@ import hashlib
 import io
 import json
 import shutil
-import sqlite3
-import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,29 +24,10 @@ from typing import Any
 
 from checkstream.audit.trail import every_day_file, lock_files
 from checkstream.audit.verify import verify
+from checkstream.tenants.ledger_rows import COLUMNS as _COLUMNS
+from checkstream.tenants.ledger_rows import LedgerRows
 
 MANIFEST = "manifest.json"
-_COLUMNS = (
-    "time",
-    "period",
-    "request_id",
-    "tenant",
-    "model",
-    "input_tokens",
-    "output_tokens",
-    "estimated",
-    "status",
-    "latency_ms",
-    "cost_usd",
-)
-_PURGES = """CREATE TABLE IF NOT EXISTS purges (
-    time REAL NOT NULL,
-    tenant TEXT NOT NULL,
-    usage_rows INTEGER NOT NULL,
-    audit_files INTEGER NOT NULL,
-    manifest_sha256 TEXT NOT NULL,
-    operator TEXT NOT NULL
-)"""
 
 
 class OffboardingError(Exception):
@@ -77,23 +57,6 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _usage_rows(ledger: Path, tenant: str) -> list[tuple[Any, ...]]:
-    if not ledger.exists():
-        return []
-    conn = sqlite3.connect(f"file:{ledger}?mode=ro", uri=True)
-    try:
-        return conn.execute(
-            f"SELECT {', '.join(_COLUMNS)} FROM usage WHERE tenant = ? ORDER BY time, rowid",
-            (tenant,),
-        ).fetchall()
-    except sqlite3.OperationalError as exc:
-        if "no such table" in str(exc):
-            return []
-        raise OffboardingError(f"{ledger}: {exc}") from None
-    finally:
-        conn.close()
-
-
 def _csv(rows: list[tuple[Any, ...]]) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
@@ -102,10 +65,10 @@ def _csv(rows: list[tuple[Any, ...]]) -> str:
     return out.getvalue()
 
 
-def export_tenant(tenant: str, ledger: Path, trail: Path | None, out: Path) -> Exported:
+def export_tenant(tenant: str, ledger: LedgerRows, trail: Path | None, out: Path) -> Exported:
     if out.exists() and any(out.iterdir()):
         raise OffboardingError(f"{out} is not empty: export into a new directory")
-    rows = _usage_rows(ledger, tenant)
+    rows = ledger.rows(tenant)
     out.mkdir(parents=True, exist_ok=True)
     (out / "usage.csv").write_text(_csv(rows))
     records = [dict(zip(_COLUMNS, row, strict=True)) for row in rows]
@@ -120,7 +83,7 @@ def export_tenant(tenant: str, ledger: Path, trail: Path | None, out: Path) -> E
     manifest = {
         "tenant": tenant,
         "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "usage": {"ledger": str(ledger), "rows": len(rows)},
+        "usage": {"ledger": ledger.where, "rows": len(rows)},
         "audit": {
             "trail": str(trail) if trail is not None else None,
             "files": len(days),
@@ -180,32 +143,19 @@ def _operator() -> str:
         return "unknown"
 
 
-def purge_tenant(tenant: str, ledger: Path, trail: Path | None, export: Path | None) -> Purged:
+def purge_tenant(
+    tenant: str, ledger: LedgerRows, trail: Path | None, export: Path | None
+) -> Purged:
     """Delete the tenant's rows and day files; with ``export``, only if it holds them all."""
     days = every_day_file(trail) if trail is not None and trail.is_dir() else []
     manifest_sha = "none (--force)"
     if export is not None:
         manifest = read_manifest(export, tenant)
-        why = _unexported(manifest, len(_usage_rows(ledger, tenant)), days, export)
+        why = _unexported(manifest, len(ledger.rows(tenant)), days, export)
         if why is not None:
             raise OffboardingError(f"export {export} is out of date: {why}; export again")
         manifest_sha = sha256_file(export / MANIFEST)
-    conn = sqlite3.connect(ledger)
-    try:
-        with conn:
-            conn.execute(_PURGES)
-            try:
-                deleted = conn.execute("DELETE FROM usage WHERE tenant = ?", (tenant,)).rowcount
-            except sqlite3.OperationalError as exc:
-                if "no such table" not in str(exc):
-                    raise
-                deleted = 0
-            conn.execute(
-                "INSERT INTO purges VALUES (?, ?, ?, ?, ?, ?)",
-                (time.time(), tenant, deleted, len(days), manifest_sha, _operator()),
-            )
-    finally:
-        conn.close()
+    deleted = ledger.purge(tenant, len(days), manifest_sha, _operator())
     locks = lock_files(trail) if trail is not None and trail.is_dir() else []
     for _day, path in days:
         path.unlink()
