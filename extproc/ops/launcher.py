@@ -154,7 +154,8 @@ def _health_url(loaded: LoadedConfig) -> str:
 
 def phase(started: float, event: str, **fields: Any) -> None:
     """A start-up step, with the seconds since ``checkstream run`` began."""
-    log.info(event, phase=True, elapsed_s=round(time.monotonic() - started, 1), **fields)
+    given = {key: value for key, value in fields.items() if value is not None}
+    log.info(event, phase=True, elapsed_s=round(time.monotonic() - started, 1), **given)
 
 
 async def run_gateway(
