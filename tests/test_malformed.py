@@ -142,3 +142,40 @@ def test_lone_surrogates_survive_redaction_blocking_and_stream_endings(name: str
     if name == "openai":  # its final chunk repeats the stream's id and model
         assert b"\\ud800" in ending
     ending.decode("utf-8")  # valid UTF-8 on the wire
+
+
+@pytest.mark.parametrize(
+    ("payload", "named"),
+    [
+        ({"model": "gpt-4o-mini", "messages": [{"role": ["user"], "content": "hi"}]}, "role"),
+        ({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": 7}]}, "content"),
+        ({"model": "gpt-4o-mini", "messages": "hello"}, "messages"),
+        ({"model": "gpt-4o-mini", "messages": ["hello"]}, "messages[0]"),
+        ({"model": "gpt-4o-mini", "prompt": {"text": "x"}}, "prompt"),
+        ([1, 2, 3], "object"),
+    ],
+)
+async def test_known_fields_of_the_wrong_type_are_a_400_naming_them(
+    runtime: Runtime, payload: object, named: str
+) -> None:
+    exchange = await _gated_exchange(runtime)
+    answer = await exchange.on_request_body(body(json.dumps(payload).encode()))
+    status, _, error = immediate(answer)
+    assert status == 400
+    assert error["error"]["code"] == "invalid_request"
+    assert named in error["error"]["message"]
+
+
+def test_each_endpoint_names_the_field_it_cannot_read() -> None:
+    from checkstream.formats.endpoints import find_endpoint
+
+    cases = {
+        "/v1/messages": {"messages": [{"role": "user", "content": 1}], "system": "ok"},
+        "/v1/responses": {"input": 3},
+        "/v1/embeddings": {"input": {"a": 1}},
+    }
+    for path, payload in cases.items():
+        endpoint = find_endpoint(path)
+        assert endpoint is not None
+        assert endpoint.fmt.request_problem(payload) is not None, path
+        assert endpoint.fmt.request_problem({"model": "m"}) is None, path

@@ -68,6 +68,11 @@ class WireFormat(Protocol):
         """Every text of a request body the classifiers must see, in body order."""
         ...
 
+    def request_problem(self, payload: Any) -> str | None:
+        """What is wrong with the shape of the request's known fields (a role that is a
+        list, content that is a number...), for a 400 ``invalid_request``; None if nothing."""
+        ...
+
     def media_parts(self, payload: Any) -> list[str]:
         """The types of the request's parts no text classifier can read (images, audio,
         files), in body order; a guarded tenant refuses them unless it opts to pass them."""

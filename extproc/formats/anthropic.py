@@ -14,8 +14,10 @@ from checkstream.formats.texts import (
     JsonPath,
     TextSlot,
     Usage,
+    content_problem,
     dump_json,
     json_string_leaves,
+    messages_problem,
     redactions,
     string_slot,
     token_count,
@@ -81,6 +83,14 @@ class AnthropicFormat:
                         found = with_source(found, "assistant")
                     slots += found
         return slots
+
+    def request_problem(self, payload: Any) -> str | None:
+        """``messages`` and ``system``."""
+        if not isinstance(payload, dict):
+            return "the request body must be a JSON object"
+        return messages_problem(payload.get("messages")) or content_problem(
+            payload.get("system"), "system"
+        )
 
     def media_parts(self, payload: Any) -> list[str]:
         """Images, and documents that are not text (a PDF), in messages and tool results."""

@@ -16,8 +16,10 @@ from checkstream.formats.texts import (
     TextSlot,
     Usage,
     dump_json,
+    messages_problem,
     redactions,
     string_slot,
+    strings_problem,
     token_count,
     with_source,
     with_values,
@@ -98,6 +100,15 @@ class OpenAIFormat:
         for key in ("prompt", "suffix", "input"):
             slots += _strings(payload.get(key), (key,))
         return slots
+
+    def request_problem(self, payload: Any) -> str | None:
+        """Chat ``messages``, completions ``prompt``/``suffix``, embeddings ``input``."""
+        if not isinstance(payload, dict):
+            return "the request body must be a JSON object"
+        problem = messages_problem(payload.get("messages"))
+        for key in ("prompt", "suffix", "input"):
+            problem = problem or strings_problem(payload.get(key), key)
+        return problem
 
     def media_parts(self, payload: Any) -> list[str]:
         """Chat content parts other than ``text`` and ``refusal`` (``image_url``,

@@ -27,6 +27,7 @@ from checkstream.formats.texts import (
     TextSlot,
     Usage,
     dump_json,
+    messages_problem,
     redactions,
     string_slot,
     token_count,
@@ -88,6 +89,22 @@ class ResponsesFormat:
                     found = string_slot(tool.get("description"), ("tools", i, "description"))
                     slots += with_source(found, "system")
         return slots
+
+    def request_problem(self, payload: Any) -> str | None:
+        """``input`` (a string or a list of item objects) and ``instructions``."""
+        if not isinstance(payload, dict):
+            return "the request body must be a JSON object"
+        items = payload.get("input")
+        if isinstance(items, list):
+            if not all(isinstance(item, dict) for item in items):
+                return "'input' must be a string or a list of items"
+            return messages_problem([i for i in items if "role" in i], "input")
+        if items is not None and not isinstance(items, str):
+            return "'input' must be a string or a list of items"
+        instructions = payload.get("instructions")
+        if instructions is not None and not isinstance(instructions, str):
+            return "'instructions' must be a string"
+        return None
 
     def media_parts(self, payload: Any) -> list[str]:
         """Input parts other than text (``input_image``, ``input_file``, ``input_audio``)."""

@@ -202,3 +202,38 @@ def token_count(value: object) -> int | None:
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return value
     return None
+
+
+def messages_problem(messages: object, where: str = "messages") -> str | None:
+    """What is wrong with a list of chat messages' shape, or None: a list of objects whose
+    ``role`` is a string and whose ``content`` is a string, a list of objects, or null."""
+    if messages is None:
+        return None
+    if not isinstance(messages, list):
+        return f"'{where}' must be a list of messages"
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            return f"'{where}[{i}]' must be an object"
+        role = message.get("role")
+        if role is not None and not isinstance(role, str):
+            return f"'{where}[{i}].role' must be a string"
+        problem = content_problem(message.get("content"), f"{where}[{i}].content")
+        if problem is not None:
+            return problem
+    return None
+
+
+def content_problem(content: object, where: str) -> str | None:
+    """A content field: a string, a list of part objects, or null."""
+    if content is None or isinstance(content, str):
+        return None
+    if not isinstance(content, list) or not all(isinstance(part, dict) for part in content):
+        return f"'{where}' must be a string or a list of content parts"
+    return None
+
+
+def strings_problem(value: object, where: str) -> str | None:
+    """A field that is a string or a list (of strings or token ids)."""
+    if value is None or isinstance(value, str | list):
+        return None
+    return f"'{where}' must be a string or a list"

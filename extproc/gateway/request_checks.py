@@ -79,6 +79,9 @@ def read_body(raw: bytes, encoding: str, plan: TenantPlan, api: WireFormat) -> R
         payload = parse_request_json(raw)
     except RequestJsonError as exc:
         return Refusal(400, str(exc), exc.code, "checkstream_json")
+    problem = api.request_problem(payload)
+    if problem is not None:
+        return Refusal(400, problem, "invalid_request", "checkstream_json")
     model = payload.get("model") if isinstance(payload, dict) else None
     models = plan.allowed_models
     if models is not None and (not isinstance(model, str) or model not in models):
