@@ -290,3 +290,19 @@ async def test_usage_is_merged_across_anthropic_events() -> None:
     await run(g, anthropic_stream(["a ", "b."]), 50)
     assert g.usage is not None
     assert (g.usage.input_tokens, g.usage.output_tokens) == (3, 2)
+
+
+@pytest.mark.parametrize("fail_open", [False, True])
+async def test_an_event_nobody_can_read_follows_the_fail_mode(fail_open: bool) -> None:
+    # Backend-controlled JSON too deep for any parser could hide text from every check.
+    deep = b"data: " + b'{"a":' * 5000 + b"1" + b"}" * 5000 + b"\n\n"
+    stream = openai_stream(["Hello there. "]) + deep
+    g, _ = guard("openai", Phrase("p", "zzz"), "stop", fail_open=fail_open)
+    released, ended = await run(g, stream, 64)
+    body = b"".join(released)
+    assert ended
+    if fail_open:
+        assert deep in body  # passed, as the tenant chose
+    else:
+        assert deep not in body
+        assert b'"rule":"guardrail_error"' in body.replace(b" ", b"")

@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 
 from checkstream.accounting.metering import CHARS_PER_TOKEN, merge_usage
 from checkstream.formats import WireFormat
-from checkstream.formats.sse import SseDecoder, SseEvent
+from checkstream.formats.sse import SseDecoder, SseEvent, json_data
 from checkstream.formats.texts import Usage
 from checkstream.policy.guardrails import PhasePlan
 from checkstream.policy.pipeline import Checker, Verdict
@@ -103,6 +103,8 @@ class MidstreamGuard:
         self.ended = False
         #: The upstream sent its stream's last event ([DONE], message_stop, ...).
         self.last_seen = False
+        #: An event came that looks like JSON but cannot be read (so cannot be checked).
+        self.unreadable = False
         #: Where an unfinished PEM block (``-----BEGIN ...``) starts: every check reaches back
         #: to it, so its later lines are still recognised once the window moved past BEGIN.
         self.open_block: int | None = None
@@ -120,6 +122,8 @@ class MidstreamGuard:
         if self.stopped:
             return Release(b"")
         sentence_ended = self._take(self.decoder.feed(chunk))
+        if self.unreadable and not self.fail_open:
+            return self._stop("guardrail_error", "the answer could not be read, so not checked")
         if self.last_seen:
             # The stream's last event has arrived: no text can follow, nothing is held back.
             if self.size > self.checked or self._pending_spans:
@@ -139,6 +143,8 @@ class MidstreamGuard:
         if self.stopped:
             return Release(b"", end=True)
         self._take(self.decoder.finish())
+        if self.unreadable and not self.fail_open:
+            return self._stop("guardrail_error", "the answer could not be read, so not checked")
         if self.size > self.checked or self._pending_spans:
             stop = await self._check(final=True)
             if stop is not None:
@@ -168,6 +174,10 @@ class MidstreamGuard:
             start = self.size
             delta = fmt.stream_delta(event)
             if delta is None:
+                if _unreadable(event):
+                    # JSON no parser takes (absurd nesting, a 5,000-digit number): it may
+                    # hold text nobody checked. The check's failure decides (fail mode).
+                    self.unreadable = True
                 self.held.append(_Held(event, start, start))
                 self.last_seen = self.last_seen or fmt.ends_stream(event)
                 continue
@@ -344,6 +354,14 @@ class MidstreamGuard:
             cursor = min(span.end, b)
         pieces.append(self._text(cursor, b))
         return "".join(pieces)
+
+
+def _unreadable(event: SseEvent) -> bool:
+    """JSON that no parser takes; OpenAI's ``[DONE]`` is no JSON and meant not to be."""
+    data = event.data
+    if data is None or data[:1] not in ("{", "[") or data == "[DONE]":
+        return False
+    return json_data(event) is None
 
 
 def _ends_sentence(text: str) -> bool:
