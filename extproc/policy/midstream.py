@@ -41,6 +41,8 @@ _SPACED_ENDS = tuple(f"{end} " for end in ".!?\u3002\uff01\uff1f")
 _DIGITS = frozenset("0123456789")
 # The longest number or code written in groups (an IBAN: 34 characters and 8 spaces).
 _MAX_GROUPED = 42
+# Python's parser gives up at about 1,000 levels or 4,300 digits: shorter data parses.
+_UNREADABLE_MIN_CHARS = 1000
 # A PEM block longer than this is no key: it stops widening the checks.
 _MAX_BLOCK_CHARS = 64 * 1024
 # Text no longer needed is dropped from the buffer in pieces at least this large.
@@ -357,9 +359,10 @@ class MidstreamGuard:
 
 
 def _unreadable(event: SseEvent) -> bool:
-    """JSON that no parser takes; OpenAI's ``[DONE]`` is no JSON and meant not to be."""
+    """JSON that no parser takes (too deep, a number too long): such data is kilobytes long,
+    so short events, the bulk of a stream, are not parsed again here."""
     data = event.data
-    if data is None or data[:1] not in ("{", "[") or data == "[DONE]":
+    if data is None or len(data) < _UNREADABLE_MIN_CHARS or data[:1] not in ("{", "["):
         return False
     return json_data(event) is None
 
