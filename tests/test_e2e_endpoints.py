@@ -203,7 +203,8 @@ def gw(tmp_path_factory: pytest.TempPathFactory, backend: RealisticBackend) -> I
     block = write_policy(directory, "block.yaml", [("no_pii", "pii_detector", "block")])
     config = {
         "classifiers": {"falcon": {"type": "keyword", "terms": ["project falcon"]}},
-        "server": {"host": "127.0.0.1", **gateway_ports()},
+        # Small, so that one test can cross it; every other answer here is far below.
+        "server": {"host": "127.0.0.1", **gateway_ports(), "max_response_bytes": 4096},
         "usage": {"enabled": False},
         "tenants": {
             "resolution": [{"header": "X-Tenant-ID"}],
@@ -415,3 +416,14 @@ def test_a_backend_error_that_echoes_protected_text_is_withheld(gw: Gateway) -> 
     passed = _post(gw, "redacting", "/v1/chat/completions", body, **plain)
     assert passed.status == 400
     assert b"the model field is required" in passed.body
+
+
+def test_a_whole_answer_larger_than_the_gateway_checks_is_a_502(gw: Gateway) -> None:
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    big = "All fine here. " * 400  # about 6 KB of answer: over max_response_bytes
+    reply = _post(gw, "redacting", "/v1/chat/completions", body, **{"x-test-answer": big})
+    assert reply.status == 502
+    error = json.loads(reply.body)["error"]
+    assert error["code"] == "response_too_large"
+    assert "max_response_bytes" in error["message"]
+    assert b"All fine here" not in reply.body

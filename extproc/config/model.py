@@ -57,6 +57,9 @@ class ServerConfig(Strict):
     drain_timeout_s: Annotated[float, Field(ge=0, le=3600)] = 30.0
     # Largest request body accepted (the prompt is buffered to classify it); more gets 413.
     max_request_bytes: PositiveInt = 8 * 1024 * 1024
+    # A whole (non-streamed) answer is held while it is checked: beyond this it is refused
+    # (502 in the tenant's format) rather than held without bound or released unchecked.
+    max_response_bytes: PositiveInt = 16 * 1024 * 1024
     # /metrics and /readyz through the listener too (always on admin_port). Metrics name every
     # tenant and its volumes: turn this off where tenants can reach the listener.
     metrics_on_listener: bool = True

@@ -268,6 +268,33 @@ class CheckedError:
         return None, 0
 
 
+class TooLarge:
+    """A whole answer to be checked that says (``content-length``) it is larger than
+    ``server.max_response_bytes``: replaced, with status 502, by an error in the tenant's
+    format, never held without bound nor released unchecked."""
+
+    closed = False
+    ended = False
+
+    def __init__(self, fmt: WireFormat, size: int, max_bytes: int) -> None:
+        self.fmt = fmt
+        self.size = size
+        self.max_bytes = max_bytes
+
+    async def feed(self, chunk: bytes) -> bytes:
+        return b""
+
+    async def finish(self) -> bytes:
+        message = (
+            f"the backend's answer ({self.size} bytes) is larger than this gateway checks "
+            f"(server.max_response_bytes: {self.max_bytes}), so it was not passed on"
+        )
+        return self.fmt.error_body(502, message, "response_too_large")
+
+    def result(self) -> tuple[Usage | None, int]:
+        return None, 0
+
+
 class Unreadable:
     """An answer to be checked in an encoding CheckStream cannot decode: withheld (fail
     closed), replaced by the format's blocked answer naming the encoding."""
@@ -349,6 +376,7 @@ def choose_handler(
     fail_open: bool,
     on_midstream: Callable[[Verdict, float, str], None],
     on_egress: OnVerdict,
+    max_bytes: int = MAX_METERED_BODY,
 ) -> AnswerHandler:
     """One successful answer's handler: checked while it streams, checked whole, metered,
     or passed (``checks``: the endpoint's answer holds text and the tenant has rules for it;
@@ -368,7 +396,14 @@ def choose_handler(
         return CheckedStream(guard)
     if checks:
         # A whole answer is checked before any of it is released (egress).
-        return CheckedBody(fmt, checker, rails.egress, fail_open=fail_open, on_verdict=on_egress)
+        return CheckedBody(
+            fmt,
+            checker,
+            rails.egress,
+            fail_open=fail_open,
+            on_verdict=on_egress,
+            max_bytes=max_bytes,
+        )
     if not counted:
         return PASS_THROUGH
     if streamed:
@@ -393,3 +428,16 @@ def decoded(
     if withhold:
         return Unreadable(fmt, encoding), ["content-encoding"]
     return PASS_THROUGH, []
+
+
+def oversized(
+    handler: AnswerHandler, content_length: str, max_bytes: int
+) -> tuple[AnswerHandler, list[tuple[str, str]]]:
+    """``handler``, or for a whole answer to check that announces more than ``max_bytes``
+    the ``TooLarge`` refusal and the response headers that make it a 502."""
+    if not isinstance(handler, CheckedBody) or not content_length.isdigit():
+        return handler, []
+    if int(content_length) <= max_bytes:
+        return handler, []
+    refusal = TooLarge(handler.fmt, int(content_length), max_bytes)
+    return refusal, [(":status", "502"), ("content-type", "application/json")]

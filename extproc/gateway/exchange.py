@@ -55,6 +55,7 @@ from checkstream.gateway.answers import (
     MeteredStream,
     choose_handler,
     decoded,
+    oversized,
 )
 from checkstream.gateway.mutations import (
     error_response,
@@ -345,6 +346,9 @@ class Exchange:
                 fmt = self.fmt or plan.tenant.format
                 handler, removed = decoded(handler, encoding, fmt, withhold=closed)
                 removes += removed
+            length = headers.get("content-length", "")
+            handler, reset = oversized(handler, length, plan.max_response_bytes)
+            sets += [header(k, v) for k, v in reset]
             self.handler = handler
             keeps_length = isinstance(handler, MeteredBody) or (
                 isinstance(handler, MeteredStream) and not self.drop_usage_chunk
@@ -391,6 +395,7 @@ class Exchange:
             fail_open=fail_open,
             on_midstream=partial(self._midstream_verdict, plan),
             on_egress=on_egress,
+            max_bytes=plan.max_response_bytes,
         )
 
     async def on_response_body(self, msg: HttpBody) -> Answer:

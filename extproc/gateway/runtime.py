@@ -61,6 +61,7 @@ class TenantPlan:
     #: Refuse prompts with images, audio or files (guarded, and the operator did not opt out).
     refuses_media: bool
     max_request_bytes: int
+    max_response_bytes: int
     #: requests_per_day and daily_usd (falsy: none).
     daily: DailyLimits
     forwarding: Forwarding  # the client's own key goes upstream (auth_passthrough)
@@ -140,6 +141,7 @@ class Runtime:
                 passthrough_paths=frozenset(cfg.passthrough_paths),
                 refuses_media=bool(rails.ingress.rules) and not cfg.passthrough_media,
                 max_request_bytes=model.server.max_request_bytes,
+                max_response_bytes=model.server.max_response_bytes,
                 daily=DailyLimits.of(cfg),
                 forwarding=build_forwarding(tenant, keep_client_key=True, **kw),
                 forwarding_without_key=build_forwarding(tenant, keep_client_key=False, **kw),
