@@ -182,18 +182,17 @@ class CheckedBody:
         started = time.perf_counter()
         verdict = await self.checker.check(self.plan, texts, ["answer"] * len(slots))
         self.on_verdict(verdict, (time.perf_counter() - started) * 1000, texts)
-        if verdict.failure is not None:
-            if self.fail_open:
-                return body
+        outcome = verdict.outcome(fail_open=self.fail_open)
+        if outcome == "fail":
             return fmt.blocked_answer(
                 payload, "the answer was withheld: its guardrail check failed", "guardrail_error"
             )
-        deciding = verdict.deciding
-        if verdict.action in ("block", "stop") and deciding is not None:
-            rule = deciding.rule
+        if outcome == "block":
+            assert verdict.deciding is not None
+            rule = verdict.deciding.rule
             message = rule.message or f"the answer was withheld by policy rule '{rule.name}'"
             return fmt.blocked_answer(payload, message, rule.name)
-        if verdict.action == "redact":
+        if outcome == "redact":
             return fmt.redact_answer(payload, slots, verdict.redactions)
         return body
 
@@ -254,9 +253,10 @@ class CheckedError:
         started = time.perf_counter()
         verdict = await self.checker.check(self.plan, [text], ["answer"])
         self.on_verdict(verdict, (time.perf_counter() - started) * 1000, [text])
-        if verdict.failure is not None:
-            return body if self.fail_open else self._withheld("its check failed")
-        if verdict.action is not None and verdict.action != "log":
+        outcome = verdict.outcome(fail_open=self.fail_open)
+        if outcome == "fail":
+            return self._withheld("its check failed")
+        if outcome != "pass":
             return self._withheld("it repeats content this tenant's policy does not allow")
         return body
 

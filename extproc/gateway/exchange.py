@@ -72,12 +72,11 @@ from checkstream.gateway.request_checks import (
     streaming_refusal,
 )
 from checkstream.gateway.runtime import Runtime, TenantPlan
-from checkstream.gateway.verdicts import fails_open, observe, record
+from checkstream.gateway.verdicts import observe
 from checkstream.intake.request_size import request_too_large
 from checkstream.ops import logs
 from checkstream.ops.metrics import (
     ACCESS_REFUSED,
-    LATENCY,
 )
 from checkstream.policy.pipeline import Verdict
 from checkstream.tenants.resolution import Refused, Resolved
@@ -267,30 +266,22 @@ class Exchange:
                 rails, [slot.text for slot in slots], [slot.source for slot in slots]
             )
             elapsed_ms = (time.perf_counter() - started) * 1000
-            LATENCY.labels(plan.tenant.id, "ingress").observe(elapsed_ms)
-            if verdict.failure is not None:
-                if not fails_open(plan, verdict, "ingress"):
-                    return await self._local(_CHECK_FAILED.response(fmt))
-            elif verdict.action is not None:
-                record(self.runtime, plan, self.tally, verdict, "ingress", [s.text for s in slots])
-                deciding = verdict.deciding
-                assert deciding is not None
-                if verdict.action in ("block", "stop"):
-                    rule = deciding.rule
-                    message = (
-                        rule.message or f"the request was blocked by policy rule '{rule.name}'"
-                    )
-                    return await self._local(
-                        immediate(
-                            400,
-                            fmt.policy_error_body(message, rule.name),
-                            [(RULE_HEADER, rule.name)],
-                            details="checkstream_policy",
-                        )
-                    )
-                if verdict.action == "redact":
-                    new_body = api.redact_request(payload, slots, verdict.redactions)
-                    payload = json.loads(new_body)
+            texts = [slot.text for slot in slots]
+            observe(self.runtime, plan, self.tally, "ingress", verdict, elapsed_ms, texts)
+            outcome = verdict.outcome(fail_open=plan.tenant.config.fail_mode == "open")
+            if outcome == "fail":
+                return await self._local(_CHECK_FAILED.response(fmt))
+            if outcome == "block":
+                assert verdict.deciding is not None
+                rule = verdict.deciding.rule
+                message = rule.message or f"the request was blocked by policy rule '{rule.name}'"
+                body = fmt.policy_error_body(message, rule.name)
+                return await self._local(
+                    immediate(400, body, [(RULE_HEADER, rule.name)], details="checkstream_policy")
+                )
+            if outcome == "redact":
+                new_body = api.redact_request(payload, slots, verdict.redactions)
+                payload = json.loads(new_body)
         if new_body is None and self.request_encoding:
             new_body = raw
         if plan.reads_answer_usage:

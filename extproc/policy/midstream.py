@@ -214,16 +214,14 @@ class MidstreamGuard:
         verdict = await self.checker.check(self.plan, [window], _ANSWER)
         elapsed_ms = (time.perf_counter() - started) * 1000
         self.on_verdict(self._news(verdict, self.checked - start), elapsed_ms, window)
-        if verdict.failure is not None:
-            if self.fail_open:
-                self.checked = end
-                return None
+        outcome = verdict.outcome(fail_open=self.fail_open)
+        if outcome == "fail":
             return self._stop("guardrail_error", "the guardrail check failed")
-        if verdict.action in ("block", "stop"):
+        if outcome == "block":
             deciding = verdict.deciding
             rule = deciding.rule.name if deciding else "unknown"
             return self._stop(rule, f"stopped by policy rule '{rule}'")
-        if verdict.action == "redact":
+        if outcome == "redact":
             for span in verdict.redactions[0]:
                 if span.end >= len(window) and not final:
                     # It reaches the newest text and may grow with the next (an address

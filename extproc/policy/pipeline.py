@@ -18,7 +18,7 @@ import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from checkstream.formats.texts import mask_placeholders
 from checkstream.ops.metrics import CLASSIFIER_LATENCY
@@ -45,6 +45,19 @@ class Verdict:
     failed_classifier: str | None = None
     scores: Mapping[str, float] = field(default_factory=dict)
 
+    def outcome(self, *, fail_open: bool) -> Outcome:
+        """What every phase (ingress, egress, midstream) does with this verdict, decided here
+        once: ``pass`` (nothing fired, only ``log`` rules, or a failed check the tenant lets
+        through), ``fail`` (a failed check, failing closed), ``block`` (a ``block`` or
+        ``stop`` rule: ``deciding`` names it) or ``redact`` (``redactions`` say where)."""
+        if self.failure is not None:
+            return "pass" if fail_open else "fail"
+        if self.action in ("block", "stop"):
+            return "block"
+        if self.action == "redact":
+            return "redact"
+        return "pass"
+
     @property
     def deciding(self) -> Trigger | None:
         """The trigger whose action won (the first rule with the strongest action)."""
@@ -53,6 +66,8 @@ class Verdict:
                 return trigger
         return None
 
+
+Outcome = Literal["pass", "fail", "block", "redact"]
 
 CLEAN = Verdict()
 _UNREAD = Classification(0.0)
