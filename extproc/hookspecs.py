@@ -32,7 +32,7 @@ from collections.abc import Awaitable, Mapping
 
 import pluggy
 
-from checkstream.types import ClassifierFactory
+from checkstream.types import Classifier, ClassifierFactory
 
 PROJECT = "checkstream"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -42,6 +42,13 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 @hookspec
 def checkstream_classifier_types() -> Mapping[str, ClassifierFactory]:  # type: ignore[empty-body]
     """Classifier types offered, by type name; one needing no settings also works by name."""
+
+
+@hookspec
+def checkstream_startup(classifiers: Mapping[str, Classifier]) -> Awaitable[None] | None:
+    """A process starts serving these classifiers (a worker, after a reload too, or the
+    classifier server), before any traffic; never during ``config check``. Load what they
+    need (model files) here, once per process; run in a thread, so it may block."""
 
 
 @hookspec

@@ -39,6 +39,7 @@ from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
+import onnxruntime as ort
 from pydantic import BaseModel, ConfigDict
 from tokenizers import Tokenizer
 
@@ -193,18 +194,44 @@ class PromptInjectionClassifier:
     ) -> None:
         self.name = name
         self.model_path = Path(model_path)
-        # load_session raises ModelFileError naming the file for missing or corrupt files.
-        self.session = load_session(self.model_path, threads=threads)
-        inputs = {i.name for i in self.session.get_inputs()}
-        outputs = {o.name for o in self.session.get_outputs()}
+        self.threads = threads
+        # A missing file is reported now (config check); the model itself loads once per
+        # serving process (checkstream_startup), or on first use.
+        if not self.model_path.is_file():
+            raise ModelFileError(f"model file {self.model_path} not found")
+        self.pieces = WordPieces(tokenizer_path)
+        self._session: ort.InferenceSession | None = None
+        self._threshold = 0.5
+
+    @property
+    def session(self) -> ort.InferenceSession:
+        if self._session is None:
+            self.load()
+        assert self._session is not None
+        return self._session
+
+    @property
+    def recommended_threshold(self) -> float:
+        """The threshold the model was tuned for, from its metadata."""
+        self.session  # noqa: B018 - loads the model, whose metadata holds it
+        return self._threshold
+
+    def load(self) -> None:
+        """Load the model (once); ``ModelFileError`` naming the file if it is corrupt or
+        not a prompt-injection model."""
+        if self._session is not None:
+            return
+        session = load_session(self.model_path, threads=self.threads)
+        inputs = {i.name for i in session.get_inputs()}
+        outputs = {o.name for o in session.get_outputs()}
         if inputs != {TEXT_INPUT, PIECES_INPUT} or OUTPUT not in outputs:
             raise ModelFileError(
                 f"model file {self.model_path} is not a prompt-injection model: inputs "
                 f"{sorted(inputs)}, outputs {sorted(outputs)}"
             )
-        metadata = self.session.get_modelmeta().custom_metadata_map
-        self.recommended_threshold = float(metadata.get(THRESHOLD_KEY, "0.5"))
-        self.pieces = WordPieces(tokenizer_path)
+        metadata = session.get_modelmeta().custom_metadata_map
+        self._threshold = float(metadata.get(THRESHOLD_KEY, "0.5"))
+        self._session = session
 
     def scores(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
         """The model's P(injection) per text, in order: its highest window's."""
@@ -255,3 +282,11 @@ def create(name: str, settings: Mapping[str, Any]) -> Classifier:
 @hookimpl
 def checkstream_classifier_types() -> Mapping[str, ClassifierFactory]:
     return {TYPE_NAME: create}
+
+
+@hookimpl
+def checkstream_startup(classifiers: Mapping[str, Classifier]) -> None:
+    """Load this process's prompt-injection models before traffic (not during config check)."""
+    for classifier in classifiers.values():
+        if isinstance(classifier, PromptInjectionClassifier):
+            classifier.load()

@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Any, Final
 
 import numpy as np
+import onnxruntime as ort
 from pydantic import BaseModel, ConfigDict
 
-from checkstream import Classification, ClassifierFactory, hookimpl
+from checkstream import Classification, Classifier, ClassifierFactory, hookimpl
 from checkstream.plugins.embeddings import ModelFileError, load_session
 from checkstream.plugins.profanity_masks import unmask
 
@@ -62,11 +63,28 @@ class ToxicityClassifier:
     def __init__(self, name: str, model_path: Path | str = MODEL, threads: int = THREADS) -> None:
         self.name = name
         self.model_path = Path(model_path)
-        # Created once per instance: building a session parses the 1 MB graph (~20 ms);
-        # onnxruntime's run() is safe to call from several threads at once.
-        self.session = load_session(self.model_path, threads)
-        inputs = {i.name: i.type for i in self.session.get_inputs()}
-        outputs = {o.name: o.shape for o in self.session.get_outputs()}
+        self.threads = threads
+        # A missing file is reported now (config check); the model itself loads once per
+        # serving process (checkstream_startup), or on first use.
+        if not self.model_path.is_file():
+            raise ModelFileError(f"model file {self.model_path} not found")
+        self._session: ort.InferenceSession | None = None
+
+    @property
+    def session(self) -> ort.InferenceSession:
+        if self._session is None:
+            self.load()
+        assert self._session is not None
+        return self._session
+
+    def load(self) -> None:
+        """Load the model (once): building a session parses the 1 MB graph (~20 ms), and
+        onnxruntime's run() is safe to call from several threads at once."""
+        if self._session is not None:
+            return
+        session = load_session(self.model_path, self.threads)
+        inputs = {i.name: i.type for i in session.get_inputs()}
+        outputs = {o.name: o.shape for o in session.get_outputs()}
         # A loadable ONNX file of the wrong kind (another model) must fail at start, not as
         # a 5xx on the first request.
         if inputs.get(INPUT) != "tensor(string)" or OUTPUT not in outputs:
@@ -75,6 +93,7 @@ class ToxicityClassifier:
                 f"input '{INPUT}' and an output '{OUTPUT}', found inputs {sorted(inputs)} "
                 f"and outputs {sorted(outputs)}"
             )
+        self._session = session
 
     def classify(self, texts: Sequence[str]) -> list[Classification]:
         """Per text, the highest P(offensive) of its sentences; one onnxruntime call.
@@ -113,3 +132,11 @@ def create(name: str, settings: Mapping[str, Any]) -> ToxicityClassifier:
 @hookimpl
 def checkstream_classifier_types() -> Mapping[str, ClassifierFactory]:
     return {TYPE_NAME: create}
+
+
+@hookimpl
+def checkstream_startup(classifiers: Mapping[str, Classifier]) -> None:
+    """Load this process's toxicity models before traffic (not during config check)."""
+    for classifier in classifiers.values():
+        if isinstance(classifier, ToxicityClassifier):
+            classifier.load()

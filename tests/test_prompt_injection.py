@@ -192,8 +192,9 @@ def test_a_corrupt_model_file_is_named(tmp_path: Path) -> None:
     corrupt = tmp_path / "corrupt.onnx"
     corrupt.write_bytes(b"\x08\x07 this is not an onnx model \xff" * 50)
     factory = registry().types[TYPE_NAME].factory
+    classifier = factory("pi", {"model_path": str(corrupt)})  # not read yet: config check
     with pytest.raises(ModelFileError, match=str(corrupt)):
-        factory("pi", {"model_path": str(corrupt)})
+        classifier.load()  # type: ignore[attr-defined]
 
 
 def test_another_onnx_model_is_refused_by_name(tmp_path: Path) -> None:
@@ -202,7 +203,7 @@ def test_another_onnx_model_is_refused_by_name(tmp_path: Path) -> None:
     other = tmp_path / "other.onnx"
     other.write_bytes(MODEL.read_bytes().replace(b"wordpieces", b"WORDPIECES"))
     with pytest.raises(ModelFileError, match=f"{other}.*not a prompt-injection model"):
-        PromptInjectionClassifier("pi", other)
+        PromptInjectionClassifier("pi", other).load()
 
 
 def test_unknown_settings_are_rejected() -> None:

@@ -135,8 +135,11 @@ def test_missing_model_file_names_the_file(tmp_path: Path) -> None:
 def test_corrupt_model_file_names_the_file(tmp_path: Path) -> None:
     corrupt = tmp_path / "corrupt.onnx"
     corrupt.write_bytes(MODEL.read_bytes()[:5000])
+    # Built without reading the model (config check stays fast); loading it, at a worker's
+    # start (checkstream_startup), names the file.
+    classifier = create("t", {"model_path": str(corrupt)})
     with pytest.raises(ModelFileError, match=r"corrupt\.onnx"):
-        create("t", {"model_path": str(corrupt)})
+        classifier.load()
 
 
 def test_another_onnx_model_is_refused_at_start() -> None:
@@ -145,7 +148,7 @@ def test_another_onnx_model_is_refused_at_start() -> None:
         Path(__file__).parent.parent / "plugins" / "models" / "minilm" / "transformer-int8.onnx"
     )
     with pytest.raises(ModelFileError, match="not a toxicity model"):
-        ToxicityClassifier("t", str(minilm))
+        ToxicityClassifier("t", str(minilm)).load()
 
 
 def test_onnx_equals_the_original_model(classifier: ToxicityClassifier) -> None:
@@ -189,3 +192,12 @@ def sanity_table(classifier: ToxicityClassifier, threshold: float = 0.5) -> list
 
 if __name__ == "__main__":
     print("\n".join(sanity_table(create("toxicity", {}))))
+
+
+async def test_models_load_at_startup_not_when_built() -> None:
+    from checkstream.policy.registry import load_registry
+
+    classifier = create("t", {})
+    assert classifier._session is None  # built by config check: nothing loaded
+    await load_registry().startup({"t": classifier})
+    assert classifier._session is not None

@@ -197,6 +197,8 @@ class Worker:
                 executor=old.checker.executor,
                 large=old.checker.large,
             )
+            # The new classifiers' models load before the swap: no request waits for them.
+            await load_registry().startup(runtime.guardrails.classifiers)
         except (ConfigError, PluginError, RestartNeeded) as exc:
             log.error("reload_refused", error=str(exc))
             return old.version, str(exc)
@@ -223,6 +225,12 @@ async def serve(
     is taken.
     """
     runtime = Runtime.from_config(loaded)
+    try:
+        # Models load once per worker, here, before it says it is listening.
+        await load_registry().startup(runtime.guardrails.classifiers)
+    except PluginError:
+        await runtime.accounts.aclose()
+        raise
     processor = ExternalProcessor(runtime)
     try:
         server, bound = build_server(processor, host, port)

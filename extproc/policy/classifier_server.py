@@ -186,6 +186,7 @@ def servable_classifiers(
 
 async def serve(classifiers: Mapping[str, Classifier], host: str, port: int) -> None:
     """Serve until SIGTERM/SIGINT, then let calls in flight finish (up to ``GRACE_S``)."""
+    await load_registry().startup(classifiers)  # models load before the first call
     server, bound = build_classifier_server(classifiers, new_checker(classifiers), host, port)
     await server.start()
     print(

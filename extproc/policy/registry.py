@@ -6,6 +6,7 @@ refuses start-up with an error naming it; CheckStream never runs with a guardrai
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from typing import Any
 import pluggy
 
 from checkstream import hookspecs
-from checkstream.types import ClassifierFactory
+from checkstream.types import Classifier, ClassifierFactory
 
 ENTRY_POINT_GROUP = "checkstream"
 _HOOKS = frozenset(n for n in dir(hookspecs) if n.startswith(f"{hookspecs.PROJECT}_"))
@@ -40,6 +41,23 @@ class Registry:
 
     def describe(self) -> str:
         return ", ".join(sorted(self.types)) or "none"
+
+    async def startup(self, classifiers: Mapping[str, Classifier]) -> None:
+        """Every plugin's ``checkstream_startup`` (in a thread: model loading blocks), so the
+        classifiers are ready before traffic; ``PluginError`` naming the plugin that failed."""
+        if self.manager is None:
+            return
+        for impl in self.manager.hook.checkstream_startup.get_hookimpls():
+            name = self.manager.get_name(impl.plugin) or repr(impl.plugin)
+            args = [classifiers for _ in impl.argnames]
+            try:
+                result = await asyncio.to_thread(impl.function, *args)
+                if inspect.isawaitable(result):
+                    await result
+            except Exception as exc:
+                raise PluginError(
+                    f"plugin '{name}' failed in checkstream_startup: {type(exc).__name__}: {exc}"
+                ) from None
 
     async def shutdown(self) -> None:
         """Every plugin's ``checkstream_shutdown``, awaited where it returns an awaitable."""
