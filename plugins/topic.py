@@ -65,6 +65,7 @@ far below the 0.7-0.9 a policy author might guess.
 from __future__ import annotations
 
 import asyncio
+import threading
 import weakref
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -76,7 +77,7 @@ import numpy.typing as npt
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, Strict, StringConstraints, model_validator
 
-from checkstream import Classification, ClassifierFactory, hookimpl
+from checkstream import Classification, Classifier, ClassifierFactory, hookimpl
 from checkstream.batching import MicroBatcher
 from checkstream.plugins.embeddings import DIMENSIONS, shared_minilm
 
@@ -255,20 +256,56 @@ class TopicClassifier:
         #: for example lists, which have no labelled set to measure one on.
         self.recommended_threshold = recommended_threshold
         self.labels = {label: list(examples) for label, examples in labels.items()}
-        examples = [e for label_examples in self.labels.values() for e in label_examples]
-        minilm = shared_minilm()
-        # [examples, 384] each, L2-normalised: a matrix product gives every cosine at once.
-        self.examples: Embedding = minilm.embed(examples)
-        self.static_examples: Embedding = minilm.embed_static(examples)
-        self.first_layer_examples: Embedding = minilm.embed_first_layer(examples)
-        #: None: every text goes to MiniLM. (True means "estimate"; a bool is never stored.)
-        self.prefilter: Prefilter | None
-        if prefilter is True:
-            self.prefilter = estimated_prefilter(self.static_examples, self.first_layer_examples)
-        elif prefilter is False:
-            self.prefilter = None
-        else:
-            self.prefilter = prefilter
+        self._prefilter_setting = prefilter
+        # Embedding the examples needs MiniLM: done once per serving process
+        # (checkstream_startup) or on first use, never by config check.
+        self._lock = threading.Lock()
+        self._loaded: tuple[Embedding, Embedding, Embedding, Prefilter | None] | None = None
+
+    def load(self) -> None:
+        """Embed the examples (and estimate the prefilter) once."""
+        with self._lock:
+            if self._loaded is not None:
+                return
+            examples = [e for label_examples in self.labels.values() for e in label_examples]
+            minilm = shared_minilm()
+            # [examples, 384] each, L2-normalised: a matrix product gives every cosine at once.
+            full = minilm.embed(examples)
+            static = minilm.embed_static(examples)
+            first_layer = minilm.embed_first_layer(examples)
+            setting = self._prefilter_setting
+            # True means "estimate"; False: every text goes to MiniLM.
+            prefilter: Prefilter | None
+            if setting is True:
+                prefilter = estimated_prefilter(static, first_layer)
+            elif setting is False:
+                prefilter = None
+            else:
+                prefilter = setting
+            self._loaded = (full, static, first_layer, prefilter)
+
+    def _parts(self) -> tuple[Embedding, Embedding, Embedding, Prefilter | None]:
+        if self._loaded is None:
+            self.load()
+        assert self._loaded is not None
+        return self._loaded
+
+    @property
+    def examples(self) -> Embedding:
+        return self._parts()[0]
+
+    @property
+    def static_examples(self) -> Embedding:
+        return self._parts()[1]
+
+    @property
+    def first_layer_examples(self) -> Embedding:
+        return self._parts()[2]
+
+    @property
+    def prefilter(self) -> Prefilter | None:
+        """None: every text goes to MiniLM."""
+        return self._parts()[3]
 
     def scores(self, embeddings: Embedding) -> npt.NDArray[np.float64]:
         """The MiniLM score of each row of L2-normalised ``embeddings`` ([n, 384])."""
@@ -356,3 +393,11 @@ def create(name: str, settings: Mapping[str, Any]) -> TopicClassifier:
 @hookimpl
 def checkstream_classifier_types() -> Mapping[str, ClassifierFactory]:
     return {TYPE_NAME: create}
+
+
+@hookimpl
+def checkstream_startup(classifiers: Mapping[str, Classifier]) -> None:
+    """Embed this process's topic examples before traffic (not during config check)."""
+    for classifier in classifiers.values():
+        if isinstance(classifier, TopicClassifier):
+            classifier.load()
