@@ -1013,9 +1013,12 @@ def test_sigkilled_worker_leaves_a_verifiable_trail(
     assert "exited unexpectedly" in gw.log()
     assert [s.status for s in streams] == [200] * len(streams)
     assert not any(s.body.rstrip().endswith(b"data: [DONE]") for s in streams)
-    # The three finished requests are on disk and chained; the cut streams left nothing.
+    # The three finished requests are on disk and chained; the restarted worker added the
+    # cut streams' summaries (499, tokens estimated) from its predecessor's journal.
     records = _trail(trail)
-    assert [r["type"] for r in records] == ["request"] * 3
+    assert [r["type"] for r in records] == ["request"] * 7
+    assert [r["status"] for r in records] == [200] * 3 + [499] * 4
+    assert all(r["tokens_estimated"] for r in records[3:])
     done = _cli("audit", "verify", str(trail))
     assert (done.returncode, done.stdout) == (0, _verified(records))
 
@@ -1026,8 +1029,8 @@ def test_sigkilled_worker_leaves_a_verifiable_trail(
     finally:
         assert gw.stop() == 0
     records = _trail(trail)
-    assert len(records) == 4
-    assert records[3]["prev"] == records[2]["hash"]
+    assert len(records) == 8
+    assert records[7]["prev"] == records[6]["hash"]
     done = _cli("audit", "verify", str(trail))
     assert (done.returncode, done.stdout) == (0, _verified(records))
 

@@ -34,6 +34,7 @@ from checkstream.accounting.budget_alerts import (
     RedisClaims,
 )
 from checkstream.accounting.client_text import store_safe
+from checkstream.accounting.journal import Journal, OpenRequest
 from checkstream.accounting.metering import estimate_tokens
 from checkstream.accounting.suspensions import SharedSuspensions, shared_suspensions
 from checkstream.audit.trail import AuditLog, resolve_audit_dirs
@@ -86,6 +87,8 @@ class Tally:
 
     #: The client's x-request-id when it was not safe to use as ``request_id`` (capped).
     client_request_id: str | None = None
+    #: Its line in the worker's journal of open requests (0: not journaled).
+    journal_key: int = 0
 
     @staticmethod
     def start(tenant: str, client_request_id: str | None) -> Tally:
@@ -135,6 +138,8 @@ class Accounts:
             )
     #: Requests being closed; kept here so a cancelled caller cannot lose them.
     closing: set[asyncio.Task[None]] = field(default_factory=set)
+    #: Open requests, kept where the worker that replaces this one after a kill bills them.
+    journal: Journal | None = None
 
     @classmethod
     def open(cls, loaded: LoadedConfig) -> Accounts:
@@ -193,6 +198,26 @@ class Accounts:
         if self.ledger is not None:
             await self.ledger.aclose()
         await self.audit.aclose()
+        if self.journal is not None:
+            self.journal.close()
+
+    def journaled(self, tally: Tally) -> None:
+        """Note ``tally`` as open until ``finish`` has written its usage row: the request
+        goes to its backend now, so a kill from here on must still bill it."""
+        if self.journal is None or tally.journal_key or tally.done:
+            return
+        started = time.time() - (time.monotonic() - tally.started)
+        tally.journal_key = self.journal.opened(
+            OpenRequest(
+                tenant=tally.tenant,
+                request_id=tally.request_id,
+                model=store_safe(tally.model),
+                started=started,
+                prompt_chars=tally.prompt_chars,
+                reserved_tokens=tally.reserved_tokens,
+                client_request_id=tally.client_request_id,
+            )
+        )
 
     def retarget(self, loaded: LoadedConfig) -> None:
         """Follow a reloaded config's audit settings (which tenants, where)."""
@@ -276,6 +301,8 @@ class Accounts:
                 await self.ledger.record(record)
             except Exception as exc:  # the disk, not the request, is at fault
                 store_failed("usage_ledger", tenant, exc)
+        if tally.journal_key and self.journal is not None:
+            self.journal.closed(tally.journal_key)
         if self.audit.audits(tenant):
             summary = {
                 "time": iso_now(),

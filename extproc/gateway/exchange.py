@@ -258,6 +258,8 @@ class Exchange:
             refusal = await self._admit(plan, prompt + answer)
             if refusal is not None:
                 return refusal
+        if tally is not None:
+            self.runtime.accounts.journaled(tally)
         rails = plan.guardrails.ingress
         new_body: bytes | None = None
         if rails.rules:

@@ -19,6 +19,8 @@ from envoy.service.ext_proc.v3.external_processor_pb2 import (
     ProcessingResponse,
 )
 
+from checkstream.accounting.journal import Journal, journal_path
+from checkstream.accounting.killed_requests import bill_killed_requests
 from checkstream.accounting.suspensions import SuspensionStoreUnavailable
 from checkstream.config.model import LoadedConfig, load_config
 from checkstream.config.yamlsource import ConfigError
@@ -237,6 +239,10 @@ async def serve(
     except OSError:
         await runtime.accounts.aclose()
         raise
+    if control_dir is not None:  # under a launcher, which restarts a killed worker here
+        journal = journal_path(control_dir, bound)
+        await bill_killed_requests(runtime.accounts, runtime.pricing, journal)
+        runtime.accounts.journal = Journal(journal)
     await server.start()
     large = runtime.checker.large
     if large is not None and any(
