@@ -409,12 +409,12 @@ class Processes:
         self.services: list[Service] = []
         self.extra_pids: set[int] = set()
 
-    def spawn(self, name: str, argv: list[str], port: int) -> Service:
+    def spawn(self, name: str, argv: list[str], port: int, cwd: Path = REPO) -> Service:
         log = self.workdir / f"{name}.log"
         with log.open("wb") as out:
             process = subprocess.Popen(
                 argv,
-                cwd=REPO,
+                cwd=cwd,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
