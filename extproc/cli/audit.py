@@ -9,8 +9,7 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
-from checkstream.cli.loading import load_or_report
-from checkstream.cli.options import add_config_option
+from checkstream.cli.options import add_config_option, load_or_report
 from checkstream.config.model import AuditConfig, LoadedConfig
 from checkstream.config.yamlsource import ConfigError
 

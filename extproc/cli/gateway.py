@@ -13,8 +13,12 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from checkstream.cli.loading import compile_or_report, load_or_report
-from checkstream.cli.options import DEFAULT_CONFIG, add_config_option
+from checkstream.cli.options import (
+    DEFAULT_CONFIG,
+    add_config_option,
+    compile_or_report,
+    load_or_report,
+)
 from checkstream.config.model import LoadedConfig
 from checkstream.config.yamlsource import ConfigError
 from checkstream.ops import logs

@@ -18,8 +18,12 @@ from checkstream.cli import keys as cli_keys
 from checkstream.cli import plugins as cli_plugins
 from checkstream.cli import tenants as cli_tenants
 from checkstream.cli.classifiers import add_commands as add_classifier_commands
-from checkstream.cli.loading import compile_or_report, load_or_report
-from checkstream.cli.options import DEFAULT_CONFIG, add_config_option
+from checkstream.cli.options import (
+    DEFAULT_CONFIG,
+    add_config_option,
+    compile_or_report,
+    load_or_report,
+)
 from checkstream.policy.registry import PluginError
 
 

@@ -7,8 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from checkstream.cli.loading import load_or_report
-from checkstream.cli.options import add_config_option
+from checkstream.cli.options import add_config_option, load_or_report
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

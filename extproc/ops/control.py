@@ -28,8 +28,8 @@ from checkstream.ops.admin import ReloadOutcome
 from checkstream.ops.metrics import metric_families, render_metrics
 from checkstream.ops.reloading import (
     CONTROL_FILE,
-    Action,
     Control,
+    ControlOrder,
     ack_path,
     read_ack,
     restart_needed,
@@ -173,7 +173,7 @@ class GatewayControl:
         log.error("reload_refused", version=self.version, error=error)
         return ReloadOutcome(False, self.version, error)
 
-    async def _order(self, action: Action) -> list[str]:
+    async def _order(self, action: ControlOrder) -> list[str]:
         """Tell every worker to act; the errors they report (empty when all succeeded)."""
         self.generation += 1
         generation = self.generation

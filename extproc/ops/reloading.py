@@ -30,7 +30,7 @@ from typing import Literal
 from checkstream.config.model import LoadedConfig
 from checkstream.ops.envoy_config import render_yaml
 
-Action = Literal["reload", "suspensions"]
+ControlOrder = Literal["reload", "suspensions"]
 CONTROL_FILE = "control.json"
 
 
@@ -54,7 +54,7 @@ def restart_needed(old: LoadedConfig, new: LoadedConfig) -> str | None:
 @dataclass(frozen=True)
 class Control:
     generation: int
-    action: Action
+    action: ControlOrder
     #: Tenants an admin suspended, when the launcher holds them (no Redis: suspensions.py).
     suspensions: list[str] = field(default_factory=list)
 
