@@ -77,6 +77,18 @@ class ServerConfig(Strict):
     # listener is where tenants are; the console belongs on the private admin port.
     console_on_listener: bool = False
 
+    @property
+    def local_host(self) -> str:
+        """Where a client on this machine reaches what binds ``host``: loopback for a
+        wildcard address."""
+        return "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+
+    def local_url(self, port: int, host: str | None = None) -> str:
+        """``http://`` URL of ``port`` as a local client reaches it (``host`` defaults to
+        this server's)."""
+        name = self.local_host if host is None else host
+        return f"http://[{name}]:{port}" if ":" in name else f"http://{name}:{port}"
+
 
 class ResolutionStep(Strict):
     """One way to find the tenant; a list of these is tried in order."""

@@ -219,6 +219,5 @@ async def proxy_tenant_info(
 
 def listener_url(loaded: LoadedConfig) -> str:
     """Envoy's listener as this host reaches it."""
-    host = loaded.model.server.host
-    host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-    return f"http://{host}:{loaded.model.server.port}"
+    server = loaded.model.server
+    return server.local_url(server.port)

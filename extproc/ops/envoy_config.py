@@ -345,7 +345,7 @@ def _extproc_cluster(config: CheckStreamConfig) -> dict[str, Any]:
 
 def _admin_cluster(config: CheckStreamConfig) -> dict[str, Any]:
     server = config.server
-    host = "127.0.0.1" if server.host in ("0.0.0.0", "::", "") else server.host
+    host = server.local_host
     return {
         "name": ADMIN_CLUSTER,
         "type": "STATIC",

