@@ -19,8 +19,9 @@ import anthropic
 import openai
 import pytest
 
-from checkstream.demo import DEMO_MODELS, DemoUpstream, answer_pieces, start_demo_upstream
+from checkstream.demo import DEMO_MODELS, DemoUpstream, answer_pieces
 from checkstream.demo.embeddings import DEFAULT_DIMENSIONS, embed
+from tests.test_demo_upstream import anthropic_client, openai_client, upstream
 
 PROMPT = "Hello gateway"
 ANSWER = "".join(answer_pieces(PROMPT))
@@ -37,28 +38,7 @@ RESPONSES_EVENTS = [
     "response.completed",
 ]
 
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[DemoUpstream]:
-    server = await start_demo_upstream("127.0.0.1", 0)
-    yield server
-    await server.close()
-
-
-@pytest.fixture
-async def oai(upstream: DemoUpstream) -> AsyncIterator[openai.AsyncOpenAI]:
-    async with openai.AsyncOpenAI(
-        base_url=f"http://127.0.0.1:{upstream.port}/v1", api_key="x", max_retries=0
-    ) as client:
-        yield client
-
-
-@pytest.fixture
-async def claude(upstream: DemoUpstream) -> AsyncIterator[anthropic.AsyncAnthropic]:
-    async with anthropic.AsyncAnthropic(
-        base_url=f"http://127.0.0.1:{upstream.port}", api_key="x", max_retries=0
-    ) as client:
-        yield client
+__all__ = ["anthropic_client", "openai_client", "upstream"]  # fixtures used by name
 
 
 @pytest.fixture
@@ -81,8 +61,8 @@ def test_the_default_answer_is_complete_sentences() -> None:
 # --- Responses ----------------------------------------------------------------------------
 
 
-async def test_responses_non_streamed_through_the_sdk(oai: openai.AsyncOpenAI) -> None:
-    response = await oai.responses.create(
+async def test_responses_non_streamed_through_the_sdk(openai_client: openai.AsyncOpenAI) -> None:
+    response = await openai_client.responses.create(
         model="demo-model", input=PROMPT, instructions="be brief please"
     )
     assert response.object == "response"
@@ -94,8 +74,8 @@ async def test_responses_non_streamed_through_the_sdk(oai: openai.AsyncOpenAI) -
     assert response.usage.total_tokens == 5 + WORDS
 
 
-async def test_responses_stream_through_the_sdk(oai: openai.AsyncOpenAI) -> None:
-    stream = await oai.responses.create(
+async def test_responses_stream_through_the_sdk(openai_client: openai.AsyncOpenAI) -> None:
+    stream = await openai_client.responses.create(
         model="demo-model",
         input=[
             {"role": "user", "content": "an earlier turn"},
@@ -116,9 +96,11 @@ async def test_responses_stream_through_the_sdk(oai: openai.AsyncOpenAI) -> None
     assert completed.response.usage.output_tokens == WORDS
 
 
-async def test_responses_stream_helper_accumulates_the_answer(oai: openai.AsyncOpenAI) -> None:
+async def test_responses_stream_helper_accumulates_the_answer(
+    openai_client: openai.AsyncOpenAI,
+) -> None:
     # The SDK's stream() helper checks the events against each other as it accumulates.
-    async with oai.responses.stream(model="demo-model", input=PROMPT) as stream:
+    async with openai_client.responses.stream(model="demo-model", input=PROMPT) as stream:
         texts = [e.delta async for e in stream if e.type == "response.output_text.delta"]
         final = await stream.get_final_response()
     assert "".join(texts) == ANSWER
@@ -139,9 +121,9 @@ async def test_responses_sse_is_named_events(
         assert json.loads(block.split("\n")[1].removeprefix("data: "))["type"] == name
 
 
-async def test_responses_without_input_is_an_openai_400(oai: openai.AsyncOpenAI) -> None:
+async def test_responses_without_input_is_an_openai_400(openai_client: openai.AsyncOpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as err:
-        await oai.responses.create(model="demo-model", input=42)  # type: ignore[arg-type]
+        await openai_client.responses.create(model="demo-model", input=42)  # type: ignore[arg-type]
     assert isinstance(err.value.body, dict)
     assert "input" in err.value.body["message"]
 
@@ -149,10 +131,12 @@ async def test_responses_without_input_is_an_openai_400(oai: openai.AsyncOpenAI)
 # --- Embeddings ---------------------------------------------------------------------------
 
 
-async def test_embeddings_floats_and_the_sdk_default_base64(oai: openai.AsyncOpenAI) -> None:
+async def test_embeddings_floats_and_the_sdk_default_base64(
+    openai_client: openai.AsyncOpenAI,
+) -> None:
     # The SDK asks for base64 unless told otherwise, and decodes it.
-    default = await oai.embeddings.create(model="demo-embed", input=["one", "two words"])
-    floats = await oai.embeddings.create(
+    default = await openai_client.embeddings.create(model="demo-embed", input=["one", "two words"])
+    floats = await openai_client.embeddings.create(
         model="demo-embed", input=["one", "two words"], encoding_format="float"
     )
     for result in (default, floats):
@@ -198,15 +182,15 @@ async def test_bad_embeddings_requests_are_openai_400s(
 # --- Anthropic count_tokens and models ------------------------------------------------------
 
 
-async def test_count_tokens_through_the_sdk(claude: anthropic.AsyncAnthropic) -> None:
-    counted = await claude.messages.count_tokens(
+async def test_count_tokens_through_the_sdk(anthropic_client: anthropic.AsyncAnthropic) -> None:
+    counted = await anthropic_client.messages.count_tokens(
         model="claude-demo",
         system="two words",
         messages=[{"role": "user", "content": PROMPT}],
     )
     assert counted.input_tokens == 4
     # The same count a message would be billed for.
-    message = await claude.messages.create(
+    message = await anthropic_client.messages.create(
         model="claude-demo",
         max_tokens=64,
         system="two words",
@@ -226,17 +210,17 @@ async def test_count_tokens_without_messages_is_an_anthropic_400(
 
 
 async def test_models_in_each_sdks_shape(
-    oai: openai.AsyncOpenAI, claude: anthropic.AsyncAnthropic
+    openai_client: openai.AsyncOpenAI, anthropic_client: anthropic.AsyncAnthropic
 ) -> None:
-    assert [m.id async for m in oai.models.list()] == list(DEMO_MODELS)
-    assert (await oai.models.retrieve(DEMO_MODELS[0])).id == DEMO_MODELS[0]
-    page = await claude.models.list()
+    assert [m.id async for m in openai_client.models.list()] == list(DEMO_MODELS)
+    assert (await openai_client.models.retrieve(DEMO_MODELS[0])).id == DEMO_MODELS[0]
+    page = await anthropic_client.models.list()
     assert [m.id for m in page.data] == list(DEMO_MODELS)
-    assert (await claude.models.retrieve(DEMO_MODELS[1])).id == DEMO_MODELS[1]
+    assert (await anthropic_client.models.retrieve(DEMO_MODELS[1])).id == DEMO_MODELS[1]
     with pytest.raises(openai.NotFoundError):
-        await oai.models.retrieve("no-such-model")
+        await openai_client.models.retrieve("no-such-model")
     with pytest.raises(anthropic.NotFoundError) as err:
-        await claude.models.retrieve("no-such-model")
+        await anthropic_client.models.retrieve("no-such-model")
     assert isinstance(err.value.body, dict)
     assert err.value.body["error"]["type"] == "not_found_error"
 
@@ -278,9 +262,11 @@ async def test_unknown_paths_and_methods_answer_json_in_the_callers_shape(
     assert path in message
 
 
-async def test_the_sdk_gets_an_api_error_for_an_unknown_path(oai: openai.AsyncOpenAI) -> None:
+async def test_the_sdk_gets_an_api_error_for_an_unknown_path(
+    openai_client: openai.AsyncOpenAI,
+) -> None:
     with pytest.raises(openai.NotFoundError) as err:
-        await oai.post("/no-such-endpoint", body={}, cast_to=object)
+        await openai_client.post("/no-such-endpoint", body={}, cast_to=object)
     assert isinstance(err.value.body, dict)
     assert "does not serve" in err.value.body["message"]
 
