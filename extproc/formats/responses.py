@@ -224,10 +224,11 @@ class ResponsesFormat:
 
     def ends_stream(self, event: SseEvent) -> bool:
         """The final event: ``response.completed``, ``response.incomplete`` or
-        ``response.failed``."""
-        return event.event in _FINAL or (
-            b'"response.' in event.raw and _event_type(event) in _FINAL
-        )
+        ``response.failed``. Told by the ``event:`` name the API sends with every event; only
+        a server that leaves names out has its events' JSON read for the type."""
+        if event.event is not None:
+            return event.event in _FINAL
+        return b'"response.' in event.raw and _event_type(event) in _FINAL
 
     def ensure_stream_usage(self, payload: Any) -> Any | None:
         """Always None: Responses streams report usage in their final event unasked."""
