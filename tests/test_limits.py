@@ -459,3 +459,35 @@ def test_build_limiter_follows_the_config() -> None:
     with pytest.raises(ValueError, match=r"limits\.url"):
         build_limiter(LimitsConfig(backend="redis"))
     assert LimitsConfig().lease_s == 30
+
+
+async def test_a_lease_another_worker_freed_is_no_longer_renewed(
+    redis_server: RedisServer,
+) -> None:
+    """A deferred request is closed by whichever worker Envoy's access log reaches: the
+    worker that admitted it must stop renewing (and remembering) its lease."""
+    await _flushed(redis_server.url)
+    limits = rl(concurrent=1)
+    admitting = RedisLimiter(redis_server.url, lease_s=30, heartbeat=False)
+    closing = RedisLimiter(redis_server.url, lease_s=30, heartbeat=False)
+    try:
+        held = await admitting.acquire("acme", limits, 0)
+        kept = await admitting.acquire("other", limits, 0)
+        assert held.allowed and held.lease and kept.allowed and kept.lease
+        await closing.finish("acme", limits, 0, 0, lease=held.lease)
+        await admitting.renew()
+        assert list(admitting._book.held) == [kept.lease]  # the other tenant's still runs
+        assert (await closing.acquire("acme", limits, 0)).allowed
+    finally:
+        await admitting.aclose()
+        await closing.aclose()
+
+
+async def test_a_renewal_forgets_leases_that_expired() -> None:
+    limiter = MemoryLimiter(lease_s=30, heartbeat=False)
+    limits = rl(concurrent=1)
+    held = await limiter.acquire("acme", limits, 0, now=T0)
+    assert held.allowed
+    await limiter.acquire("acme", limits, 0, now=T0 + 31)  # sweeps the expired lease
+    await limiter.renew(now=T0 + 32)
+    assert held.lease not in limiter._book.held

@@ -261,6 +261,13 @@ class TenantConfig(Strict):
     # Images, audio and files in prompts cannot be read by text classifiers: a guarded
     # tenant refuses them unless the operator accepts that they pass unchecked.
     passthrough_media: bool = False
+    # When this tenant's requests are counted: "inline" (extproc reads the answer's end and
+    # the usage row and audit records are durable before the client's last byte) or
+    # "deferred" (Envoy reads the usage as the answer passes and reports it in its gRPC
+    # access log: one or two blocking ext_proc messages per request instead of five; the
+    # row lands a flush interval after the answer). Tenants whose answers are checked
+    # (midstream rules) are always inline: extproc reads those answers anyway.
+    accounting: Literal["inline", "deferred"] = "inline"
 
     @field_validator("passthrough_paths")
     @classmethod

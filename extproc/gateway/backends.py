@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
+
+from google.protobuf.struct_pb2 import Struct
 
 from checkstream.intake.client_paths import normalize_client_path
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+EXT_PROC_ATTRIBUTES = "envoy.filters.http.ext_proc"
 
 
 @dataclass(frozen=True)
@@ -60,3 +64,13 @@ def backend_from_url(url: str) -> Backend:
     host = parts.hostname or ""
     port = parts.port or _DEFAULT_PORTS[scheme]
     return Backend(scheme, host, port, parts.path.rstrip("/"))
+
+
+def answered_by_backend(attributes: Mapping[str, Struct] | None) -> bool:
+    """Whether the backend itself answered, rather than Envoy (backend down, timeout)."""
+    if attributes is None:
+        return True  # not asked for (tests, an older bootstrap): assume the backend
+    found = attributes.get(EXT_PROC_ATTRIBUTES)
+    if found is None or "response.code_details" not in found.fields:
+        return True
+    return found.fields["response.code_details"].string_value == "via_upstream"

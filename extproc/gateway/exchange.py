@@ -46,6 +46,7 @@ from checkstream.accounting.store_failure import STORE_UNAVAILABLE, store_refusa
 from checkstream.formats import WireFormat
 from checkstream.formats.endpoints import Endpoint, find_endpoint
 from checkstream.formats.texts import dump_json
+from checkstream.gateway.access_log import hand_off
 from checkstream.gateway.admission import admit, limit_headers
 from checkstream.gateway.answers import (
     PASS_THROUGH,
@@ -57,6 +58,7 @@ from checkstream.gateway.answers import (
     decoded,
     oversized,
 )
+from checkstream.gateway.backends import answered_by_backend
 from checkstream.gateway.mutations import (
     error_response,
     header,
@@ -75,9 +77,7 @@ from checkstream.gateway.runtime import Runtime, TenantPlan
 from checkstream.gateway.verdicts import observe
 from checkstream.intake.request_size import request_too_large
 from checkstream.ops import logs
-from checkstream.ops.metrics import (
-    ACCESS_REFUSED,
-)
+from checkstream.ops.metrics import ACCESS_REFUSED
 from checkstream.policy.pipeline import Verdict
 from checkstream.tenants.resolution import Refused, Resolved
 
@@ -87,7 +87,6 @@ RULE_HEADER = "x-checkstream-rule"
 _EMPTY_BODY_RESPONSE = ProcessingResponse(request_body=BodyResponse())
 _EMPTY_RESPONSE_HEADERS = ProcessingResponse(response_headers=HeadersResponse())
 _EMPTY_TRAILERS = ProcessingResponse(response_trailers=TrailersResponse())
-_EXT_PROC_ATTRIBUTES = "envoy.filters.http.ext_proc"
 _ACCESS = "checkstream_access"
 # Client-chosen strings stored in usage records, audit trails and logs are capped.
 _MAX_MODEL_CHARS = 200
@@ -208,9 +207,18 @@ class Exchange:
         )
         if fwd.metadata is not None:
             response.dynamic_metadata.CopyFrom(fwd.metadata)
+        if plan.defers and (msg.end_of_stream or not fwd.mode.request_body_mode):
+            return self._hand_off(response)  # nothing more comes to extproc
         return response
 
     async def on_request_body(self, msg: HttpBody) -> ProcessingResponse:
+        answer = await self._request_body(msg)
+        plan = self.plan
+        if plan is not None and plan.defers and msg.end_of_stream:
+            return self._hand_off(answer)
+        return answer
+
+    async def _request_body(self, msg: HttpBody) -> ProcessingResponse:
         self.request_body += msg.body
         if not msg.end_of_stream:
             return _EMPTY_BODY_RESPONSE
@@ -258,7 +266,8 @@ class Exchange:
             refusal = await self._admit(plan, prompt + answer)
             if refusal is not None:
                 return refusal
-        if tally is not None:
+        if tally is not None and not plan.defers:
+            # Deferred requests need no journal: Envoy's access log closes them wherever.
             self.runtime.accounts.journaled(tally)
         rails = plan.guardrails.ingress
         new_body: bytes | None = None
@@ -325,7 +334,7 @@ class Exchange:
         sets = []
         if tally is not None:
             tally.status = int(status) if status.isdigit() else 0
-            tally.billable = _from_upstream(attributes) and tally.status < 400
+            tally.billable = answered_by_backend(attributes) and tally.status < 400
             if tally.decision is not None:
                 sets = [header(k, v) for k, v in limit_headers(tally.decision)]
         removes: list[str] = []
@@ -421,6 +430,14 @@ class Exchange:
         refusal = await admit(self.runtime.accounts, plan, self.tally, tokens)
         return None if refusal is None else await self._local(refusal)
 
+    def _hand_off(self, response: ProcessingResponse) -> ProcessingResponse:
+        """An admitted deferred request's Tally goes to Envoy (access_log.py)."""
+        endpoint = self.endpoint.name if self.endpoint is not None else ""
+        handed = hand_off(response, self.tally, endpoint)
+        if handed is not response:
+            self.tally = None  # closed by the access log now, never by this stream's end
+        return handed
+
     async def _local(self, response: ProcessingResponse) -> ProcessingResponse:
         """An answer extproc gives itself: the request ends here, so it is accounted now."""
         tally = self.tally
@@ -481,13 +498,3 @@ class Exchange:
             return error_response(fmt, 404, "not found", "not_found", "checkstream_admin")
         info = await self.runtime.tenant_info(found.tenant.id)
         return immediate(200, json.dumps(info, indent=2).encode(), details="checkstream_admin")
-
-
-def _from_upstream(attributes: Mapping[str, Struct] | None) -> bool:
-    """Whether the backend itself answered, rather than Envoy (backend down, timeout)."""
-    if attributes is None:
-        return True  # not asked for (tests, an older bootstrap): assume the backend
-    found = attributes.get(_EXT_PROC_ATTRIBUTES)
-    if found is None or "response.code_details" not in found.fields:
-        return True
-    return found.fields["response.code_details"].string_value == "via_upstream"

@@ -93,12 +93,19 @@ class Forwarding:
 
 
 def build_forwarding(
-    tenant: Tenant, *, needs_request_body: bool, needs_response: bool, keep_client_key: bool
+    tenant: Tenant,
+    *,
+    needs_request_body: bool,
+    needs_response: bool,
+    keep_client_key: bool,
+    plain_answers: bool | None = None,
 ) -> Forwarding:
+    """``needs_response``: extproc reads the answer; ``plain_answers`` (default: the same):
+    something reads it (extproc, or Envoy's usage reader for deferred accounting)."""
     cfg = tenant.config
     sets = [header(ROUTE_HEADER, tenant.id)]
     sets += [header(name, value) for name, value in cfg.headers.items()]
-    if needs_response:
+    if needs_response if plain_answers is None else plain_answers:
         # An answer that is read (checked or metered) must be readable: compressed answers
         # would pass every check unseen. Encodings a backend sends anyway are decoded.
         sets.append(header("accept-encoding", "identity"))

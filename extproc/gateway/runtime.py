@@ -57,6 +57,8 @@ class TenantPlan:
     guarded: bool
     #: Its answers are checked (midstream or egress rules).
     checks_answers: bool
+    #: Counted from Envoy's access log (``accounting: deferred``, accounting/deferred.py).
+    defers: bool
     passthrough_paths: frozenset[str]
     #: Refuse prompts with images, audio or files (guarded, and the operator did not opt out).
     refuses_media: bool
@@ -122,12 +124,24 @@ class Runtime:
                 or cfg.budget is not None
                 or tenant_id in audited
             )
+            checks_answers = bool(rails.midstream.rules)
+            # Counted from Envoy's access log; answers that are checked pass through
+            # extproc anyway, so their tenants count them there.
+            defers = tracks and cfg.accounting == "deferred" and not checks_answers
             # Midstream needs the request too: to ask OpenAI backends for stream usage.
-            reads_answer_usage = tracks or bool(rails.midstream.rules)
+            reads_answer_usage = (tracks and not defers) or checks_answers
             needs_request_body = (
-                reads_answer_usage or bool(rails.ingress.rules) or cfg.models is not None
+                reads_answer_usage
+                or bool(rails.ingress.rules)
+                or cfg.models is not None
+                or (defers and bool(cfg.rate_limit.tokens_per_minute))
             )
-            kw = {"needs_request_body": needs_request_body, "needs_response": reads_answer_usage}
+            kw = {
+                "needs_request_body": needs_request_body,
+                "needs_response": reads_answer_usage,
+                # Envoy's usage reader (deferred) cannot decompress either.
+                "plain_answers": reads_answer_usage or defers,
+            }
             plans[tenant_id] = TenantPlan(
                 tenant=tenant,
                 guardrails=rails,
@@ -137,7 +151,8 @@ class Runtime:
                 admits=cfg.rate_limit.limited or cfg.budget is not None,
                 allowed_models=frozenset(cfg.models) if cfg.models is not None else None,
                 guarded=bool(rails.ingress.rules or rails.midstream.rules),
-                checks_answers=bool(rails.midstream.rules),
+                checks_answers=checks_answers,
+                defers=defers,
                 passthrough_paths=frozenset(cfg.passthrough_paths),
                 refuses_media=bool(rails.ingress.rules) and not cfg.passthrough_media,
                 max_request_bytes=model.server.max_request_bytes,

@@ -1,4 +1,5 @@
-"""The ext_proc gRPC service: one ``Process`` stream per HTTP request, mapped to an Exchange.
+"""The ext_proc gRPC service: one ``Process`` stream per HTTP request, mapped to an Exchange
+(and, on the same port, the access log service that closes deferred requests).
 
 This module holds the protocol loop and the worker's life (start, reload, stop); decisions
 live in ``exchange.py``.
@@ -24,6 +25,7 @@ from checkstream.accounting.killed_requests import bill_killed_requests
 from checkstream.accounting.suspensions import SuspensionStoreUnavailable
 from checkstream.config.model import LoadedConfig, load_config
 from checkstream.config.yamlsource import ConfigError
+from checkstream.gateway.access_log import add_to_server as add_access_log
 from checkstream.gateway.exchange import Answer, Exchange
 from checkstream.gateway.runtime import Runtime
 from checkstream.intake.request_ids import stamp, with_request_id
@@ -133,6 +135,8 @@ def build_server(processor: ExternalProcessor, host: str, port: int) -> tuple[gr
         ]
     )
     external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(processor, server)
+    # Deferred requests end here (access_log.py): Envoy's access log to the same port.
+    add_access_log(server, lambda: processor.runtime)
     try:
         bound = server.add_insecure_port(f"{host}:{port}")
     except RuntimeError:

@@ -119,10 +119,13 @@ class MemoryLimiter(Limiter):
 
     async def renew(self, now: float | None = None) -> None:
         t = _clock_ms(now)
-        for lease, key in self._book.held.items():
+        book = self._book
+        for lease, key in list(book.held.items()):
             leases = self._leases.get(key)
             if leases is not None and lease in leases:  # never revive an expired lease
-                leases[lease] = t + self._book.lease_ms
+                leases[lease] = t + book.lease_ms
+            else:  # expired, or freed by a finish this limiter did not start
+                book.freed(lease, key)
 
     async def _finish(
         self,

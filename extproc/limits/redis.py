@@ -237,15 +237,20 @@ class RedisLimiter(Limiter):
 
     async def renew(self, now: float | None = None) -> None:
         book = self._book
+        held = list(book.by_key(book.held).items())
         calls = [
             self._run(self._renew, [key], [_arg_now(now), self._lease_ms, *leases])
-            for key, leases in book.by_key(book.held).items()
+            for key, leases in held
         ]
         retried = list(book.by_key(book.unreleased).items())
         calls += [self._run(self._release, [key], leases) for key, leases in retried]
         # One pipeline for all of them (same event-loop turn).
         results = await asyncio.gather(*calls, return_exceptions=True)
-        outcomes = results[len(calls) - len(retried) :]
+        for (key, leases), gone in zip(held, results[: len(held)], strict=True):
+            if not isinstance(gone, BaseException):
+                for position in gone:  # expired, or freed by another worker
+                    book.freed(leases[position - 1], key)
+        outcomes = results[len(held) :]
         for (key, leases), result in zip(retried, outcomes, strict=True):
             if not isinstance(result, BaseException):
                 for lease in leases:

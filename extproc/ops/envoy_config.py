@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from checkstream.accounting.deferred import HANDOFF_KEY, LIMIT_HEADERS
 from checkstream.config.model import CheckStreamConfig
 from checkstream.gateway.backends import Backend, backend_from_url
 from checkstream.gateway.mutations import ADMIN_ROUTE, METADATA_NAMESPACE, ROUTE_HEADER
@@ -66,6 +67,7 @@ def render_bootstrap(config: CheckStreamConfig) -> dict[str, Any]:
                     "timeout": "0s",
                     "idle_timeout": f"{tenant.backend_timeout_ms / 1000:g}s",
                 },
+                **_accounting_route(tenant.accounting == "deferred"),
             }
         )
     # /metrics, /readyz and the operator's /admin/* endpoints, served by the launcher; extproc
@@ -148,6 +150,7 @@ end
 
 def _listener(config: CheckStreamConfig, routes: list[dict[str, Any]]) -> dict[str, Any]:
     server = config.server
+    defers = any(t.accounting == "deferred" for t in config.tenants.configs.values())
     hcm = {
         "@type": "type.googleapis.com/envoy.extensions.filters.network."
         "http_connection_manager.v3.HttpConnectionManager",
@@ -188,6 +191,7 @@ def _listener(config: CheckStreamConfig, routes: list[dict[str, Any]]) -> dict[s
                 },
             },
             {"name": "envoy.filters.http.ext_proc", "typed_config": _ext_proc(config)},
+            *([_USAGE_FILTER] if defers else []),
             {
                 "name": "envoy.filters.http.router",
                 "typed_config": {
@@ -199,6 +203,8 @@ def _listener(config: CheckStreamConfig, routes: list[dict[str, Any]]) -> dict[s
         ],
         "local_reply_config": {"mappers": _local_reply_mappers()},
     }
+    if defers:
+        hcm["access_log"] = [_DEFERRED_ACCESS_LOG]
     return {
         "name": "checkstream",
         "address": _address(server.host, server.port),
@@ -210,6 +216,129 @@ def _listener(config: CheckStreamConfig, routes: list[dict[str, Any]]) -> dict[s
                 ]
             }
         ],
+    }
+
+
+# accounting: deferred (accounting/deferred.py). Reads, as the bytes pass and without holding
+# them, the model the request names (when extproc did not read the body) and the usage
+# numbers an answer reports at its start (Anthropic's message_start) and end; only digit
+# strings and a checked model name are stored, so the access log's protobuf strings are
+# always valid UTF-8. Enabled only on deferred tenants' routes.
+USAGE_LUA = r"""
+local NS = "checkstream.deferred"
+
+local function last(text, pattern)
+  local found = nil
+  for value in string.gmatch(text, pattern) do found = value end
+  return found
+end
+
+local function keep(meta, key, value)
+  if value ~= nil and #value <= 15 then meta:set(NS, key, value) end
+end
+
+function envoy_on_request(handle)
+  local carry = ""
+  for chunk in handle:bodyChunks() do
+    local n = chunk:length()
+    if n > 0 then
+      local text = carry .. chunk:getBytes(0, n)
+      local model = string.match(text, '"model"%s*:%s*"([^"\\]*)"')
+      if model ~= nil then
+        if #model <= 200 and string.find(model, "^[%w%._:/@+%-]+$") then
+          handle:streamInfo():dynamicMetadata():set(NS, "model", model)
+        end
+        return
+      end
+      carry = string.sub(text, -256)
+    end
+  end
+end
+
+function envoy_on_response(handle)
+  local head, tail, events = "", "", 0
+  for chunk in handle:bodyChunks() do
+    local n = chunk:length()
+    if n > 0 then
+      local bytes = chunk:getBytes(0, n)
+      if #head < 2048 then head = head .. string.sub(bytes, 1, 2048 - #head) end
+      tail = string.sub(tail .. string.sub(bytes, -4096), -4096)
+      local _, count = string.gsub(bytes, "data:", "")
+      events = events + count
+    end
+  end
+  local meta = handle:streamInfo():dynamicMetadata()
+  local n = '"%s*:%s*(%d+)'
+  keep(meta, "prompt", last(tail, '"prompt_tokens' .. n))
+  keep(meta, "completion", last(tail, '"completion_tokens' .. n))
+  keep(meta, "input", last(tail, '"input_tokens' .. n))
+  keep(meta, "output", last(tail, '"output_tokens' .. n))
+  keep(meta, "cache_creation", last(tail, '"cache_creation_input_tokens' .. n))
+  keep(meta, "cache_read", last(tail, '"cache_read_input_tokens' .. n))
+  keep(meta, "head_input", string.match(head, '"input_tokens' .. n))
+  keep(meta, "head_cache_creation", string.match(head, '"cache_creation_input_tokens' .. n))
+  keep(meta, "head_cache_read", string.match(head, '"cache_read_input_tokens' .. n))
+  if events > 2 then keep(meta, "events", tostring(events - 2)) end
+end
+"""
+_USAGE_FILTER = {
+    "name": "checkstream_usage",
+    "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
+        # No default script: a route runs the reader only when it names it
+        # (_accounting_route), so no other route pays for it.
+        "source_codes": {"usage": {"inline_string": USAGE_LUA}},
+    },
+}
+_LUA_PER_ROUTE = "type.googleapis.com/envoy.extensions.filters.http.lua.v3.LuaPerRoute"
+# Deferred requests' ends, batched: one gRPC message for all the requests of a flush
+# interval. Only requests extproc handed off (their metadata says so) are sent.
+ACCESS_LOG_FLUSH_S = 0.05
+_DEFERRED_ACCESS_LOG = {
+    "name": "envoy.access_loggers.http_grpc",
+    "filter": {
+        "metadata_filter": {
+            "matcher": {
+                "filter": METADATA_NAMESPACE,
+                "path": [{"key": HANDOFF_KEY}],
+                "value": {"present_match": True},
+            },
+            "match_if_key_not_found": False,
+        }
+    },
+    "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.access_loggers.grpc.v3."
+        "HttpGrpcAccessLogConfig",
+        "common_config": {
+            "log_name": "checkstream_deferred",
+            "transport_api_version": "V3",
+            "grpc_service": {"envoy_grpc": {"cluster_name": EXTPROC_CLUSTER}},
+            "buffer_flush_interval": f"{ACCESS_LOG_FLUSH_S}s",
+            "buffer_size_bytes": 65536,
+        },
+    },
+}
+
+
+def _accounting_route(deferred: bool) -> dict[str, Any]:
+    """A route's part in deferred accounting: the usage reader on (off elsewhere), and the
+    X-RateLimit-* headers extproc's admission left in the request's metadata."""
+    if not deferred:
+        return {}
+    return {
+        "typed_per_filter_config": {
+            "checkstream_usage": {"@type": _LUA_PER_ROUTE, "name": "usage"}
+        },
+        "response_headers_to_add": [
+            {
+                "header": {
+                    "key": name,
+                    "value": f"%DYNAMIC_METADATA({METADATA_NAMESPACE}:{name})%",
+                },
+                "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+            }
+            for name in LIMIT_HEADERS
+        ]
     }
 
 
