@@ -724,6 +724,8 @@ def test_redis_url_from_the_environment(tmp_path: Path, monkeypatch: pytest.Monk
     assert "not both" in str(refused(both))
     neither = write(tmp_path, "limits: {backend: redis}\n")
     assert "limits.url or limits.url_env" in str(refused(neither))
+
+
 def test_audit_on_store_failure_is_serve_or_refuse(tmp_path: Path) -> None:
     text = """\
 tenants:

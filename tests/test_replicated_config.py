@@ -108,9 +108,7 @@ def test_server_replica_in_a_fleet_config_is_a_warning(
         ("{backend: postgres, url_env: FLEET_UNSET_DSN}", "usage.url_env", "is not set"),
     ],
 )
-def test_usage_backend_keys_are_checked(
-    tmp_path: Path, usage: str, key: str, message: str
-) -> None:
+def test_usage_backend_keys_are_checked(tmp_path: Path, usage: str, key: str, message: str) -> None:
     text = f"usage: {usage}\ntenants:\n  configs:\n    acme: {{backend_url: 'http://h:1'}}\n"
     with pytest.raises(ConfigError) as caught:
         load_config(_write(tmp_path, text))

@@ -357,4 +357,3 @@ async def test_a_tenant_is_exported_and_purged_from_the_shared_ledger(
     with psycopg.connect(postgres_url) as conn:
         (recorded,) = conn.execute(f"SELECT usage_rows FROM {TABLE}_purges").fetchall()
     assert recorded == (len(acme),)
-

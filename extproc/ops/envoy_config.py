@@ -278,7 +278,8 @@ function envoy_on_response(handle)
   keep(meta, "head_input", string.match(head, '"input_tokens' .. n))
   keep(meta, "head_cache_creation", string.match(head, '"cache_creation_input_tokens' .. n))
   keep(meta, "head_cache_read", string.match(head, '"cache_read_input_tokens' .. n))
-  if events > 2 then keep(meta, "events", tostring(events - 2)) end
+  -- Content events of an OpenAI stream: all but the role, the finish and [DONE].
+  if events > 3 then keep(meta, "events", tostring(events - 3)) end
 end
 """
 _USAGE_FILTER = {

@@ -1,0 +1,220 @@
+"""End to end: ``accounting: deferred`` through real Envoy + extproc + the demo upstream.
+
+A deferred tenant's request costs one blocking ext_proc message (two when
+``tokens_per_minute`` needs the prompt); Envoy's Lua usage reader and gRPC access log bring
+the end of the request back to extproc. These tests check that the numbers are the inline
+path's: one ledger row per request with the usage the backend reported to the client,
+limits that refuse exactly as many requests, concurrency slots freed, budgets charged,
+nothing billed for Envoy's own answers, 499 for a client that leaves.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import sqlite3
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.support import DemoUpstreamThread, Reply, gateway_ports, wait_until
+from tests.test_e2e_limits import (
+    PRICING,
+    Stack,
+    _anthropic_tenant,
+    _start,
+    _stop,
+    _tenant,
+    chat,
+    cost,
+    ledger_rows,
+    message,
+    reported_usage,
+)
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def demo() -> Iterator[DemoUpstreamThread]:
+    up = DemoUpstreamThread().start(chunk_delay_ms=1)
+    yield up
+    up.stop()
+
+
+@pytest.fixture(scope="module")
+def gw(
+    tmp_path_factory: pytest.TempPathFactory, demo: DemoUpstreamThread, refused: int
+) -> Iterator[Stack]:
+    def deferred(tenant: dict[str, Any]) -> dict[str, Any]:
+        return {**tenant, "accounting": "deferred"}
+
+    config: dict[str, Any] = {
+        "server": {"host": "127.0.0.1", **gateway_ports()},
+        "limits": {"backend": "memory"},
+        "usage": {"path": "./usage.db"},
+        "pricing": PRICING,
+        "tenants": {
+            "configs": {
+                "usage-openai": deferred(_tenant(demo)),
+                "usage-anthropic": deferred(_anthropic_tenant(demo)),
+                "rpm": deferred(_tenant(demo, rate_limit={"requests_per_minute": 3})),
+                "tpm": deferred(_tenant(demo, rate_limit={"tokens_per_minute": 5000})),
+                "conc": deferred(_tenant(demo, rate_limit={"max_concurrent_requests": 1})),
+                "budgeted": deferred(_tenant(demo, budget={"monthly_usd": 0.5})),
+                "down": deferred({"backend_url": f"http://127.0.0.1:{refused}/v1"}),
+                "inline": _tenant(demo),
+            }
+        },
+    }
+    stack = _start(tmp_path_factory.mktemp("deferred"), config, {})
+    yield stack
+    _stop(stack)
+
+
+def rows_of(stack: Stack, tenant: str, count: int) -> list[tuple[str, int]]:
+    """The tenant's ledger rows once there are ``count`` (they land after the answer)."""
+    assert wait_until(lambda: len(ledger_rows(stack.usage_db, tenant)) >= count, 10)
+    return ledger_rows(stack.usage_db, tenant)
+
+
+def usage_of(stack: Stack, request_id: str) -> tuple[str, int, int, int, int]:
+    with sqlite3.connect(f"file:{stack.usage_db}?mode=ro", uri=True) as conn:
+        row = conn.execute(
+            "SELECT model, input_tokens, output_tokens, estimated, status FROM usage "
+            "WHERE request_id = ?",
+            (request_id,),
+        ).fetchone()
+    assert row is not None, request_id
+    return str(row[0]), int(row[1]), int(row[2]), int(row[3]), int(row[4])
+
+
+def messages_received(stack: Stack) -> int:
+    """Every ext_proc message Envoy has sent extproc and waited for (its stats)."""
+    url = f"http://127.0.0.1:{stack.gateway.envoy_admin_port}/stats?format=json"
+    with urllib.request.urlopen(url, timeout=5) as answer:
+        stats = json.load(answer)["stats"]
+    sent = [s["value"] for s in stats if s.get("name", "").endswith("ext_proc.stream_msgs_sent")]
+    return int(sum(sent))
+
+
+def test_usage_is_the_backends_own_count_for_every_api(gw: Stack) -> None:
+    replies: list[tuple[Reply, str, bool, bool]] = [
+        (chat(gw.url, "usage-openai", "one two three"), "gpt-4o-mini", False, False),
+        (
+            chat(gw.url, "usage-openai", "four five", stream=True, include_usage=True, chunks=7),
+            "gpt-4o-mini",
+            False,
+            True,
+        ),
+        (message(gw.url, "usage-anthropic", "six seven eight"), "claude-test", True, False),
+        (
+            message(gw.url, "usage-anthropic", "nine", stream=True, chunks=5),
+            "claude-test",
+            True,
+            True,
+        ),
+    ]
+    for reply, model, anthropic, stream in replies:
+        tokens_in, tokens_out = reported_usage(reply, anthropic=anthropic, stream=stream)
+        request_id = reply.headers["x-request-id"]
+        assert wait_until(lambda rid=request_id: _has_row(gw, rid), 10), gw.gateway.log()[-3000:]
+        assert usage_of(gw, request_id) == (model, tokens_in, tokens_out, 0, 200)
+
+
+def _has_row(stack: Stack, request_id: str) -> bool:
+    with sqlite3.connect(f"file:{stack.usage_db}?mode=ro", uri=True) as conn:
+        found = conn.execute("SELECT 1 FROM usage WHERE request_id = ?", (request_id,))
+        return found.fetchone() is not None
+
+
+def test_a_stream_without_a_usage_report_is_estimated_and_marked(gw: Stack) -> None:
+    reply = chat(gw.url, "usage-openai", "estimate me", stream=True, chunks=9)
+    assert reply.status == 200
+    request_id = reply.headers["x-request-id"]
+    assert wait_until(lambda: _has_row(gw, request_id), 10)
+    model, _tokens_in, tokens_out, estimated, status = usage_of(gw, request_id)
+    # The client did not ask for usage, so the answer carried none: one token per event.
+    assert (model, tokens_out, estimated, status) == ("gpt-4o-mini", 9, 1, 200)
+
+
+def test_one_blocking_message_per_request_two_with_tokens_per_minute(gw: Stack) -> None:
+    before = messages_received(gw)
+    for _ in range(5):
+        assert chat(gw.url, "usage-openai").status == 200
+    assert messages_received(gw) - before == 5
+    before = messages_received(gw)
+    for _ in range(5):
+        assert chat(gw.url, "tpm", max_tokens=20).status == 200
+    assert messages_received(gw) - before == 10
+    # The inline tenant still reads the answer: request headers and body, response
+    # headers and body, at least.
+    before = messages_received(gw)
+    assert chat(gw.url, "inline").status == 200
+    assert messages_received(gw) - before >= 4
+
+
+def test_requests_per_minute_refuse_exactly_and_every_request_has_one_row(gw: Stack) -> None:
+    replies = [chat(gw.url, "rpm") for _ in range(5)]
+    assert [r.status for r in replies] == [200, 200, 200, 429, 429]
+    ok = replies[0]
+    assert ok.headers["x-ratelimit-limit"] == "3"
+    assert ok.headers["x-ratelimit-remaining"] == "2"
+    assert "x-ratelimit-reset" in ok.headers
+    rows = rows_of(gw, "rpm", 5)
+    assert sorted(status for _, status in rows) == [200, 200, 200, 429, 429]
+    assert {rid for rid, _ in rows} == {r.headers["x-request-id"] for r in replies}
+
+
+def test_the_concurrency_slot_is_freed_by_the_access_log(gw: Stack) -> None:
+    for i in range(4):
+        reply = chat(gw.url, "conc", stream=True, chunks=3)
+        assert reply.status == 200, reply.body
+        rows_of(gw, "conc", i + 1)  # its end is accounted: the slot is free again
+
+
+def test_a_budget_is_charged_from_the_access_log(gw: Stack) -> None:
+    # budget-model: one token costs $0.10; the first answer alone spends the $0.50.
+    first = chat(gw.url, "budgeted", "a b c", model="budget-model")
+    assert first.status == 200
+    tokens_in, tokens_out = reported_usage(first)
+    assert cost("budget-model", tokens_in, tokens_out) > 0.5
+    rows_of(gw, "budgeted", 1)
+    refused = chat(gw.url, "budgeted", model="budget-model")
+    assert refused.status == 429, refused.body
+    assert refused.json()["error"]["code"] == "budget_exceeded"
+
+
+def test_envoys_own_answer_is_recorded_and_not_billed(gw: Stack) -> None:
+    reply = chat(gw.url, "down")
+    assert reply.status == 502
+    rows = rows_of(gw, "down", 1)
+    _model, tokens_in, tokens_out, _estimated, status = usage_of(gw, rows[0][0])
+    assert (tokens_in, tokens_out, status) == (0, 0, 502)
+
+
+def test_a_client_that_leaves_mid_stream_is_recorded_as_499(gw: Stack) -> None:
+    before = len(ledger_rows(gw.usage_db, "conc"))
+    host, port = gw.url.removeprefix("http://").split(":")
+    body = {"model": "gpt-4o-mini", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    headers = {
+        "X-Tenant-ID": "conc",
+        "x-demo-chunks": "200",
+        "x-demo-delay-ms": "20",
+        "Content-Type": "application/json",
+    }
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    conn.request("POST", "/v1/chat/completions", json.dumps(body), headers)
+    answer = conn.getresponse()
+    assert answer.status == 200
+    answer.read(64)
+    assert conn.sock is not None
+    conn.sock.shutdown(socket.SHUT_RDWR)
+    conn.close()
+    rows = rows_of(gw, "conc", before + 1)
+    assert rows[-1][1] == 499
+    # Its concurrency slot is free again.
+    assert chat(gw.url, "conc").status == 200
