@@ -12,8 +12,14 @@ One run starts, on free ports on 127.0.0.1, all on the same demo upstream
   runs), usage accounting off, tenants ``pass`` (nothing to check: the floor) and
   ``guarded`` (``pii_detector`` and a 20-term keyword classifier on the prompt, ``block``
   rules);
-- **CheckStream B**, the default usage ledger on plus memory limits: tenant ``counted``
-  (``rate_limit`` + ``budget`` that never refuse), the counted tenant of issue #18;
+- **CheckStream B**, the default usage ledger on plus memory limits (``rate_limit`` +
+  ``budget`` that never refuse), the counted tenant of issue #18, three ways: ``counted``
+  (``accounting: inline``, the default: extproc reads the answer), ``deferred``
+  (``accounting: deferred``, requests per minute, concurrency and budget: 1 blocking
+  message) and ``deferred-tpm`` (the same plus ``tokens_per_minute``, which needs the prompt:
+  2 blocking messages);
+- **CheckStream C**, as B with ``limits.backend: redis`` on a ``redis-server`` this script
+  starts (skipped without one, or with ``--no-redis``): ``counted`` and ``deferred``;
 - **the LiteLLM proxy** (``litellm --config``, one worker), installed by this script into its
   own venv under ``--cache-dir`` (``pip install 'litellm[proxy]==VERSION'`` from PyPI, once),
   run offline: ``LITELLM_LOCAL_MODEL_COST_MAP=True``, a master key, no database, telemetry
@@ -54,6 +60,7 @@ from pathlib import Path
 from typing import Any
 
 import guardrails as gr  # bench/ is sys.path[0] when this file is run as a script
+import limits as lb  # redis-server start-up
 import passthrough as pt
 import yaml
 
@@ -182,8 +189,15 @@ def post(port: int, body: bytes, headers: dict[str, str]) -> tuple[int, bytes]:
 # -- CheckStream ------------------------------------------------------------------------------
 
 
+COUNTED_LIMITS = {
+    "requests_per_minute": 10_000_000,
+    "tokens_per_minute": 1_000_000_000,
+    "max_concurrent_requests": 1000,
+}
+
+
 def checkstream_config(
-    workdir: Path, upstream_port: int, counted: bool, name: str
+    workdir: Path, upstream_port: int, counted: bool, name: str, redis_url: str | None = None
 ) -> dict[str, Any]:
     backend = f"http://{HOST}:{upstream_port}/v1"
     server = {
@@ -198,18 +212,26 @@ def checkstream_config(
     if counted:
         config["usage"] = {"path": str(workdir / f"{name}-usage.db")}
         config["pricing"] = {gr.PROMPT["model"]: {"input": 0.15, "output": 0.60}}
+        if redis_url:
+            config["limits"] = {"backend": "redis", "url": redis_url}
+        budget = {"monthly_usd": 1e9}
+        no_tpm = {k: v for k, v in COUNTED_LIMITS.items() if k != "tokens_per_minute"}
         config["tenants"] = {
             "resolution": [{"header": "X-Tenant-ID"}],
             "configs": {
-                "counted": {
+                "counted": {"backend_url": backend, "rate_limit": COUNTED_LIMITS, "budget": budget},
+                "deferred": {
                     "backend_url": backend,
-                    "rate_limit": {
-                        "requests_per_minute": 10_000_000,
-                        "tokens_per_minute": 1_000_000_000,
-                        "max_concurrent_requests": 1000,
-                    },
-                    "budget": {"monthly_usd": 1e9},
-                }
+                    "accounting": "deferred",
+                    "rate_limit": no_tpm,
+                    "budget": budget,
+                },
+                "deferred-tpm": {
+                    "backend_url": backend,
+                    "accounting": "deferred",
+                    "rate_limit": COUNTED_LIMITS,
+                    "budget": budget,
+                },
             },
         }
         return config
@@ -241,9 +263,13 @@ def checkstream_config(
 
 
 def start_checkstream(
-    procs: pt.Processes, upstream_port: int, counted: bool, name: str
+    procs: pt.Processes,
+    upstream_port: int,
+    counted: bool,
+    name: str,
+    redis_url: str | None = None,
 ) -> pt.Service:
-    config = checkstream_config(procs.workdir, upstream_port, counted, name)
+    config = checkstream_config(procs.workdir, upstream_port, counted, name, redis_url)
     server = config["server"]
     path = procs.workdir / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -268,6 +294,8 @@ class Peer:
     upstream: pt.Service
     headers: dict[str, str]
     guarded: bool
+    #: Processes it uses besides its own service and the upstream (redis-server).
+    extra: list[pt.Service] = field(default_factory=list)
     result: pt.Result = field(init=False)
     plain: bytes = b""
     stream: bytes = b""
@@ -290,6 +318,8 @@ class Peer:
             for pid in self.service.pids:
                 kind = "litellm" if self.service.name == "litellm" else pt.process_name(pid)
                 pids.setdefault(kind, []).append(pid)
+        for service in self.extra:
+            pids.setdefault(service.name, []).append(service.process.pid)
         return pids
 
 
@@ -392,17 +422,30 @@ def build_summary(results: dict[str, pt.Result], context: dict[str, Any]) -> dic
             key = name.split()[1]
             ratios[f"{key}_vs_envoy_rps"] = _paired(results[name].rps, envoy.rps)
             ratios[f"{key}_added_p50_ms"] = setups[name]["p50_ms"] - setups["envoy alone"]["p50_ms"]
-    counted, passing = results.get("checkstream counted"), results.get("checkstream pass")
-    if counted:
-        ratios["counted_blocking_messages_per_request"] = counted.ext_proc_msgs.get(
-            "plain", float("nan")
-        )
-        ratios["counted_blocking_messages_per_stream"] = counted.ext_proc_msgs.get(
-            "stream", float("nan")
-        )
+    passing = results.get("checkstream pass")
+    # The counted tenant's headline numbers are the deferred path's (issue #18); the inline
+    # path's are kept beside them under ``counted_inline_*``.
+    for name, key in COUNTED_SETUPS.items():
+        counted = results.get(name)
+        if counted is None:
+            continue
+        for shape in ("request", "stream"):
+            ratios[f"{key}_blocking_messages_per_{shape}"] = counted.ext_proc_msgs.get(
+                "plain" if shape == "request" else "stream", float("nan")
+            )
         if passing:
-            ratios["counted_vs_passthrough_rps"] = _paired(counted.rps, passing.rps)
+            ratios[f"{key}_vs_passthrough_rps"] = _paired(counted.rps, passing.rps)
     return {**context, "setups": setups, "ratios": ratios}
+
+
+#: Setup name -> the key its ratios go under.
+COUNTED_SETUPS = {
+    "checkstream deferred": "counted",
+    "checkstream deferred-tpm": "counted_tpm",
+    "checkstream deferred/redis": "counted_redis",
+    "checkstream counted": "counted_inline",
+    "checkstream counted/redis": "counted_inline_redis",
+}
 
 
 def fmt(value: float, digits: int = 2) -> str:
@@ -417,7 +460,7 @@ def print_report(doc: dict[str, Any]) -> None:
         + ", ".join(f"{k} {v}" for k, v in doc["versions"].items())
     )
     header = (
-        f"{'setup':<22}{'p50 ms':>8}{'p99 ms':>8}{'req/s':>8}{'TTFB ms':>9}{'stream ms':>10}"
+        f"{'setup':<30}{'p50 ms':>8}{'p99 ms':>8}{'req/s':>8}{'TTFB ms':>9}{'stream ms':>10}"
         f"{'CPU µs/req':>11}{'msgs':>6}   per process"
     )
     print(header)
@@ -427,7 +470,7 @@ def print_report(doc: dict[str, Any]) -> None:
             f"{k} {u:.0f}" for k, u in v["cpu_us_per_request"].items() if k != "client"
         )
         print(
-            f"{name:<22}{fmt(v['p50_ms']):>8}{fmt(v['p99_ms']):>8}{v['rps']:>8.0f}"
+            f"{name:<30}{fmt(v['p50_ms']):>8}{fmt(v['p99_ms']):>8}{v['rps']:>8.0f}"
             f"{fmt(v['ttfb_ms']):>9}{fmt(v['stream_ms']):>10}"
             f"{v['server_cpu_us_per_request']:>11.0f}"
             f"{fmt(v['ext_proc_msgs_per_request'].get('plain', float('nan')), 1):>6}   {parts}"
@@ -504,6 +547,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="where LiteLLM's venv is kept",
     )
     parser.add_argument("--no-litellm", action="store_true", help="CheckStream and Envoy only")
+    parser.add_argument("--no-redis", action="store_true", help="no Redis-limited gateway")
     parser.add_argument("--json", type=Path, help="also write the results to this file")
     parser.add_argument("--keep-logs", action="store_true", help="keep the temp dir with logs")
     return parser.parse_args(argv)
@@ -530,10 +574,22 @@ def main(argv: list[str] | None = None) -> int:
                 Peer("envoy alone", envoy, upstream, {}, False),
                 Peer("checkstream pass", plain_gw, upstream, {"X-Tenant-ID": "pass"}, False),
                 Peer("checkstream guarded", plain_gw, upstream, {"X-Tenant-ID": "guarded"}, True),
-                Peer(
-                    "checkstream counted", counted_gw, upstream, {"X-Tenant-ID": "counted"}, False
-                ),
             ]
+            for tenant in ("counted", "deferred", "deferred-tpm"):
+                tenant_headers = {"X-Tenant-ID": tenant}
+                peers.append(
+                    Peer(f"checkstream {tenant}", counted_gw, upstream, tenant_headers, False)
+                )
+            services = [upstream, envoy, plain_gw, counted_gw]
+            if not args.no_redis and shutil.which("redis-server"):
+                redis = lb.start_redis(procs)
+                url = f"redis://{HOST}:{redis.port}/0"
+                redis_gw = start_checkstream(procs, upstream.port, True, "checkstream-redis", url)
+                services += [redis, redis_gw]
+                for tenant in ("counted", "deferred"):
+                    name = f"checkstream {tenant}/redis"
+                    tenant_headers = {"X-Tenant-ID": tenant}
+                    peers.append(Peer(name, redis_gw, upstream, tenant_headers, False, [redis]))
             if python is not None:
                 litellm = start_litellm(procs, python, upstream.port)
                 auth = {"Authorization": f"Bearer {MASTER_KEY}"}
@@ -545,9 +601,8 @@ def main(argv: list[str] | None = None) -> int:
             for peer in peers:
                 if peer.name.startswith("checkstream"):
                     count_messages(peer, 50)
-            services = [upstream, envoy, plain_gw, counted_gw] + (
-                [litellm] if python is not None else []
-            )
+            if python is not None:
+                services.append(litellm)
             ours = [os.getpid()] + [p for s in services for p in s.pids]
             ours_before = sum(pt.cpu_seconds(p) for p in ours)
             busy_before, wall_before = pt.machine_busy_seconds(), time.monotonic()

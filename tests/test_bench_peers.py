@@ -25,6 +25,8 @@ def _result(name: str, rps: list[float], p50_ms: float, cpu: dict[str, float]) -
 def test_ratios_are_medians_of_per_round_ratios_and_name_the_counted_messages() -> None:
     counted = _result("checkstream counted", [500, 300, 400], 3.0, {"extproc": 1200})
     counted.ext_proc_msgs = {"plain": 5.0, "stream": 7.5}
+    deferred = _result("checkstream deferred", [700, 420, 600], 1.5, {"extproc": 500})
+    deferred.ext_proc_msgs = {"plain": 1.0, "stream": 1.0}
     results = {
         "envoy alone": _result("envoy alone", [2000, 1000, 1600], 0.5, {"envoy": 80}),
         "checkstream pass": _result("checkstream pass", [1000, 600, 1000], 1.0, {"extproc": 300}),
@@ -32,6 +34,7 @@ def test_ratios_are_medians_of_per_round_ratios_and_name_the_counted_messages() 
             "checkstream guarded", [800, 400, 900], 1.5, {"extproc": 600, "client": 50}
         ),
         "checkstream counted": counted,
+        "checkstream deferred": deferred,
         "litellm guarded": _result("litellm guarded", [100, 40, 90], 15.0, {"litellm": 12000}),
     }
     doc = peers.build_summary(results, {"date": "d"})
@@ -48,10 +51,15 @@ def test_ratios_are_medians_of_per_round_ratios_and_name_the_counted_messages() 
     # The client's CPU is not the server's.
     assert doc["setups"]["checkstream guarded"]["server_cpu_us_per_request"] == 600
     assert abs(ratios["server_cpu_per_request_vs_litellm"] - 0.05) < 1e-9
-    assert ratios["counted_blocking_messages_per_request"] == 5.0
-    assert ratios["counted_blocking_messages_per_stream"] == 7.5
-    # Rounds 0.5, 0.5, 0.4 -> 0.5.
-    assert ratios["counted_vs_passthrough_rps"] == 0.5
+    # The counted tenant's headline is the deferred path; the inline one is kept beside it.
+    assert ratios["counted_blocking_messages_per_request"] == 1.0
+    assert ratios["counted_blocking_messages_per_stream"] == 1.0
+    assert ratios["counted_inline_blocking_messages_per_request"] == 5.0
+    assert ratios["counted_inline_blocking_messages_per_stream"] == 7.5
+    # Rounds 0.7, 0.7, 0.6 -> 0.7; inline 0.5, 0.5, 0.4 -> 0.5.
+    assert abs(ratios["counted_vs_passthrough_rps"] - 0.7) < 1e-9
+    assert ratios["counted_inline_vs_passthrough_rps"] == 0.5
+    assert "counted_redis_vs_passthrough_rps" not in ratios  # no Redis setup measured
     assert abs(ratios["counted_added_p50_ms"] - 2.5) < 1e-9
 
 
