@@ -19,7 +19,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import redis
 
+from tests.redis_server import RedisServer, redis_server
 from tests.support import DemoUpstreamThread, Reply, gateway_ports, wait_until
 from tests.test_e2e_limits import (
     PRICING,
@@ -29,6 +31,7 @@ from tests.test_e2e_limits import (
     _stop,
     _tenant,
     chat,
+    consecutive_free_ports,
     cost,
     ledger_rows,
     message,
@@ -36,6 +39,7 @@ from tests.test_e2e_limits import (
 )
 
 pytestmark = pytest.mark.e2e
+__all__ = ["redis_server"]  # the fixture is used by name
 
 
 @pytest.fixture(scope="module")
@@ -218,3 +222,73 @@ def test_a_client_that_leaves_mid_stream_is_recorded_as_499(gw: Stack) -> None:
     assert rows[-1][1] == 499
     # Its concurrency slot is free again.
     assert chat(gw.url, "conc").status == 200
+
+
+@pytest.fixture(scope="module")
+def fleet(
+    tmp_path_factory: pytest.TempPathFactory, demo: DemoUpstreamThread, redis_server: RedisServer
+) -> Iterator[tuple[Stack, Stack]]:
+    """Two replicas on one Redis, the second with two workers: an access log entry may reach
+    another worker (or the other replica's Redis peer) than the one that admitted it."""
+
+    def config(workers: int) -> dict[str, Any]:
+        ports = {**gateway_ports(), "extproc_port": consecutive_free_ports(workers)}
+        return {
+            "server": {"host": "127.0.0.1", **ports, "extproc_workers": workers},
+            "limits": {"backend": "redis", "url": redis_server.url},
+            "usage": {"path": "./usage.db"},
+            "pricing": PRICING,
+            "tenants": {
+                "configs": {
+                    "fleet-rpm": {
+                        **_tenant(demo, rate_limit={"requests_per_minute": 6}),
+                        "accounting": "deferred",
+                    },
+                    "fleet-conc": {
+                        **_tenant(demo, rate_limit={"max_concurrent_requests": 1}),
+                        "accounting": "deferred",
+                    },
+                }
+            },
+        }
+
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        stale = list(client.scan_iter(match="checkstream:*{fleet-*}*"))
+        if stale:
+            client.delete(*stale)
+    finally:
+        client.close()
+    a = _start(tmp_path_factory.mktemp("fleet-a"), config(1), {})
+    b = _start(tmp_path_factory.mktemp("fleet-b"), config(2), {})
+    yield a, b
+    _stop(a)
+    _stop(b)
+
+
+def test_deferred_limits_are_exact_across_replicas_and_workers(
+    fleet: tuple[Stack, Stack],
+) -> None:
+    a, b = fleet
+    replies = [chat((a, b)[i % 2].url, "fleet-rpm") for i in range(10)]
+    assert sorted(r.status for r in replies) == [200] * 6 + [429] * 4
+    assert wait_until(
+        lambda: (
+            len(ledger_rows(a.usage_db, "fleet-rpm")) + len(ledger_rows(b.usage_db, "fleet-rpm"))
+            == 10
+        ),
+        10,
+    )
+    # One slot for the whole fleet: each request's end frees it, whichever worker (of
+    # three) the access log entry reaches, so every sequential request is admitted.
+    for i in range(8):
+        reply = chat((a, b)[i % 2].url, "fleet-conc", stream=True, chunks=3)
+        assert reply.status == 200, reply.body
+        assert wait_until(
+            lambda n=i + 1: (
+                len(ledger_rows(a.usage_db, "fleet-conc"))
+                + len(ledger_rows(b.usage_db, "fleet-conc"))
+                == n
+            ),
+            10,
+        )
