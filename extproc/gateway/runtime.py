@@ -20,6 +20,7 @@ from checkstream.gateway.mutations import Forwarding, build_forwarding
 from checkstream.ledger.usage import Pricing, UsageError, period_of
 from checkstream.limits.daily import DailyLimits
 from checkstream.limits.decisions import NANO, LimiterUnavailable
+from checkstream.ops import logs
 from checkstream.policy.guardrails import Guardrails, TenantGuardrails, compile_guardrails
 from checkstream.policy.large_inputs import LargeInputs
 from checkstream.policy.pipeline import Checker
@@ -27,6 +28,8 @@ from checkstream.policy.registry import Registry, load_registry
 from checkstream.tenants.access import AccessGate
 from checkstream.tenants.resolution import Tenant, TenantResolver
 from checkstream.types import Classifier
+
+log = logs.get("checkstream.config")
 
 # Audit excerpts (audit.include_content) keep this much of the checked text, PII redacted by
 # this classifier type's spans.
@@ -128,6 +131,12 @@ class Runtime:
             # Counted from Envoy's access log; answers that are checked pass through
             # extproc anyway, so their tenants count them there.
             defers = tracks and cfg.accounting == "deferred" and not checks_answers
+            if cfg.accounting == "deferred" and checks_answers:
+                log.warning(
+                    "deferred_accounting_not_used",
+                    tenant=tenant_id,
+                    reason="midstream rules read this tenant's answers in extproc: counted inline",
+                )
             # Midstream needs the request too: to ask OpenAI backends for stream usage.
             reads_answer_usage = (tracks and not defers) or checks_answers
             needs_request_body = (
