@@ -1,16 +1,28 @@
-"""The built-in ``toxicity`` classifier: offensive language, scored by a converted
-alt-profanity-check model (word TF-IDF + calibrated linear SVM) in onnxruntime.
+"""The built-in ``toxicity`` classifier: P(a sentence is abusive, hostile or sexually
+explicit), the highest over a text's sentences.
 
-Score is P(offensive) in [0, 1]; there are no spans (the model scores whole texts), so
-policies can ``log``, ``block`` or ``stop`` on it but not ``redact``. Read
-``plugins/models/TOXICITY.md`` before relying on it: the model is a profanity detector and
-misses hostility phrased without swear words. In checkstream.yaml it needs no entry; a
-separate instance (a test model, say) is::
+Two stages, both cheap enough for every midstream window (no transformer layer runs):
+
+1. *profanity*: the converted alt-profanity-check model (word TF-IDF + calibrated linear SVM,
+   ``plugins/models/toxicity.onnx``) scores each sentence, masked profanity written out first
+   (``plugins/profanity_masks.py``);
+2. *head*: a logistic regression (``plugins/models/toxicity_head.npz``) over that score and
+   two static MiniLM embeddings of the same sentence (the centred mean and the element-wise
+   maximum of its WordPiece token-embedding rows, ``plugins/models/minilm/``). The
+   embeddings carry what the words are about, so "the cock crowed" or "what does 'bastard'
+   mean" can score low while a threat or a sexual proposition without a swear word scores
+   high.
+
+Score is the head's probability in [0, 1]; there are no spans, so policies can ``log``,
+``block`` or ``stop`` on it but not ``redact``. Read ``plugins/models/TOXICITY.md`` (limits,
+recommended thresholds: about 0.5 to log, 0.8 to block) first. In checkstream.yaml it needs
+no entry; a separate instance (a test model, say) is::
 
     classifiers:
-      toxicity_test: {type: toxicity, model_path: ./toxicity.onnx}
+      toxicity_test: {type: toxicity, model_path: ./toxicity.onnx, head_path: ./head.npz}
 
-The model file is built by ``python -m plugins.training.convert_toxicity``.
+The profanity model is built by ``python -m plugins.training.convert_toxicity``, the head by
+``python -m plugins.training.train_toxicity``.
 """
 
 from __future__ import annotations
@@ -21,17 +33,24 @@ from pathlib import Path
 from typing import Any, Final
 
 import numpy as np
+import numpy.typing as npt
 import onnxruntime as ort
 from pydantic import BaseModel, ConfigDict
 
 from checkstream import Classification, Classifier, ClassifierFactory, hookimpl
-from checkstream.plugins.embeddings import ModelFileError, load_session
+from checkstream.plugins.embeddings import MiniLM, ModelFileError, load_session, shared_minilm
 from checkstream.plugins.profanity_masks import unmask
 
 TYPE_NAME: Final = "toxicity"
 MODEL: Final = Path(__file__).parent / "models" / "toxicity.onnx"
+HEAD: Final = Path(__file__).parent / "models" / "toxicity_head.npz"
 INPUT: Final = "text"
 OUTPUT: Final = "probabilities"
+#: Width of the head's input: the profanity feature and two 384-wide embeddings.
+FEATURES: Final = 1 + 2 * 384
+#: Sentences embedded per tokenizer call: the token-row gather is [batch, longest, 384]
+#: floats, so a text of thousands of sentences is embedded in slices of this many.
+EMBED_BATCH: Final = 64
 
 #: One intra-op thread. The graph is string tokenising, a sparse TF-IDF lookup and five
 #: small linear models: a call takes ~0.1-0.2 ms and has almost nothing to split. Measured
@@ -41,11 +60,35 @@ OUTPUT: Final = "probabilities"
 #: processes kept both cores busy, which is the normal state next to Envoy and MiniLM.
 THREADS: Final = 1
 
+Matrix = npt.NDArray[np.float32]
+
+
+def profanity_feature(p_offensive: npt.NDArray[np.float64]) -> Matrix:
+    """The profanity model's probability as the head reads it: a clipped log-odds, scaled
+    to the order of the embeddings' components."""
+    p = np.clip(p_offensive, 1e-4, 1 - 1e-4)
+    return np.asarray(np.log(p / (1 - p)) / 5, dtype=np.float32).reshape(-1, 1)
+
+
+def embedding_features(minilm: MiniLM, sentences: list[str]) -> Matrix:
+    """Per sentence, the centred mean and the L2-normalised element-wise maximum of its
+    WordPiece token-embedding rows ([CLS] and [SEP] included), [n, 768]."""
+    out = np.zeros((len(sentences), 2 * 384), dtype=np.float32)
+    for start in range(0, len(sentences), EMBED_BATCH):
+        ids, mask = minilm.encode(sentences[start : start + EMBED_BATCH])
+        rows = np.where(mask[:, :, None] > 0, minilm.table[ids], np.float32(-1e4))
+        peak = rows.max(axis=1)
+        peak /= np.clip(np.linalg.norm(peak, axis=1, keepdims=True), 1e-12, None)
+        out[start : start + len(ids)] = np.hstack([minilm.static(ids, mask), peak])
+    return out
+
 
 class ToxicitySettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    #: Another ONNX file with the same input and output (tests use broken ones).
+    #: Another profanity model (ONNX) with the same input and output (tests use broken ones).
     model_path: Path | None = None
+    #: Another head (``.npz`` written by ``train_toxicity``), trained on that model's scores.
+    head_path: Path | None = None
 
 
 # Sentence ends (Latin and CJK) and line breaks.
@@ -57,29 +100,49 @@ def sentences_of(text: str) -> list[str]:
     return [part for part in _SENTENCE.split(text) if part.strip()] or [text]
 
 
-class ToxicityClassifier:
-    produces_spans = False
+class Head:
+    """The logistic regression over ``FEATURES`` inputs, read from its ``.npz`` file."""
 
-    def __init__(self, name: str, model_path: Path | str = MODEL, threads: int = THREADS) -> None:
-        self.name = name
+    def __init__(self, path: Path) -> None:
+        try:
+            with np.load(path) as arrays:
+                self.weights: Matrix = arrays["weights"].astype(np.float32)
+                self.bias = float(arrays["bias"])
+                self.log_threshold = float(arrays["log_threshold"])
+                self.block_threshold = float(arrays["block_threshold"])
+        except Exception as exc:  # numpy raises several unrelated types for a bad file
+            raise ModelFileError(f"cannot load toxicity head {path}: {exc}") from None
+        if self.weights.shape != (FEATURES,):
+            raise ModelFileError(
+                f"toxicity head {path} has {self.weights.shape} weights, not ({FEATURES},)"
+            )
+
+    def __call__(self, features: Matrix) -> npt.NDArray[np.float64]:
+        logits = features.astype(np.float64) @ self.weights.astype(np.float64) + self.bias
+        return np.asarray(1.0 / (1.0 + np.exp(-logits)), dtype=np.float64)
+
+
+class Features:
+    """The head's input: the profanity model's score and the two static embeddings of each
+    sentence. ``train_toxicity`` computes its training features with this very class, so
+    training and serving cannot drift apart."""
+
+    def __init__(self, model_path: Path | str = MODEL, threads: int = THREADS) -> None:
         self.model_path = Path(model_path)
         self.threads = threads
-        # A missing file is reported now (config check); the model itself loads once per
-        # serving process (checkstream_startup), or on first use.
         if not self.model_path.is_file():
             raise ModelFileError(f"model file {self.model_path} not found")
         self._session: ort.InferenceSession | None = None
+        self._minilm: MiniLM | None = None
 
     @property
-    def session(self) -> ort.InferenceSession:
-        if self._session is None:
-            self.load()
-        assert self._session is not None
-        return self._session
+    def loaded(self) -> bool:
+        return self._session is not None
 
     def load(self) -> None:
-        """Load the model (once): building a session parses the 1 MB graph (~20 ms), and
-        onnxruntime's run() is safe to call from several threads at once."""
+        """Load the profanity graph (~20 ms) and the process's shared MiniLM tables
+        (``shared_minilm``, about 0.5 s the first time); once. onnxruntime's run() is safe
+        to call from several threads at once."""
         if self._session is not None:
             return
         session = load_session(self.model_path, self.threads)
@@ -93,12 +156,72 @@ class ToxicityClassifier:
                 f"input '{INPUT}' and an output '{OUTPUT}', found inputs {sorted(inputs)} "
                 f"and outputs {sorted(outputs)}"
             )
+        self._minilm = shared_minilm()
         self._session = session
 
-    def classify(self, texts: Sequence[str]) -> list[Classification]:
-        """Per text, the highest P(offensive) of its sentences; one onnxruntime call.
+    def profanity(self, sentences: list[str]) -> npt.NDArray[np.float64]:
+        """Stage 1: the profanity model's P(offensive) of each sentence as given."""
+        self.load()
+        assert self._session is not None
+        # Lowercased here, not only in the graph: the graph's StringNormalizer lowercases
+        # ASCII only, while the original model (scikit-learn) used str.lower(), so "JOSÉ"
+        # would miss its vocabulary entry. With this, scores equal the original's (~1e-7).
+        feed = np.array([t.lower() for t in sentences], dtype=object).reshape(-1, 1)
+        (probabilities,) = self._session.run([OUTPUT], {INPUT: feed})
+        return np.clip(np.asarray(probabilities, dtype=np.float64)[:, 1], 0.0, 1.0)
 
-        Scored per sentence because the model averages over words: one insult inside a
+    def __call__(self, sentences: list[str]) -> Matrix:
+        """[len(sentences), FEATURES]; masked profanity is written out first, as the
+        profanity model's vocabulary has only the plain words."""
+        self.load()
+        assert self._minilm is not None
+        plain = [unmask(t) for t in sentences]
+        return np.hstack(
+            [profanity_feature(self.profanity(plain)), embedding_features(self._minilm, plain)]
+        )
+
+
+class ToxicityClassifier:
+    produces_spans = False
+
+    def __init__(
+        self,
+        name: str,
+        model_path: Path | str = MODEL,
+        head_path: Path | str = HEAD,
+        threads: int = THREADS,
+    ) -> None:
+        self.name = name
+        # Missing files are reported now (config check); the models themselves load once
+        # per serving process (checkstream_startup), or on first use.
+        self.features = Features(model_path, threads)
+        self.head_path = Path(head_path)
+        if not self.head_path.is_file():
+            raise ModelFileError(f"model file {self.head_path} not found")
+        self._head: Head | None = None
+
+    @property
+    def model_path(self) -> Path:
+        return self.features.model_path
+
+    @property
+    def head(self) -> Head:
+        self.load()
+        assert self._head is not None
+        return self._head
+
+    def load(self) -> None:
+        if self._head is None:
+            self.features.load()
+            self._head = Head(self.head_path)
+
+    def sentence_scores(self, sentences: list[str]) -> npt.NDArray[np.float64]:
+        return np.clip(self.head(self.features(sentences)), 0.0, 1.0)
+
+    def classify(self, texts: Sequence[str]) -> list[Classification]:
+        """Per text, the highest score of its sentences; one call per stage.
+
+        Scored per sentence because both stages average over words: one insult inside a
         600-character window (a midstream check) scored 0.11 as a whole and 1.0 alone.
         """
         if not texts:
@@ -109,24 +232,16 @@ class ToxicityClassifier:
             parts = sentences_of(text)
             sentences += parts
             owners += [index] * len(parts)
-        # Lowercased here, not only in the graph: the graph's StringNormalizer lowercases
-        # ASCII only, while the original model (scikit-learn) used str.lower(), so "JOSÉ"
-        # would miss its vocabulary entry. With this, scores equal the original's (~1e-7).
-        # Masked profanity ("f**k", "f u c k") is written out first: the model's vocabulary
-        # has only the plain words (plugins/profanity_masks.py).
-        feed = np.array([unmask(t).lower() for t in sentences], dtype=object).reshape(-1, 1)
-        (probabilities,) = self.session.run([OUTPUT], {INPUT: feed})
-        per_sentence = np.clip(np.asarray(probabilities, dtype=np.float64)[:, 1], 0.0, 1.0)
         scores = [0.0] * len(texts)
-        for owner, score in zip(owners, per_sentence, strict=True):
+        for owner, score in zip(owners, self.sentence_scores(sentences), strict=True):
             scores[owner] = max(scores[owner], float(score))
         return [Classification(s) for s in scores]
 
 
 def create(name: str, settings: Mapping[str, Any]) -> ToxicityClassifier:
-    """The ``toxicity`` factory; ``model_path`` is the only (optional) setting."""
+    """The ``toxicity`` factory; ``model_path`` and ``head_path`` are optional settings."""
     parsed = ToxicitySettings.model_validate(dict(settings))
-    return ToxicityClassifier(name, parsed.model_path or MODEL)
+    return ToxicityClassifier(name, parsed.model_path or MODEL, parsed.head_path or HEAD)
 
 
 @hookimpl
