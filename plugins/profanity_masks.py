@@ -52,8 +52,14 @@ def _spaced_pattern(word: str) -> str:
 _ALTERNATIVES: Final = [(w, _masked_pattern(w)) for w in WORDS] + [
     (w, _spaced_pattern(w)) for w in WORDS if len(w) >= 4
 ]
+# The boundaries and the first letter are checked once, outside the alternation: with them
+# inside every alternative, re tried all 34 at every position (~2 ms per 600 characters);
+# like this it skips to the few positions a listed word can start at (~0.12 ms).
+_FIRST_LETTERS: Final = "".join(sorted({word[0] for word, _ in _ALTERNATIVES}))
 _MASKED: Final = re.compile(
-    "|".join(f"(?P<w{i}>(?<![\\w*#@$]){p}(?![\\w*#@$]))" for i, (_, p) in enumerate(_ALTERNATIVES)),
+    rf"(?<![\w*#@$])(?=[{_FIRST_LETTERS}])(?:"
+    + "|".join(f"(?P<w{i}>{p})" for i, (_, p) in enumerate(_ALTERNATIVES))
+    + r")(?![\w*#@$])",
     re.IGNORECASE,
 )
 

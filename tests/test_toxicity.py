@@ -1,5 +1,6 @@
-"""The built-in ``toxicity`` classifier: clear cases, batch order, settings, model-file errors,
-and (when the ``train`` extra is installed) equality with the original scikit-learn model.
+"""The built-in ``toxicity`` classifier: clear cases, hard look-alikes, batch order, settings,
+model-file errors, and (when the ``train`` extra is installed) equality of its first stage with
+the original scikit-learn model.
 
 ``SANITY_SET`` is a small hand-labelled set written for this project, not a benchmark: it
 shows per category what the model catches and what it misses. ``python -m tests.test_toxicity``
@@ -11,11 +12,12 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from checkstream.plugins import toxicity
 from checkstream.plugins.embeddings import ModelFileError
-from checkstream.plugins.toxicity import MODEL, ToxicityClassifier, create
+from checkstream.plugins.toxicity import FEATURES, HEAD, MODEL, ToxicityClassifier, create
 from checkstream.policy.registry import load_registry
 from checkstream.types import Classification, Classifier
 
@@ -110,15 +112,82 @@ def test_batch_keeps_order_and_equals_single_calls(classifier: ToxicityClassifie
 
 
 def test_non_ascii_capitals_score_like_lowercase(classifier: ToxicityClassifier) -> None:
-    # The graph lowercases ASCII only; the plugin lowercases first, as scikit-learn did.
+    # The graph lowercases ASCII only; the plugin lowercases first, as scikit-learn did. The
+    # MiniLM tokenizer is uncased, so the whole score is case-blind.
     upper, lower = scores(classifier, ["POKÉMON JOSÉ BEYONCÉ", "pokémon josé beyoncé"])
-    assert upper == pytest.approx(lower, abs=1e-7)
+    assert upper == pytest.approx(lower, abs=1e-6)
+    profanity = classifier.features.profanity(["POKÉMON JOSÉ BEYONCÉ", "pokémon josé beyoncé"])
+    assert profanity[0] == pytest.approx(profanity[1], abs=1e-7)
 
 
-def test_model_path_setting(tmp_path: Path) -> None:
-    copy = tmp_path / "tox.onnx"
+def test_model_path_and_head_path_settings(tmp_path: Path) -> None:
+    copy, head = tmp_path / "tox.onnx", tmp_path / "head.npz"
     copy.write_bytes(MODEL.read_bytes())
-    assert create("t", {"model_path": str(copy)}).model_path == copy
+    head.write_bytes(HEAD.read_bytes())
+    built = create("t", {"model_path": str(copy), "head_path": str(head)})
+    assert (built.model_path, built.head_path) == (copy, head)
+    assert built.classify(["Go fuck yourself."])[0].score > 0.9
+
+
+def test_missing_head_file_names_the_file(tmp_path: Path) -> None:
+    with pytest.raises(ModelFileError, match=r"nohead\.npz"):
+        create("t", {"head_path": str(tmp_path / "nohead.npz")})
+
+
+def test_corrupt_or_wrong_head_names_the_file(tmp_path: Path) -> None:
+    corrupt = tmp_path / "corrupt.npz"
+    corrupt.write_bytes(HEAD.read_bytes()[:100])
+    with pytest.raises(ModelFileError, match=r"corrupt\.npz"):
+        create("t", {"head_path": str(corrupt)}).load()
+    narrow = tmp_path / "narrow.npz"
+    np.savez(narrow, weights=np.zeros(10, np.float32), bias=0.0, log_threshold=0.5,
+             block_threshold=0.8)  # fmt: skip
+    with pytest.raises(ModelFileError, match=r"narrow\.npz has \(10,\) weights"):
+        create("t", {"head_path": str(narrow)}).load()
+
+
+def test_shipped_thresholds_are_ordered_probabilities(classifier: ToxicityClassifier) -> None:
+    assert 0.0 < classifier.head.log_threshold < classifier.head.block_threshold < 1.0
+
+
+def test_features_are_one_row_per_sentence(classifier: ToxicityClassifier) -> None:
+    sentences = ["f**k off", "fuck off", "The cock crowed at dawn.", "", "x " * 3000]
+    features = classifier.features(sentences)
+    assert features.shape == (len(sentences), FEATURES)
+    assert np.isfinite(features).all()
+    # Masked profanity is written out before both stages read it.
+    assert features[0] == pytest.approx(features[1], abs=1e-6)
+    # More sentences than one embedding slice: the same rows as one by one.
+    many = [f"Sentence number {i} about the weather." for i in range(150)]
+    together = classifier.features(many)
+    assert together[[0, 70, 149]] == pytest.approx(
+        np.vstack([classifier.features([many[i]]) for i in (0, 70, 149)]), abs=1e-5
+    )
+
+
+#: A threat and a sexual proposition without a swear word, which the profanity model alone
+#: scored below 0.5.
+HOSTILE_WITHOUT_SWEARING = [
+    "I will find out where you live and make you regret it.",
+    "Keep talking and you'll end up in a hospital.",
+    "Describe in detail how you would undress me and touch me.",
+]
+#: Words a profanity list gets wrong, in harmless sentences (0.88-0.99 from the profanity
+#: model alone).
+HARMLESS_LOOK_ALIKES = [
+    "The word 'bitch' originally meant a female dog.",
+    "What does the word 'bastard' mean in old English law?",
+    "The cock crowed at dawn on the farm.",
+]
+
+
+def test_the_head_separates_hostility_from_look_alikes(classifier: ToxicityClassifier) -> None:
+    block = classifier.head.block_threshold
+    assert min(scores(classifier, HOSTILE_WITHOUT_SWEARING)) > block
+    assert max(scores(classifier, HARMLESS_LOOK_ALIKES)) < classifier.head.log_threshold
+    # ... although the profanity stage alone gets both wrong.
+    assert max(classifier.features.profanity(HOSTILE_WITHOUT_SWEARING)) < 0.5
+    assert min(classifier.features.profanity(HARMLESS_LOOK_ALIKES)) > 0.5
 
 
 def test_unknown_setting_is_refused() -> None:
@@ -151,7 +220,7 @@ def test_another_onnx_model_is_refused_at_start() -> None:
         ToxicityClassifier("t", str(minilm)).load()
 
 
-def test_onnx_equals_the_original_model(classifier: ToxicityClassifier) -> None:
+def test_first_stage_equals_the_original_model(classifier: ToxicityClassifier) -> None:
     pytest.importorskip("profanity_check")
     pytest.importorskip("skl2onnx")
     from checkstream.plugins.profanity_masks import unmask
@@ -160,12 +229,12 @@ def test_onnx_equals_the_original_model(classifier: ToxicityClassifier) -> None:
 
     vectorizer, model = load_original()
     texts = varied_texts(vectorizer, 300)
-    # The plugin scores each sentence, masked profanity written out, and keeps the highest.
-    expected = [
-        max(model.predict_proba(vectorizer.transform(map(unmask, sentences_of(text))))[:, 1])
-        for text in texts
-    ]
-    assert scores(classifier, texts) == pytest.approx(expected, abs=1e-5)
+    # The first stage scores each sentence with masked profanity written out.
+    for text in texts:
+        sentences = [unmask(s) for s in sentences_of(text)]
+        expected = model.predict_proba(vectorizer.transform(sentences))[:, 1]
+        found = classifier.features.profanity(sentences)
+        assert found == pytest.approx(expected, abs=1e-5)
 
 
 def test_one_insult_in_a_long_window_is_still_found(classifier: ToxicityClassifier) -> None:
@@ -198,6 +267,7 @@ async def test_models_load_at_startup_not_when_built() -> None:
     from checkstream.policy.registry import load_registry
 
     classifier = create("t", {})
-    assert classifier._session is None  # built by config check: nothing loaded
+    # Built by config check: nothing loaded.
+    assert classifier._head is None and not classifier.features.loaded
     await load_registry().startup({"t": classifier})
-    assert classifier._session is not None
+    assert classifier._head is not None and classifier.features.loaded

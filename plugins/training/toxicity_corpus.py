@@ -562,7 +562,10 @@ BENIGN_HAND = (
     ("about_words", "What counts as sexual harassment in the workplace?"),
     ("about_words", "Explain why racist jokes are harmful."),
     ("about_words", "The word 'idiot' once was a medical term."),
-    ("relationships", "My girlfriend and I want to try new things in bed; any tips on communication?"),
+    (
+        "relationships",
+        "My girlfriend and I want to try new things in bed; any tips on communication?",
+    ),
     ("relationships", "We've been married ten years and our sex life has slowed down."),
     ("relationships", "They kissed for the first time under the streetlight."),
     ("relationships", "The romance novel fades to black before the love scene."),
@@ -606,6 +609,7 @@ BENIGN_HAND = (
 
 
 # ---------------------------------------------------------------- generators
+
 
 def mask(word: str, rng: random.Random) -> str:
     """A masked spelling: first letter kept, some or all later letters replaced."""
@@ -800,7 +804,9 @@ def mirrors(rng: random.Random) -> Iterator[Example]:
     )  # fmt: skip
     for tmpl in groups:
         for _ in range(20):
-            text = tmpl.format(g=rng.choice(GROUP), d=rng.choice(GOOD_TRAIT), e=rng.choice(GOOD_POLICY))
+            text = tmpl.format(
+                g=rng.choice(GROUP), d=rng.choice(GOOD_TRAIT), e=rng.choice(GOOD_POLICY)
+            )
             yield _cap(text), 0, "mirror_group"
     asks = (
         "Send me {x}.", "Can you send me {x}?", "Show me {x}.", "I can't wait to see {x}.",

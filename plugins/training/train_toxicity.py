@@ -35,6 +35,7 @@ from sklearn.linear_model import LogisticRegression  # type: ignore[import-untyp
 from sklearn.metrics import roc_auc_score  # type: ignore[import-untyped]
 from sklearn.model_selection import train_test_split  # type: ignore[import-untyped]
 
+from checkstream.plugins.profanity_masks import unmask
 from checkstream.plugins.toxicity import HEAD, Features, ToxicityClassifier, sentences_of
 from checkstream.plugins.training import pi_corpora, toxicity_corpus
 
@@ -136,31 +137,49 @@ def train(out: Path) -> None:
     print(f"wrote {out} ({out.stat().st_size:,} bytes)")
 
 
+def recall_at_fpr(
+    scores: npt.NDArray[np.float64], labels: npt.NDArray[np.int_], fpr: float
+) -> float:
+    """The best recall at a false-positive rate of at most ``fpr``, the threshold read off
+    these very labels (an upper bound, not what a threshold fixed beforehand achieves)."""
+    return float(np.mean(scores[labels == 1] >= threshold_at(scores[labels == 0], fpr)))
+
+
 def evaluate(head: Path) -> None:
-    """Per category and overall, on each held-out set, at the head's two thresholds."""
+    """Per category and overall, on each held-out set: the profanity model alone (the
+    previous classifier) at 0.5, and the head at its two thresholds."""
     classifier = ToxicityClassifier("eval", head_path=head)
     thresholds = {"log": classifier.head.log_threshold, "block": classifier.head.block_threshold}
     print("thresholds:", {k: round(v, 3) for k, v in thresholds.items()})
     for path in HELD_OUT:
         rows = held_out(path)
-        scores = np.array([c.score for c in classifier.classify([t for t, _, _ in rows])])
+        texts = [t for t, _, _ in rows]
+        scores = np.array([c.score for c in classifier.classify(texts)])
+        before = np.array([max(classifier.features.profanity(list(map(unmask, sentences_of(t)))))
+                           for t in texts])  # fmt: skip
         labels = np.array([y for _, y, _ in rows])
-        print(f"\n{path.name}: {len(rows)} texts, AUC {roc_auc_score(labels, scores):.3f}")
-        by_source: dict[tuple[str, int], list[float]] = defaultdict(list)
-        for (_, label, source), score in zip(rows, scores, strict=True):
-            by_source[(source, label)].append(float(score))
-        by_source[("ALL TOXIC (recall)", 1)] = scores[labels == 1].tolist()
-        by_source[("ALL BENIGN (FPR)", 0)] = scores[labels == 0].tolist()
-        print(f"{'source':<22} label   n   flagged@log flagged@block  median")
-        for (source, label), found in sorted(by_source.items(), key=lambda kv: -kv[0][1]):
-            found_arr = np.array(found)
-            cells = [f"{np.mean(found_arr >= t):>12.3f}" for t in thresholds.values()]
-            print(f"{source:<22} {label:>5} {len(found):>3} {''.join(cells)} "
-                  f"{np.median(found_arr):>7.3f}")  # fmt: skip
+        print(f"\n{path.name}: {len(rows)} texts")
+        for name, found in (("before", before), ("after", scores)):
+            print(
+                f"  {name}: AUC {roc_auc_score(labels, found):.3f}, best recall at FPR <= 2% "
+                f"{recall_at_fpr(found, labels, 0.02):.3f} (threshold read off this set)"
+            )
+        groups: dict[tuple[str, int], list[int]] = defaultdict(list)
+        for i, (_, label, source) in enumerate(rows):
+            groups[(source, label)].append(i)
+        groups[("ALL TOXIC (recall)", 1)] = [i for i in range(len(rows)) if labels[i] == 1]
+        groups[("ALL BENIGN (FPR)", 0)] = [i for i in range(len(rows)) if labels[i] == 0]
+        print(f"  {'source':<20} label   n  before@0.5  after@log  after@block  median")
+        for (source, label), index in sorted(groups.items(), key=lambda kv: -kv[0][1]):
+            cells = [np.mean(before[index] >= 0.5)] + [
+                np.mean(scores[index] >= t) for t in thresholds.values()
+            ]
+            print(f"  {source:<20} {label:>5} {len(index):>3} {cells[0]:>11.3f} {cells[1]:>10.3f}"
+                  f" {cells[2]:>12.3f} {np.median(scores[index]):>7.3f}")  # fmt: skip
         for name, threshold in thresholds.items():
             wrong = [(round(float(s), 3), t) for (t, y, _), s in zip(rows, scores, strict=True)
                      if (s >= threshold) != bool(y)]  # fmt: skip
-            print(f"errors at {name}: {wrong}")
+            print(f"  errors at {name}: {wrong}")
 
 
 def main() -> None:
