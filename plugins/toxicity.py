@@ -15,7 +15,7 @@ Two stages, both cheap enough for every midstream window (no transformer layer r
 
 Score is the head's probability in [0, 1]; there are no spans, so policies can ``log``,
 ``block`` or ``stop`` on it but not ``redact``. Read ``plugins/models/TOXICITY.md`` (limits,
-recommended thresholds: about 0.5 to log, 0.8 to block) first. In checkstream.yaml it needs
+recommended thresholds: 0.19 to log, 0.45 to block, also stored in the head file) first. In checkstream.yaml it needs
 no entry; a separate instance (a test model, say) is::
 
     classifiers:

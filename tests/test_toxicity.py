@@ -244,8 +244,10 @@ def test_one_insult_in_a_long_window_is_still_found(classifier: ToxicityClassifi
     assert scores(classifier, [calm])[0] < 0.5
 
 
-def sanity_table(classifier: ToxicityClassifier, threshold: float = 0.5) -> list[str]:
-    """Per category: how many texts, how many flagged at ``threshold``, median score."""
+def sanity_table(classifier: ToxicityClassifier) -> list[str]:
+    """Per category: how many texts, how many flagged at the shipped block threshold, and
+    the median score."""
+    threshold = classifier.head.block_threshold
     lines = [f"{'category':<24} {'label':>5} {'n':>3} {'flagged':>8} {'median':>7}"]
     categories = dict.fromkeys((c, label) for c, label, _ in SANITY_SET)
     for category, label in categories:

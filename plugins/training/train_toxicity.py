@@ -13,12 +13,12 @@ Data (``TOXICITY.md`` lists sources and licences):
   (``pi_corpora.documents``/``debian_docs``), and translated user-interface strings
   (``pi_corpora.locale_strings``).
 
-Any training text equal to a held-out text (case and spacing ignored) is dropped. The data
-is split 80/20 (seeded, stratified by category); the head is a logistic regression on the
-plugin's own features (``toxicity.Features``) fitted on the 80%; the thresholds
-stored with it are chosen on the 20%: ``block_threshold`` flags at most 2% of the labelled
-benign validation sentences (hard look-alikes, not documentation), ``log_threshold`` at most
-5%. The held-out sets are scored once, after the thresholds are fixed.
+Any training text equal to a held-out text (case and spacing ignored) is dropped. The head is
+a logistic regression on the plugin's own features (``toxicity.Features``), fitted on all of
+it. The thresholds stored with it are chosen on out-of-fold scores (5 seeded folds,
+stratified by category): ``block_threshold`` flags at most 2% of the labelled benign
+sentences (the hard cases, not documentation or chit-chat), ``log_threshold`` at most 5%.
+The held-out sets are scored after the thresholds are fixed.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import numpy as np
 import numpy.typing as npt
 from sklearn.linear_model import LogisticRegression  # type: ignore[import-untyped]
 from sklearn.metrics import roc_auc_score  # type: ignore[import-untyped]
-from sklearn.model_selection import train_test_split  # type: ignore[import-untyped]
+from sklearn.model_selection import StratifiedKFold  # type: ignore[import-untyped]
 
 from checkstream.plugins.profanity_masks import unmask
 from checkstream.plugins.toxicity import HEAD, Features, ToxicityClassifier, sentences_of
@@ -42,6 +42,9 @@ from checkstream.plugins.training import pi_corpora, toxicity_corpus
 SEED = 7
 ROOT = Path(__file__).resolve().parents[2]
 HELD_OUT = [ROOT / "bench/heldout/toxicity.jsonl", ROOT / "bench/heldout/toxicity_fresh.jsonl"]
+CHITCHAT = Path(__file__).resolve().parent / "data" / "chitchat_train.txt"
+#: Ordinary benign text, never trained on: only its flag rate is reported.
+CHITCHAT_HELD_OUT = CHITCHAT.with_name("chitchat_heldout.txt")
 #: Unlabelled benign sentences: documentation, and user-interface strings.
 DOC_SENTENCES = 6000
 LOCALE_STRINGS = 1500
@@ -50,11 +53,16 @@ LOCALE_STRINGS = 1500
 HARD_BENIGN_WEIGHT = 3.0
 #: Inverse regularisation strength of the logistic regression.
 C = 10.0
+#: Folds for the out-of-fold scores the thresholds are chosen on.
+FOLDS = 5
 #: The largest share of labelled benign validation sentences each threshold may flag.
 BLOCK_FPR = 0.02
 LOG_FPR = 0.05
 
 Example = tuple[str, int, str]
+Matrix = npt.NDArray[np.float32]
+Labels = npt.NDArray[np.int_]
+Weights = npt.NDArray[np.float64]
 
 
 def _key(text: str) -> str:
@@ -88,7 +96,8 @@ def training_data() -> list[Example]:
     print(f"labelled: {len(kept)} ({len(labelled) - len(kept)} equal to a held-out text dropped)")
     docs = [(t, 0, "docs") for t in doc_sentences(DOC_SENTENCES) if _key(t) not in banned]
     locale = [(t, 0, "locale") for t in pi_corpora.locale_strings(LOCALE_STRINGS)]
-    return kept + docs + locale
+    chitchat = [(t, 0, "chitchat") for t in CHITCHAT.read_text().splitlines() if t.strip()]
+    return kept + docs + locale + chitchat
 
 
 def threshold_at(scores: npt.NDArray[np.float64], fpr: float) -> float:
@@ -98,6 +107,10 @@ def threshold_at(scores: npt.NDArray[np.float64], fpr: float) -> float:
     return float(np.nextafter(ordered[allowed], 1.0)) if allowed < len(ordered) else 0.0
 
 
+def fit(features: Matrix, labels: Labels, weights: Weights) -> LogisticRegression:
+    return LogisticRegression(C=C, max_iter=5000).fit(features, labels, sample_weight=weights)
+
+
 def train(out: Path) -> None:
     data = training_data()
     texts = [t for t, _, _ in data]
@@ -105,28 +118,30 @@ def train(out: Path) -> None:
     categories = np.array([c for _, _, c in data])
     print("examples:", Counter(zip(categories.tolist(), labels.tolist(), strict=True)))
     features = Features()(texts)
-    train_idx, val_idx = train_test_split(
-        np.arange(len(texts)), test_size=0.2, random_state=SEED, stratify=categories
-    )
-    hard = (labels == 0) & ~np.isin(categories, ["docs", "locale"])
+    ordinary = np.isin(categories, ["docs", "locale", "chitchat"])
+    hard = (labels == 0) & ~ordinary
     weights = np.where(hard, HARD_BENIGN_WEIGHT, 1.0)
-    model = LogisticRegression(C=C, max_iter=5000)
-    model.fit(features[train_idx], labels[train_idx], sample_weight=weights[train_idx])
-    scores = model.predict_proba(features)[:, 1]
-    val_hard = val_idx[hard[val_idx]]
-    block = threshold_at(scores[val_hard], BLOCK_FPR)
-    log = threshold_at(scores[val_hard], LOG_FPR)
-    val_toxic = val_idx[labels[val_idx] == 1]
-    val_docs = val_idx[np.isin(categories[val_idx], ["docs", "locale"])]
+    # Out-of-fold scores: every example scored by a model that did not see it, so the
+    # thresholds rest on all ~1,300 hard benign examples, not on a fifth of them (with a
+    # single 80/20 split the 2% threshold moved from 0.37 to 0.51 when the split changed).
+    scores = np.zeros(len(texts))
+    folds = StratifiedKFold(FOLDS, shuffle=True, random_state=SEED)
+    for train_idx, val_idx in folds.split(features, categories):
+        model = fit(features[train_idx], labels[train_idx], weights[train_idx])
+        scores[val_idx] = model.predict_proba(features[val_idx])[:, 1]
+    block = threshold_at(scores[hard], BLOCK_FPR)
+    log = threshold_at(scores[hard], LOG_FPR)
+    toxic = labels == 1
     print(
-        f"validation: AUC {roc_auc_score(labels[val_idx], scores[val_idx]):.4f}; "
-        f"log {log:.3f}: recall {np.mean(scores[val_toxic] >= log):.3f}, "
-        f"hard-benign FPR {np.mean(scores[val_hard] >= log):.3f}, "
-        f"docs FPR {np.mean(scores[val_docs] >= log):.4f}; "
-        f"block {block:.3f}: recall {np.mean(scores[val_toxic] >= block):.3f}, "
-        f"hard-benign FPR {np.mean(scores[val_hard] >= block):.3f}, "
-        f"docs FPR {np.mean(scores[val_docs] >= block):.4f}"
+        f"out-of-fold: AUC {roc_auc_score(labels, scores):.4f}; "
+        f"log {log:.3f}: recall {np.mean(scores[toxic] >= log):.3f}, "
+        f"hard-benign FPR {np.mean(scores[hard] >= log):.3f}, "
+        f"ordinary FPR {np.mean(scores[ordinary] >= log):.4f}; "
+        f"block {block:.3f}: recall {np.mean(scores[toxic] >= block):.3f}, "
+        f"hard-benign FPR {np.mean(scores[hard] >= block):.3f}, "
+        f"ordinary FPR {np.mean(scores[ordinary] >= block):.4f}"
     )
+    model = fit(features, labels, weights)
     np.savez(
         out,
         weights=model.coef_[0].astype(np.float32),
@@ -145,12 +160,32 @@ def recall_at_fpr(
     return float(np.mean(scores[labels == 1] >= threshold_at(scores[labels == 0], fpr)))
 
 
+def ordinary_text(classifier: ToxicityClassifier, thresholds: dict[str, float]) -> None:
+    """Flag rates on ordinary benign text never trained on: the held-out chit-chat and the
+    benign prompts of the S-Labs prompt-injection test split (not labelled for toxicity,
+    so a flag there is a false positive or an unlabelled toxic prompt)."""
+    import pandas as pd  # only here: the rest of the script does not need it
+
+    from checkstream.plugins.training.train_prompt_injection import corpus_dir
+
+    slabs = pd.read_csv(corpus_dir() / "s-labs" / "test.csv")
+    sets = {
+        "chitchat_heldout.txt": [t for t in CHITCHAT_HELD_OUT.read_text().splitlines() if t],
+        "S-Labs test, benign": slabs[slabs.label == 0].text.astype(str).tolist(),
+    }
+    for name, texts in sets.items():
+        scores = np.array([c.score for c in classifier.classify(texts)])
+        rates = ", ".join(f"{k} {np.mean(scores >= t):.4f}" for k, t in thresholds.items())
+        print(f"{name}: {len(texts)} texts, flagged at {rates}; highest {scores.max():.3f}")
+
+
 def evaluate(head: Path) -> None:
     """Per category and overall, on each held-out set: the profanity model alone (the
     previous classifier) at 0.5, and the head at its two thresholds."""
     classifier = ToxicityClassifier("eval", head_path=head)
     thresholds = {"log": classifier.head.log_threshold, "block": classifier.head.block_threshold}
     print("thresholds:", {k: round(v, 3) for k, v in thresholds.items()})
+    ordinary_text(classifier, thresholds)
     for path in HELD_OUT:
         rows = held_out(path)
         texts = [t for t, _, _ in rows]
