@@ -14,9 +14,9 @@ Two stages, both cheap enough for every midstream window (no transformer layer r
    high.
 
 Score is the head's probability in [0, 1]; there are no spans, so policies can ``log``,
-``block`` or ``stop`` on it but not ``redact``. Read ``plugins/models/TOXICITY.md`` (limits,
-recommended thresholds: 0.19 to log, 0.45 to block, also stored in the head file) first. In checkstream.yaml it needs
-no entry; a separate instance (a test model, say) is::
+``block`` or ``stop`` on it but not ``redact``. Read ``plugins/models/TOXICITY.md`` (limits;
+recommended thresholds 0.19 to log and 0.45 to block, also stored in the head file) first.
+In checkstream.yaml it needs no entry; a separate instance (a test model, say) is::
 
     classifiers:
       toxicity_test: {type: toxicity, model_path: ./toxicity.onnx, head_path: ./head.npz}
