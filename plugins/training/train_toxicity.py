@@ -41,7 +41,12 @@ from checkstream.plugins.training import pi_corpora, toxicity_corpus
 
 SEED = 7
 ROOT = Path(__file__).resolve().parents[2]
-HELD_OUT = [ROOT / "bench/heldout/toxicity.jsonl", ROOT / "bench/heldout/toxicity_fresh.jsonl"]
+HELD_OUT = [
+    ROOT / "bench/heldout/toxicity.jsonl",
+    ROOT / "bench/heldout/toxicity_fresh.jsonl",
+    # Written after the head was final (see TOXICITY.md).
+    ROOT / "bench/heldout/toxicity_blind.jsonl",
+]
 CHITCHAT = Path(__file__).resolve().parent / "data" / "chitchat_train.txt"
 #: Ordinary benign text, never trained on: only its flag rate is reported.
 CHITCHAT_HELD_OUT = CHITCHAT.with_name("chitchat_heldout.txt")
