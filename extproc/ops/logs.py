@@ -12,7 +12,6 @@ same renderer here. Fields are passed as key/values, never formatted into the me
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import socket
@@ -153,22 +152,35 @@ def configure(
     )
     global _OUT, _FORMAT
     _FORMAT = fmt
-    _OUT = _SafeStream(stream if stream is not None else sys.stdout)
-    handler = _Handler(_OUT)
+    out = _OUT = _SafeStream(stream if stream is not None else sys.stdout)
+    handler = _Handler(out)
     handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers = [handler]
     root.setLevel(level)
+    # Our own records skip the standard library (a LogRecord, a caller lookup, handler
+    # locks and a second pass of processors for every line: most of what one request's log
+    # line cost) and are rendered straight to the same stream; other libraries' records
+    # still come through the handler above. Same fields, same order, same renderer.
     structlog.configure(
         processors=[
-            structlog.stdlib.filter_by_level,
             *shared,
-            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+            _in_order,
+            structlog.processors.format_exc_info,
+            renderer,
         ],
-        logger_factory=structlog.stdlib.LoggerFactory(),
-        wrapper_class=structlog.stdlib.BoundLogger,
+        logger_factory=lambda *args: _NamedWriter(out, args[0] if args else ""),
+        wrapper_class=structlog.make_filtering_bound_logger(level),
         cache_logger_on_first_use=True,
     )
+
+
+class _NamedWriter(structlog.WriteLogger):
+    """structlog's line writer with the name ``add_logger_name`` reads (``logger``)."""
+
+    def __init__(self, out: _SafeStream, name: str) -> None:
+        super().__init__(out)  # type: ignore[arg-type]
+        self.name = name
 
 
 # Until ``configure`` runs (tests, library use), records go to the standard library's
@@ -198,13 +210,11 @@ def is_record(line: str) -> bool:
 
 
 def is_json_object(line: str) -> bool:
-    """Whether a child's output line is already one of these JSON records (a worker's)."""
-    if not line.startswith("{"):
-        return False
-    try:
-        return isinstance(json.loads(line), dict)
-    except ValueError:
-        return False
+    """Whether a child's output line is already one of these JSON records (a worker's or
+    Envoy's). Told by its braces, not parsed: the launcher relays every request's line, and
+    what else a child may print (a traceback, a library's warning) never is one line in
+    braces."""
+    return line.startswith("{") and line.endswith("}")
 
 
 def write_line(line: str) -> None:
