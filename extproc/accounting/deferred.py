@@ -7,9 +7,9 @@ model allowlist). Its answer never passes through extproc:
 
 1. The blocking answer hands the request's ``Tally`` to Envoy as dynamic metadata
    (``handoff``): tenant, request id, lease, pre-paid tokens, start, ingress triggers.
-2. Envoy's ``checkstream_usage`` Lua filter (``envoy_config.py``) reads, as the bytes pass
-   and without holding them, the model the request names and the usage numbers at the
-   answer's start and end, into the ``checkstream.deferred`` namespace.
+2. Envoy's ``checkstream_usage`` Lua filter (``envoy_config.py``) reads, as the answer's
+   bytes pass and without holding them, the model and the usage numbers at its start and
+   end, into the ``checkstream.deferred`` namespace.
 3. Envoy's gRPC access log brings both, with the status and byte counts, to a worker's
    ``AccessLogService`` (many requests per message), which rebuilds the Tally
    (``settled``) and closes it with ``Accounts.finish`` like any request.
@@ -111,6 +111,7 @@ def settled(state_json: str, ending: Ending) -> Tally:
         tally.decision = Decision(True, None, None, None, None, 0.0, lease=str(lease))
     found = ending.found
     if not tally.model:
+        # The request was not read: the model is the one the answer says served it.
         tally.model = store_safe(found.get("model", ""), _MAX_MODEL_CHARS)
     if not tally.prompt_chars:
         # No body was read: its size stands in for the prompt, should the answer not say.

@@ -219,11 +219,12 @@ def _listener(config: CheckStreamConfig, routes: list[dict[str, Any]]) -> dict[s
     }
 
 
-# accounting: deferred (accounting/deferred.py). Reads, as the bytes pass and without holding
-# them, the model the request names (when extproc did not read the body) and the usage
-# numbers an answer reports at its start (Anthropic's message_start) and end; only digit
-# strings and a checked model name are stored, so the access log's protobuf strings are
-# always valid UTF-8. Enabled only on deferred tenants' routes.
+# accounting: deferred (accounting/deferred.py). Reads, as the answer's bytes pass and
+# without holding them, the model and usage numbers it reports at its start (every API
+# names the model there; Anthropic streams their input tokens in message_start) and end;
+# only digit strings and a checked model name are stored, so the access log's protobuf
+# strings are always valid UTF-8. The request is not read: a Lua coroutine per direction
+# costs Envoy more than the model name is worth. Enabled only on deferred tenants' routes.
 USAGE_LUA = r"""
 local NS = "checkstream.deferred"
 
@@ -235,24 +236,6 @@ end
 
 local function keep(meta, key, value)
   if value ~= nil and #value <= 15 then meta:set(NS, key, value) end
-end
-
-function envoy_on_request(handle)
-  local carry = ""
-  for chunk in handle:bodyChunks() do
-    local n = chunk:length()
-    if n > 0 then
-      local text = carry .. chunk:getBytes(0, n)
-      local model = string.match(text, '"model"%s*:%s*"([^"\\]*)"')
-      if model ~= nil then
-        if #model <= 200 and string.find(model, "^[%w%._:/@+%-]+$") then
-          handle:streamInfo():dynamicMetadata():set(NS, "model", model)
-        end
-        return
-      end
-      carry = string.sub(text, -256)
-    end
-  end
 end
 
 function envoy_on_response(handle)
@@ -268,6 +251,11 @@ function envoy_on_response(handle)
     end
   end
   local meta = handle:streamInfo():dynamicMetadata()
+  -- The model the backend says answered, unless extproc read the request's.
+  local model = string.match(head, '"model"%s*:%s*"([^"\\]*)"')
+  if model ~= nil and #model <= 200 and string.find(model, "^[%w%._:/@+%-]+$") then
+    meta:set(NS, "model", model)
+  end
   local n = '"%s*:%s*(%d+)'
   keep(meta, "prompt", last(tail, '"prompt_tokens' .. n))
   keep(meta, "completion", last(tail, '"completion_tokens' .. n))
