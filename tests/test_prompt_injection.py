@@ -137,8 +137,8 @@ def test_held_out_chit_chat_is_mostly_below_the_threshold(
     classifier: PromptInjectionClassifier,
 ) -> None:
     # chitchat_heldout.txt was never trained on nor used to choose anything. Measured for
-    # the shipped model: 23 of 136 flagged (16.9%; 13.2% before issue #15's document data,
-    # 64% before the chit-chat data). A model that flags more of it than 18% fails here.
+    # the shipped model: 4 of 136 flagged (2.9%; the linear model alone 23, 16.9%; 64%
+    # before the chit-chat data). A model that flags more of it than 6% fails here.
     held_out = read_lines(DATA / "chitchat_heldout.txt")
     assert len(held_out) == 136
     assert not set(map(normalise, held_out)) & set(
@@ -149,7 +149,7 @@ def test_held_out_chit_chat_is_mostly_below_the_threshold(
         for text, s in zip(held_out, scores(classifier, held_out), strict=True)
         if s >= classifier.recommended_threshold
     ]
-    assert len(flagged) <= 0.18 * len(held_out), flagged
+    assert len(flagged) <= 0.06 * len(held_out), flagged
 
 
 def test_a_batch_returns_one_classification_per_text_in_order(
