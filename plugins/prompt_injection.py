@@ -4,26 +4,29 @@
     # only for another model file
     classifiers:
       pi_retrained: {type: prompt_injection, model_path: ./retrained.onnx}
-    # policy file: 0.51 is the recommended threshold (about 5% of benign prompts flagged on
-    # the model card's held-out set); block only at 0.9. Read the card's limits (role-play
-    # and format instructions, long technical documents) first.
+    # policy file: 0.52 is the recommended threshold (about 2.5% of benign prompts flagged
+    # on the model card's held-out set); block only at 0.8. Read the card's limits
+    # (injections hidden in long documents, long technical documents) first.
     policies:
       - name: prompt_injection
-        trigger: {classifier: prompt_injection, threshold: 0.51}
+        trigger: {classifier: prompt_injection, threshold: 0.52}
         action: log
 
-A linear model in one small ONNX file (``plugins/models/prompt_injection.onnx``, card in
-``plugins/models/PROMPT_INJECTION.md``, retrained by ``plugins/training/train_prompt_injection``)
-that scores windows of at most ``WINDOW`` WordPiece tokens; a text scores as its highest
-window, so one injected sentence inside a long document is not diluted, and the model only
-ever judges window-sized text, which is what it was trained on (benign documents and code
-cut into the same windows among them). A window's logit is the sum of two parts:
+One ONNX file (``plugins/models/prompt_injection.onnx``, card in
+``plugins/models/PROMPT_INJECTION.md``) that scores windows of at most ``WINDOW`` WordPiece
+tokens; a text scores as its highest window, so one injected sentence inside a long document
+is not diluted, and the model only ever judges window-sized text, which is what it was
+trained on (benign documents and code cut into the same windows among them). A window's
+score is the mean of two models' probabilities, computed in the one graph:
 
-* word 1-2-gram TF-IDF features, computed inside the ONNX graph from the text;
-* the mean over the window's WordPiece tokens of a learned per-token score. Those scores are
-  a logistic-regression head on all-MiniLM-L6-v2's *input* token-embedding table (no
-  transformer layers), so a token never seen in training still gets the score of the tokens
-  it resembles, at a cost of microseconds instead of MiniLM's tens of milliseconds.
+* a linear model (``plugins/models/prompt_injection_linear.onnx``, retrained by
+  ``plugins/training/train_prompt_injection``): word 1-2-gram TF-IDF computed inside the
+  graph from the text, plus a learned score per WordPiece token (a logistic-regression head
+  on all-MiniLM-L6-v2's input token embeddings), averaged over the window;
+* the first transformer layer of all-MiniLM-L6-v2, fine-tuned with a classification head
+  on mean- and max-pooled token outputs, dynamically quantised to int8
+  (``plugins/training/finetune_prompt_injection``, which also merges the two graphs). It
+  reads the same WordPiece ids, so word order and context count, not only which words occur.
 
 The text is normalised here, in Python, identically at training and serving (``normalise``),
 and tokenised with the MiniLM WordPiece tokenizer shipped in ``plugins/models/minilm/``.
@@ -48,6 +51,9 @@ from checkstream.plugins.embeddings import TOKENIZER, ModelFileError, load_sessi
 
 TYPE_NAME: Final = "prompt_injection"
 MODEL: Final = Path(__file__).parent / "models" / "prompt_injection.onnx"
+#: The linear model alone: what ``train_prompt_injection`` writes and the fine-tuning script
+#: merges into MODEL. Servable too (``model_path``), at a sixth of the cost per window.
+LINEAR_MODEL: Final = MODEL.with_name("prompt_injection_linear.onnx")
 
 #: Graph interface, shared with the training script that writes the model.
 TEXT_INPUT: Final = "text"  # string [batch, 1], already ``normalise``d
@@ -183,7 +189,7 @@ class PromptInjectionClassifier:
     # Injections come in through what users and tools write. System prompts legitimately
     # give instructions, and this model scores them as injections (see the model card).
     sources = frozenset({"user", "tool"})
-    # Not inline: a call takes ~0.1-1 ms, too long for the event loop.
+    # Not inline: a call takes ~1-10 ms, too long for the event loop.
 
     def __init__(
         self,
@@ -249,18 +255,24 @@ class PromptInjectionClassifier:
         ]
 
     def window_scores(self, normalised: list[str]) -> npt.NDArray[np.float32]:
-        """P(injection) of each already-normalised window, in one session call (per-call
-        overhead dominates for short texts)."""
-        if not normalised:
-            return np.zeros(0, dtype=np.float32)
-        (probabilities,) = self.session.run(
-            [OUTPUT],
-            {
-                TEXT_INPUT: np.array(normalised, dtype=object).reshape(-1, 1),
-                PIECES_INPUT: self.pieces.ids(normalised),
-            },
-        )
-        return np.asarray(probabilities, dtype=np.float32).reshape(len(normalised))
+        """P(injection) of each already-normalised window, one session call per window.
+
+        One at a time because the transformer part is dynamically quantised: the int8 scale
+        of its activations is computed over the whole input tensor, so in a batch a window's
+        score would depend on its batch-mates and their padding. Alone, a window always gets
+        the same score (and the per-call overhead, ~0.05 ms, is small next to the layer).
+        """
+        out = np.zeros(len(normalised), dtype=np.float32)
+        for i, window in enumerate(normalised):
+            (probability,) = self.session.run(
+                [OUTPUT],
+                {
+                    TEXT_INPUT: np.array([window], dtype=object).reshape(1, 1),
+                    PIECES_INPUT: self.pieces.ids([window]),
+                },
+            )
+            out[i] = np.asarray(probability, dtype=np.float32).reshape(-1)[0]
+        return out
 
     def _run(self, normalised: list[str]) -> npt.NDArray[np.float32]:
         windows = [self.pieces.windows(t) for t in normalised]

@@ -1,7 +1,9 @@
 """Train, compare, export and verify the built-in ``prompt_injection`` model.
 
 Run ``.venv/bin/python -m plugins.training.train_prompt_injection`` (needs the ``train``
-extra). It writes ``plugins/models/prompt_injection.onnx`` and rewrites the metrics block of
+extra). It writes the linear model, ``plugins/models/prompt_injection_linear.onnx`` (which
+``finetune_prompt_injection`` merges with the fine-tuned transformer into the served
+``prompt_injection.onnx``), and rewrites the metrics block of
 ``plugins/models/PROMPT_INJECTION.md``. About 2 minutes on 2 cores; ``--minilm`` also
 evaluates heads on full MiniLM sentence embeddings (several minutes more: every text goes
 through the transformer), which are over the latency budget and so never exported.
@@ -75,7 +77,7 @@ from sklearn.metrics import f1_score, precision_score, recall_score, roc_auc_sco
 from sklearn.preprocessing import StandardScaler
 
 from checkstream.plugins.prompt_injection import (
-    MODEL,
+    LINEAR_MODEL,
     OUTPUT,
     PIECES_INPUT,
     TEXT_INPUT,
@@ -85,7 +87,7 @@ from checkstream.plugins.prompt_injection import (
     normalise,
 )
 
-CARD = MODEL.parent / "PROMPT_INJECTION.md"
+CARD = LINEAR_MODEL.parent / "PROMPT_INJECTION.md"
 DATA = Path(__file__).resolve().parent / "data"
 CHITCHAT = {
     "chitchat/train": DATA / "chitchat_train.txt",
@@ -855,7 +857,7 @@ def quick(
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=MODEL)
+    parser.add_argument("--out", type=Path, default=LINEAR_MODEL)
     parser.add_argument("--card", type=Path, default=CARD, help="model card to update")
     parser.add_argument("--no-card", action="store_true", help="do not touch the model card")
     parser.add_argument("--minilm", action="store_true", help="also evaluate MiniLM heads")
