@@ -85,6 +85,13 @@ MAX_PIECE_CHARS: Final = 8 * MAX_PIECES
 #: parallelise; and on a 2-core machine shared with Envoy and other classifiers a second
 #: thread only contends.
 THREADS: Final = 1
+#: A cascade in front of the shipped model: every window is scored by the linear model
+#: first (batched, ~0.6 ms a window), and only windows it scores at least this high go
+#: through the combined graph (~3.4 ms a window). A window below it cannot reach 0.52
+#: combined (the mean of its linear score and a fine-tuned probability of at most 1), so
+#: it scores its linear half, and every decision at a threshold of 0.52 or more is the
+#: combined model's. On the card's held-out set 71% of benign windows stop here.
+CASCADE_BELOW: Final = 0.04
 
 
 def _invisible_map() -> dict[int, int | None]:
@@ -207,6 +214,9 @@ class PromptInjectionClassifier:
             raise ModelFileError(f"model file {self.model_path} not found")
         self.pieces = WordPieces(tokenizer_path)
         self._session: ort.InferenceSession | None = None
+        #: The linear model in front of the shipped combined one (CASCADE_BELOW); another
+        #: model file is served as it is.
+        self._first: ort.InferenceSession | None = None
         self._threshold = 0.5
 
     @property
@@ -237,6 +247,8 @@ class PromptInjectionClassifier:
             )
         metadata = session.get_modelmeta().custom_metadata_map
         self._threshold = float(metadata.get(THRESHOLD_KEY, "0.5"))
+        if self.model_path.resolve() == MODEL.resolve() and LINEAR_MODEL.is_file():
+            self._first = load_session(LINEAR_MODEL, threads=self.threads)
         self._session = session
 
     def scores(self, texts: Sequence[str]) -> npt.NDArray[np.float32]:
@@ -255,24 +267,35 @@ class PromptInjectionClassifier:
         ]
 
     def window_scores(self, normalised: list[str]) -> npt.NDArray[np.float32]:
-        """P(injection) of each already-normalised window, one session call per window.
+        """P(injection) of each already-normalised window.
 
-        One at a time because the transformer part is dynamically quantised: the int8 scale
-        of its activations is computed over the whole input tensor, so in a batch a window's
-        score would depend on its batch-mates and their padding. Alone, a window always gets
-        the same score (and the per-call overhead, ~0.05 ms, is small next to the layer).
+        With the shipped model, the linear model scores every window first (one batch), and
+        only those at ``CASCADE_BELOW`` or above go on to the combined graph. That graph
+        runs one window per call, because the transformer part is dynamically quantised:
+        the int8 scale of its activations is computed over the whole input tensor, so in a
+        batch a window's score would depend on its batch-mates and their padding. Alone, a
+        window always gets the same score (and the per-call overhead, ~0.05 ms, is small
+        next to the layer).
         """
+        session = self.session
         out = np.zeros(len(normalised), dtype=np.float32)
-        for i, window in enumerate(normalised):
-            (probability,) = self.session.run(
-                [OUTPUT],
-                {
-                    TEXT_INPUT: np.array([window], dtype=object).reshape(1, 1),
-                    PIECES_INPUT: self.pieces.ids([window]),
-                },
-            )
+        todo: Sequence[int] = range(len(normalised))
+        if self._first is not None and normalised:
+            # The linear graph has no quantised activations: batching it is exact.
+            (linear,) = self._first.run([OUTPUT], self._inputs(normalised))
+            out = np.asarray(linear, dtype=np.float32).reshape(-1) / 2
+            todo = [i for i in todo if out[i] * 2 >= CASCADE_BELOW]
+        for i in todo:
+            window = normalised[i]
+            (probability,) = session.run([OUTPUT], self._inputs([window]))
             out[i] = np.asarray(probability, dtype=np.float32).reshape(-1)[0]
         return out
+
+    def _inputs(self, windows: list[str]) -> dict[str, Any]:
+        return {
+            TEXT_INPUT: np.array(windows, dtype=object).reshape(-1, 1),
+            PIECES_INPUT: self.pieces.ids(windows),
+        }
 
     def _run(self, normalised: list[str]) -> npt.NDArray[np.float32]:
         windows = [self.pieces.windows(t) for t in normalised]
