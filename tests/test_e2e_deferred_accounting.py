@@ -22,7 +22,7 @@ import pytest
 import redis
 
 from tests.redis_server import RedisServer, redis_server
-from tests.support import DemoUpstreamThread, Reply, gateway_ports, wait_until
+from tests.support import DemoUpstreamThread, Reply, gateway_ports, request, wait_until
 from tests.test_e2e_limits import (
     PRICING,
     Stack,
@@ -133,6 +133,28 @@ def _has_row(stack: Stack, request_id: str) -> bool:
     with sqlite3.connect(f"file:{stack.usage_db}?mode=ro", uri=True) as conn:
         found = conn.execute("SELECT 1 FROM usage WHERE request_id = ?", (request_id,))
         return found.fetchone() is not None
+
+
+def test_the_responses_api_is_counted_from_its_own_usage(gw: Stack) -> None:
+    url = f"{gw.url}/v1/responses"
+    headers = {"X-Tenant-ID": "usage-openai", "x-demo-chunks": "6"}
+    plain = request(url, {"model": "gpt-4o-mini", "input": "one two"}, headers)
+    streamed = request(url, {"model": "gpt-4o-mini", "input": "three", "stream": True}, headers)
+    assert plain.status == 200 and streamed.status == 200, (plain.body, streamed.body)
+    completed = [
+        json.loads(line[len("data: ") :])
+        for line in streamed.body.decode().splitlines()
+        if line.startswith("data: ") and '"response.completed"' in line
+    ]
+    assert len(completed) == 1
+    for reply, usage in (
+        (plain, plain.json()["usage"]),
+        (streamed, completed[0]["response"]["usage"]),
+    ):
+        request_id = reply.headers["x-request-id"]
+        assert wait_until(lambda rid=request_id: _has_row(gw, rid), 10)
+        expected = ("gpt-4o-mini", usage["input_tokens"], usage["output_tokens"], 0, 200)
+        assert usage_of(gw, request_id) == expected
 
 
 def test_a_stream_without_a_usage_report_is_estimated_and_marked(gw: Stack) -> None:
