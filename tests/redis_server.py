@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+import redis
 
 from tests.support import free_port
 
@@ -62,6 +63,17 @@ class RedisServer:
             time.sleep(0.02)
         self.stop()
         raise RuntimeError(f"redis-server did not answer PING on port {self.port}")
+
+    def forget(self, *patterns: str) -> None:
+        """Delete the keys matching ``patterns`` (glob, or plain key names): the server
+        lives for the whole session, so a module starts its tenants from zero."""
+        client = redis.Redis.from_url(self.url)
+        try:
+            stale = [key for pattern in patterns for key in client.scan_iter(match=pattern)]
+            if stale:
+                client.delete(*stale)
+        finally:
+            client.close()
 
     def pause(self) -> None:
         """A stall: the server keeps its connections but answers nothing until `resume`."""

@@ -19,7 +19,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import redis
 
 from tests.redis_server import RedisServer, redis_server
 from tests.support import DemoUpstreamThread, Reply, gateway_ports, request, wait_until
@@ -34,25 +33,21 @@ from tests.test_e2e_limits import (
     consecutive_free_ports,
     cost,
     ledger_rows,
+    limits_demo,
     message,
     reported_usage,
 )
 
 pytestmark = pytest.mark.e2e
-__all__ = ["redis_server"]  # the fixture is used by name
-
-
-@pytest.fixture(scope="module")
-def demo() -> Iterator[DemoUpstreamThread]:
-    up = DemoUpstreamThread().start(chunk_delay_ms=1)
-    yield up
-    up.stop()
+__all__ = ["limits_demo", "redis_server"]  # the fixtures are used by name
 
 
 @pytest.fixture(scope="module")
 def gw(
-    tmp_path_factory: pytest.TempPathFactory, demo: DemoUpstreamThread, refused: int
+    tmp_path_factory: pytest.TempPathFactory, limits_demo: DemoUpstreamThread, refused: int
 ) -> Iterator[Stack]:
+    demo = limits_demo
+
     def deferred(tenant: dict[str, Any]) -> dict[str, Any]:
         return {**tenant, "accounting": "deferred"}
 
@@ -248,7 +243,9 @@ def test_a_client_that_leaves_mid_stream_is_recorded_as_499(gw: Stack) -> None:
 
 @pytest.fixture(scope="module")
 def fleet(
-    tmp_path_factory: pytest.TempPathFactory, demo: DemoUpstreamThread, redis_server: RedisServer
+    tmp_path_factory: pytest.TempPathFactory,
+    limits_demo: DemoUpstreamThread,
+    redis_server: RedisServer,
 ) -> Iterator[tuple[Stack, Stack]]:
     """Two replicas on one Redis, the second with two workers: an access log entry may reach
     another worker (or the other replica's Redis peer) than the one that admitted it."""
@@ -263,24 +260,18 @@ def fleet(
             "tenants": {
                 "configs": {
                     "fleet-rpm": {
-                        **_tenant(demo, rate_limit={"requests_per_minute": 6}),
+                        **_tenant(limits_demo, rate_limit={"requests_per_minute": 6}),
                         "accounting": "deferred",
                     },
                     "fleet-conc": {
-                        **_tenant(demo, rate_limit={"max_concurrent_requests": 1}),
+                        **_tenant(limits_demo, rate_limit={"max_concurrent_requests": 1}),
                         "accounting": "deferred",
                     },
                 }
             },
         }
 
-    client = redis.Redis.from_url(redis_server.url)
-    try:
-        stale = list(client.scan_iter(match="checkstream:*{fleet-*}*"))
-        if stale:
-            client.delete(*stale)
-    finally:
-        client.close()
+    redis_server.forget("checkstream:*{fleet-*}*")
     a = _start(tmp_path_factory.mktemp("fleet-a"), config(1), {})
     b = _start(tmp_path_factory.mktemp("fleet-b"), config(2), {})
     yield a, b

@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 
 from checkstream.cli.main import main as checkstream
 from tests.redis_server import RedisServer, redis_server
@@ -374,15 +373,7 @@ def replicas(
             },
         }
 
-    # The Redis server lives for the whole session: start these tenants from zero.
-    client = redis.Redis.from_url(redis_server.url)
-    try:
-        stale = list(client.scan_iter(match="checkstream:*{shared-*}*"))
-        stale.append(b"checkstream:suspensions")
-        if stale:
-            client.delete(*stale)
-    finally:
-        client.close()
+    redis_server.forget("checkstream:*{shared-*}*", "checkstream:suspensions")
     env = {"CHECKSTREAM_ADMIN_TOKEN": ADMIN_TOKEN}
     # Replica B runs two extproc workers behind its Envoy: three processes share the counts.
     setups = [(tmp_path_factory.mktemp("replica-a"), 1), (tmp_path_factory.mktemp("replica-b"), 2)]

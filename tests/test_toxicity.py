@@ -165,12 +165,10 @@ def test_shipped_thresholds_are_ordered_probabilities(classifier: ToxicityClassi
     assert 0.0 < head.context_from < head.log_threshold < head.block_threshold < 1.0
 
 
-def test_context_head_runs_only_where_the_static_head_is_unsure(
+def record_contextual(
     classifier: ToxicityClassifier, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    calm, threat = "What is the capital of France?", "Keep talking and you'll end up in a hospital."
-    static = classifier.head.static(classifier.features([calm, threat]))
-    assert static[0] < classifier.head.context_from <= static[1]
+) -> list[list[str]]:
+    """The batches of sentences the context stage (MiniLM) is asked for, from now on."""
     contextual = classifier.features.contextual
     embedded: list[list[str]] = []
 
@@ -179,6 +177,17 @@ def test_context_head_runs_only_where_the_static_head_is_unsure(
         return contextual(batch)
 
     monkeypatch.setattr(classifier.features, "contextual", recording)
+    return embedded
+
+
+def test_context_head_runs_only_where_the_static_head_is_unsure(
+    classifier: ToxicityClassifier, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calm, threat = "What is the capital of France?", "Keep talking and you'll end up in a hospital."
+    static = classifier.head.static(classifier.features([calm, threat]))
+    assert static[0] < classifier.head.context_from <= static[1]
+    contextual = classifier.features.contextual
+    embedded = record_contextual(classifier, monkeypatch)
     found = scores(classifier, [calm, threat])
     assert embedded == [[threat]]
     assert found[0] == pytest.approx(static[0])
@@ -191,14 +200,7 @@ def test_a_text_is_read_no_further_once_it_is_sure(
 ) -> None:
     sure, unsure = "Go fuck yourself, you worthless idiot.", "I know where you live."
     assert scores(classifier, [sure])[0] >= toxicity.SURE
-    contextual = classifier.features.contextual
-    embedded: list[list[str]] = []
-
-    def recording(batch: list[str]) -> np.ndarray:
-        embedded.append(batch)
-        return contextual(batch)
-
-    monkeypatch.setattr(classifier.features, "contextual", recording)
+    embedded = record_contextual(classifier, monkeypatch)
     # The most suspicious sentence is read first, whatever its position.
     assert scores(classifier, [f"{unsure} {sure}"])[0] >= toxicity.SURE
     assert embedded == [[sure]]

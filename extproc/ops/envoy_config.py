@@ -150,7 +150,7 @@ end
 
 def _listener(config: CheckStreamConfig, routes: list[dict[str, Any]]) -> dict[str, Any]:
     server = config.server
-    defers = any(t.accounting == "deferred" for t in config.tenants.configs.values())
+    defers = logs_deferred(config)
     hcm = {
         "@type": "type.googleapis.com/envoy.extensions.filters.network."
         "http_connection_manager.v3.HttpConnectionManager",
@@ -307,6 +307,11 @@ _DEFERRED_ACCESS_LOG = {
         },
     },
 }
+
+
+def logs_deferred(config: CheckStreamConfig) -> bool:
+    """Envoy carries the usage reader and the access log: some tenant is deferred."""
+    return any(t.accounting == "deferred" for t in config.tenants.configs.values())
 
 
 def _accounting_route(deferred: bool) -> dict[str, Any]:

@@ -42,7 +42,7 @@ from checkstream.ops import logs
 from checkstream.ops.admin import admin_token_from_env, start_admin
 from checkstream.ops.child_death import die_with_parent
 from checkstream.ops.control import GatewayControl, WorkerHandle, listener_url
-from checkstream.ops.envoy_config import ACCESS_LOG_FLUSH_S, render_yaml
+from checkstream.ops.envoy_config import ACCESS_LOG_FLUSH_S, logs_deferred, render_yaml
 from checkstream.ops.watching import watch_config
 
 log = logs.get("checkstream.launcher")
@@ -317,7 +317,7 @@ async def _supervise(
     if code == 0:
         log.info("stopping: draining in-flight requests", drain_timeout_s=server.drain_timeout_s)
         await drain_envoy(server.envoy_admin_port, server.drain_timeout_s)
-        if any(t.accounting == "deferred" for t in loaded.model.tenants.configs.values()):
+        if logs_deferred(loaded.model):
             # The last requests' access log entries (deferred accounting) leave Envoy's
             # buffer at its next flush: let it happen before Envoy stops.
             await asyncio.sleep(ACCESS_LOG_FLUSH_S * 4)
