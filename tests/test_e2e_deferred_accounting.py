@@ -18,6 +18,8 @@ import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
+import anthropic
+import openai
 import pytest
 
 from tests.redis_server import RedisServer, redis_server
@@ -117,8 +119,8 @@ def test_usage_is_the_backends_own_count_for_every_api(gw: Stack) -> None:
             True,
         ),
     ]
-    for reply, model, anthropic, stream in replies:
-        tokens_in, tokens_out = reported_usage(reply, anthropic=anthropic, stream=stream)
+    for reply, model, is_anthropic, stream in replies:
+        tokens_in, tokens_out = reported_usage(reply, anthropic=is_anthropic, stream=stream)
         request_id = reply.headers["x-request-id"]
         assert wait_until(lambda rid=request_id: _has_row(gw, rid), 10), gw.gateway.log()[-3000:]
         assert usage_of(gw, request_id) == (model, tokens_in, tokens_out, 0, 200)
@@ -305,3 +307,58 @@ def test_deferred_limits_are_exact_across_replicas_and_workers(
             ),
             10,
         )
+
+
+def test_the_official_sdks_stream_to_the_end_and_are_counted_once(gw: Stack) -> None:
+    """As users run it: the OpenAI SDK (chat streamed with usage, Responses streamed) and the
+    Anthropic SDK (a Messages stream), each hanging up right after the last event."""
+    headers = {"X-Tenant-ID": "usage-openai"}
+    before = len(ledger_rows(gw.usage_db, "usage-openai"))
+    with openai.OpenAI(
+        base_url=f"{gw.url}/v1", api_key="sk-unused", max_retries=0, default_headers=headers
+    ) as client:
+        chunks = client.chat.completions.create(
+            model="gpt-4o-mini",
+            messages=[{"role": "user", "content": "count these words"}],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        usage = [c.usage for c in chunks if c.usage is not None]
+        events = client.responses.create(model="gpt-4o-mini", input="hello there", stream=True)
+        completed = [e for e in events if e.type == "response.completed"]
+    assert len(usage) == 1 and len(completed) == 1
+    rows = rows_of(gw, "usage-openai", before + 2)
+    chat_row, responses_row = (usage_of(gw, rid) for rid, _ in rows[before:])
+    assert chat_row == (
+        "gpt-4o-mini",
+        usage[0].prompt_tokens,
+        usage[0].completion_tokens,
+        0,
+        200,
+    )
+    done = completed[0].response.usage
+    assert done is not None
+    assert responses_row == ("gpt-4o-mini", done.input_tokens, done.output_tokens, 0, 200)
+
+    before = len(ledger_rows(gw.usage_db, "usage-anthropic"))
+    with (
+        anthropic.Anthropic(
+            base_url=gw.url,
+            api_key="sk-unused",
+            max_retries=0,
+            default_headers={"X-Tenant-ID": "usage-anthropic"},
+        ) as claude,
+        claude.messages.stream(
+            model="claude-test", max_tokens=64, messages=[{"role": "user", "content": "hi"}]
+        ) as stream,
+    ):
+        final = stream.get_final_message()
+    rows = rows_of(gw, "usage-anthropic", before + 1)
+    assert len(rows) == before + 1
+    assert usage_of(gw, rows[-1][0]) == (
+        "claude-test",
+        final.usage.input_tokens,
+        final.usage.output_tokens,
+        0,
+        200,
+    )
